@@ -2,12 +2,16 @@
 
 Why inductor: it emits a single vectorised C++ (CPU) or Triton (CUDA) loop that reads p, g, m, v once and
 writes p, m, v once — the same 28 bytes per fp32 parameter as torch's fused AdamW — from the few lines of
-math below, without a hand-maintained extension. Every scalar enters as a 0-d tensor and tensors are
-flattened with dynamic sizes, so a kernel is compiled once per (device, dtype, maximize) and never again
-for a new step, learning rate or shape. Low-precision params are updated in float32 math.
+math in :func:`_adamnx_kernel`, without a hand-maintained extension.
 
-The coefficients are the same as every other path's: :func:`adamnx.schedule.coefficients`, evaluated on
-the device from the float64 step counter.
+Compilation is bounded: every scalar (coefficients, lr, the maximize sign and GradScaler's scale, found_inf)
+enters as a 0-d tensor and tensors enter as 1-D views with a dynamic length, so a kernel is compiled once per
+(device, dtype) and never again for a new step, learning rate, shape or GradScaler state. Tensors of 0 or 1
+elements (which dynamo would specialise) and tensors whose memory is not one dense block shared by p, g, m, v
+run the same function eagerly: same math, no new compilation. Low-precision params get float32 math.
+
+The coefficients are every other path's: :func:`adamnx.schedule.coefficients` on the float64 step counter,
+evaluated on the device (no host sync, so the fused step is CUDA-graph capturable).
 """
 
 from __future__ import annotations
@@ -17,13 +21,10 @@ import functools
 import torch
 from torch import Tensor
 
+from adamnx.functional import group_by_device_and_dtype
 from adamnx.schedule import coefficients
 
 __all__ = ["fused_adamnx"]
-
-
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _adamnx_kernel(
@@ -34,32 +35,30 @@ def _adamnx_kernel(
     one_minus_beta1_t: Tensor,
     beta2_hat: Tensor,
     one_minus_beta2_hat: Tensor,
-    lr: Tensor,
-    decay: Tensor,
+    neg_lr: Tensor,
+    neg_lr_wd: Tensor,
     eps: Tensor,
-    inv_grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    maximize: bool,
+    grad_factor: Tensor,
+    found_inf: Tensor,
 ) -> None:
-    # The same operations, in the same order, as the for-loop path (functional._single_tensor_adamnx).
-    math_dtype = _math_dtype(param.dtype)
-    g = grad.to(math_dtype)
-    if inv_grad_scale is not None:
-        g = g * inv_grad_scale
-    if maximize:
-        g = -g
-    p = param.to(math_dtype) * decay
-    m = torch.lerp(exp_avg.to(math_dtype), g, one_minus_beta1_t.to(math_dtype))
-    v = exp_avg_sq.to(math_dtype) * beta2_hat + one_minus_beta2_hat * (g * g)
-    p = p + (-lr) * (m / (v.sqrt() + eps))
-    p, m, v = p.to(param.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
-    if found_inf is not None:
-        # GradScaler found inf/NaN: keep everything as it was (torch's fused optimizers do the same).
-        skip = found_inf != 0
-        p, m, v = torch.where(skip, param, p), torch.where(skip, exp_avg, m), torch.where(skip, exp_avg_sq, v)
-    param.copy_(p)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
+    """One AdamNX step on one tensor; the operations of the for-loop path, in its order, in registers."""
+    math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    # Scalars are rounded to the math dtype first, as the other paths' kernels round their Python floats.
+    w1, b2, w2, neg_lr, neg_lr_wd, eps, grad_factor = (
+        s.to(math_dtype)
+        for s in (one_minus_beta1_t, beta2_hat, one_minus_beta2_hat, neg_lr, neg_lr_wd, eps, grad_factor)
+    )
+    g = grad.to(math_dtype) * grad_factor  # ±1/grad_scale: maximize and GradScaler's unscale in one factor
+    p = param.to(math_dtype)
+    p = p + neg_lr_wd * p
+    m = torch.lerp(exp_avg.to(math_dtype), g, w1)
+    v = exp_avg_sq.to(math_dtype) * b2 + w2 * (g * g)
+    p = p + neg_lr * (m / (v.sqrt() + eps))
+    # GradScaler found inf/NaN: keep everything as it was (torch's fused optimizers do the same).
+    skip = found_inf != 0
+    param.copy_(torch.where(skip, param, p.to(param.dtype)))
+    exp_avg.copy_(torch.where(skip, exp_avg, m.to(exp_avg.dtype)))
+    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v.to(exp_avg_sq.dtype)))
 
 
 @functools.cache
@@ -67,22 +66,42 @@ def _compiled_kernel():
     return torch.compile(_adamnx_kernel, dynamic=True, fullgraph=True)
 
 
-def _flat(*tensors: Tensor) -> list[Tensor]:
-    """Real, 1-D views when every tensor is contiguous (one dynamic-size kernel fits all); else as they are."""
-    tensors = [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
-    if all(t.is_contiguous() for t in tensors):
+def _dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:
+    """1-D views over the same memory when all tensors are dense blocks with identical strides, else None.
+
+    A dense, non-overlapping tensor (contiguous, channels_last, ...) covers one block of memory; walking that
+    block in order visits corresponding elements of tensors that share strides, so 1-D views stay aligned.
+    """
+    first = tensors[0]
+    if any(t.stride() != first.stride() or t.shape != first.shape for t in tensors):
+        return None
+    if first.is_contiguous():
         return [t.view(-1) for t in tensors]
-    return tensors
+    sizes_strides = sorted((st, sz) for st, sz in zip(first.stride(), first.shape) if sz != 1)
+    expected = 1
+    for stride, size in sizes_strides:
+        if stride != expected:
+            return None
+        expected *= size
+    return [t.as_strided((t.numel(),), (1,)) for t in tensors]
 
 
-def _run_kernel(*args, maximize: bool) -> None:
+def _update(tensors: list[Tensor], scalars: tuple[Tensor, ...]) -> None:
+    tensors = [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
+    numel = tensors[0].numel()
+    if numel == 0:
+        return
+    flat = _dense_1d_views(tensors) if numel > 1 else None
+    if flat is None:
+        _adamnx_kernel(*tensors, *scalars)  # eager: the same function, no (re)compilation
+        return
     try:
-        _compiled_kernel()(*args, maximize)
+        _compiled_kernel()(*flat, *scalars)
     except Exception as exc:
-        if "compil" in type(exc).__name__.lower() or "compiler" in str(exc).lower():
+        if "compil" in f"{type(exc).__name__} {exc}".lower():
             raise RuntimeError(
-                "fused=True compiles its kernel with TorchInductor, which needs a working C++ compiler "
-                "(CPU) or Triton (CUDA) on this machine. Install one, or use foreach=True / foreach=False."
+                "fused=True compiles its kernel with TorchInductor, which needs a working C++ compiler (CPU) "
+                "or Triton (CUDA) on this machine. Install one, or use foreach=True / foreach=False."
             ) from exc
         raise
 
@@ -110,36 +129,22 @@ def fused_adamnx(
         return
     if differentiable:
         raise RuntimeError("`fused` does not support `differentiable=True`")
-    for device, idx in _indices_by_device(params).items():
-        lr_t = torch.as_tensor(lr, dtype=torch.float64, device=device)
-        decay = 1 - lr_t * weight_decay
-        eps_t = torch.tensor(eps, dtype=torch.float64, device=device)
-        # Without a GradScaler the kernel is compiled without the scale/skip logic (None is a static input).
-        inv_scale = None if grad_scale is None else grad_scale.to(device, torch.float64).reciprocal()
-        inf_t = None if found_inf is None else found_inf.to(device, torch.float32)
+    for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps in group_by_device_and_dtype(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps
+    ):
+        f64 = {"dtype": torch.float64, "device": d_params[0].device}
+        lr_t = torch.as_tensor(lr, **f64)
+        grad_factor = torch.tensor(-1.0 if maximize else 1.0, **f64)
+        if grad_scale is not None:
+            grad_factor = grad_factor / grad_scale.to(**f64)
+        inf_t = torch.zeros((), **f64) if found_inf is None else found_inf.to(**f64)
+        scalars = (-lr_t, lr_t * -weight_decay, torch.tensor(eps, **f64), grad_factor, inf_t)
 
-        steps = [state_steps[i] for i in idx]
         # The counter does not advance on a skipped (inf) step, as in torch's fused Adam.
-        torch._foreach_add_(steps, 1 if inf_t is None else 1 - inf_t.to(steps[0].device, steps[0].dtype))
+        torch._foreach_add_(d_steps, 1.0 if found_inf is None else 1 - inf_t.to(d_steps[0].device, d_steps[0].dtype))
         # One vectorised evaluation of the coefficients for the whole group, on the device, no host sync.
-        w1s, w2s = coefficients(torch.stack(steps).to(device), (beta1, beta2))
-        for i, w1, b2, w2 in zip(idx, w1s.unbind(), (1 - w2s).unbind(), w2s.unbind()):
-            _run_kernel(
-                *_flat(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]),
-                w1,
-                b2,
-                w2,
-                lr_t,
-                decay,
-                eps_t,
-                inv_scale,
-                inf_t,
-                maximize=maximize,
-            )
-
-
-def _indices_by_device(params: list[Tensor]) -> dict[torch.device, list[int]]:
-    out: dict[torch.device, list[int]] = {}
-    for i, p in enumerate(params):
-        out.setdefault(p.device, []).append(i)
-    return out
+        w1s, w2s = coefficients(torch.stack(d_steps).to(f64["device"]), (beta1, beta2))
+        for tensors, w1, b2, w2 in zip(
+            zip(d_params, d_grads, d_exp_avgs, d_exp_avg_sqs), w1s.unbind(), (1 - w2s).unbind(), w2s.unbind()
+        ):
+            _update(list(tensors), (w1, b2, w2, *scalars))

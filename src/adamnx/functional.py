@@ -163,7 +163,11 @@ def _single_tensor_adamnx(
             w1, w2 = host_coefficients(step_t.item(), beta1, beta2)
 
         if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)  # decoupled, scaled by the scheduled lr, on θ_{t-1}
+            # θ ← θ(1 − ηλ) written as θ + (−ηλ)θ: the small factor −ηλ keeps its digits in float32, 1 − ηλ doesn't.
+            if isinstance(lr, Tensor):
+                param.addcmul_(param, lr * -weight_decay)
+            else:
+                param.add_(param, alpha=-lr * weight_decay)
         exp_avg.lerp_(grad, w1)
         # β̂2_t = 1 − w2 is formed from the stable w2; w2 itself multiplies g² at full relative accuracy.
         exp_avg_sq.mul_(1 - w2)
@@ -171,14 +175,15 @@ def _single_tensor_adamnx(
             exp_avg_sq.addcmul_(grad, grad * w2)
         else:
             exp_avg_sq.addcmul_(grad, grad, value=w2)
-        denom = exp_avg_sq.sqrt().add_(eps)
+        # autograd saves sqrt's output, so the differentiable step must not add eps in place
+        denom = exp_avg_sq.sqrt() + eps if differentiable else exp_avg_sq.sqrt().add_(eps)
         if isinstance(lr, Tensor):
             param.addcdiv_(exp_avg, denom.div_(-lr))
         else:
             param.addcdiv_(exp_avg, denom, value=-lr)
 
 
-def _group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> list[tuple[list[Tensor], ...]]:
+def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> list[tuple[list[Tensor], ...]]:
     """Split parallel lists into sublists whose param shares a device and dtype (foreach kernels need that)."""
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, p in enumerate(tensor_lists[0]):
@@ -214,7 +219,7 @@ def _multi_tensor_adamnx(
     if capturable:
         _check_capturable_devices(params, state_steps)
 
-    for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps in _group_by_device_and_dtype(
+    for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps in group_by_device_and_dtype(
         params, grads, exp_avgs, exp_avg_sqs, state_steps
     ):
         if has_complex:
@@ -236,7 +241,10 @@ def _multi_tensor_adamnx(
             beta2_hat = [1 - x for x in w2]
 
         if weight_decay != 0:
-            torch._foreach_mul_(d_params, 1 - lr * weight_decay)
+            if isinstance(lr, Tensor):
+                torch._foreach_add_(d_params, torch._foreach_mul(d_params, lr * -weight_decay))
+            else:
+                torch._foreach_add_(d_params, d_params, alpha=-lr * weight_decay)
         torch._foreach_lerp_(d_exp_avgs, d_grads, w1)
         torch._foreach_mul_(d_exp_avg_sqs, beta2_hat)
         if on_device:

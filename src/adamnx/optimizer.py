@@ -189,7 +189,9 @@ class AdamNX(torch.optim.Optimizer):
         saved_ids = [pid for g in saved_groups for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+            )
         for pid, p in zip(saved_ids, params):
             p_state = saved_state.get(pid)
             if not p_state:
@@ -201,7 +203,9 @@ class AdamNX(torch.optim.Optimizer):
                 value = p_state[key]
                 if not isinstance(value, Tensor) or value.shape != p.shape:
                     shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                    raise ValueError(f"state '{key}' of parameter {pid} has shape {shape}, the parameter {tuple(p.shape)}")
+                    raise ValueError(
+                        f"state '{key}' of parameter {pid} has shape {shape}, the parameter {tuple(p.shape)}"
+                    )
                 if value.is_complex() != p.is_complex():
                     raise ValueError(f"state '{key}' of parameter {pid} is {value.dtype}, the parameter {p.dtype}")
         # torch's loader casts 'step' to float32 for capturable/fused groups; keep the exact saved counts.
@@ -223,21 +227,22 @@ class AdamNX(torch.optim.Optimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        for p in with_grad:  # every check before any state is created
             if p.grad.is_sparse:
                 raise RuntimeError("AdamNX does not support sparse gradients")
-            state = self.state[p]
-            if len(state) == 0:
-                if group["fused"]:
-                    self._check_fused_support(p)
+            if group["fused"] and not self.state.get(p):
+                self._check_fused_support(p)
+        has_complex = False
+        for p in with_grad:
+            if not self.state.get(p):
+                state = self.state[p]
                 on_device = group["capturable"] or group["fused"]
                 device = p.device if on_device else torch.device("cpu")
                 state["step"] = torch.zeros((), dtype=_step_dtype(device), device=device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state = self.state[p]
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
             has_complex |= torch.is_complex(p)

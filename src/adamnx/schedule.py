@@ -38,10 +38,10 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "Coefficients",
-    "coefficients",
-    "log_c",
-    "horizon",
     "beta2_for_horizon",
+    "coefficients",
+    "horizon",
+    "log_c",
 ]
 
 

@@ -1,0 +1,106 @@
+"""Shared test machinery: the table of implementations and a driver that runs torch and the reference side by side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from adamnx import AdamNX
+from adamnx.reference import AdamNXReference
+
+
+@dataclass(frozen=True)
+class OptimizerInput:
+    """One row of the input table: constructor kwargs and a description (as torch's OptimizerInput)."""
+
+    kwargs: dict[str, Any]
+    desc: str
+
+
+@dataclass(frozen=True)
+class ErrorOptimizerInput:
+    """One row of the error table: what is passed, which exception, and a regex its message must match."""
+
+    kwargs: dict[str, Any]
+    error_type: type[Exception]
+    error_regex: str
+    desc: str = ""
+    params: Any = field(default=None)
+
+
+# Every implementation a user can select. "fused" compiles a kernel once per dtype (slow the first time).
+IMPLEMENTATIONS = {
+    "for-loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "capturable": {"foreach": False, "capturable": True},
+    "foreach-capturable": {"foreach": True, "capturable": True},
+    "fused": {"fused": True},
+}
+
+# The hyperparameter grid of the parity tests (the issue's β2 ∈ {0.9, 0.99, 0.999}, wd ∈ {0, 0.01}, maximize).
+HYPERPARAMETERS = [
+    OptimizerInput({"lr": 1e-2, "betas": (0.9, b2), "weight_decay": wd, "maximize": mx}, f"b2={b2},wd={wd},max={mx}")
+    for b2 in (0.9, 0.99, 0.999)
+    for wd in (0.0, 0.01)
+    for mx in (False, True)
+]
+
+SHAPES = [(5, 3), (7,), (2, 3, 4), ()]
+
+
+def gradient_sequence(n_steps: int, shapes=SHAPES, seed: int = 0, dtype=torch.float64) -> list[list[torch.Tensor]]:
+    """Random gradients whose scale drifts over several decades, as real training's do."""
+    g = torch.Generator().manual_seed(seed)
+    scales = 10 ** (torch.rand(n_steps, generator=g, dtype=torch.float64) * 3 - 2)
+    return [
+        [(torch.randn(s, generator=g, dtype=torch.float64) * scales[t]).to(dtype) for s in shapes]
+        for t in range(n_steps)
+    ]
+
+
+def initial_params(shapes=SHAPES, seed: int = 1, dtype=torch.float64) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def run_torch(params0, grads_seq, **kwargs) -> tuple[list[torch.Tensor], AdamNX]:
+    params = [p.clone().requires_grad_(True) for p in params0]
+    opt = AdamNX(params, **kwargs)
+    for grads in grads_seq:
+        for p, gr in zip(params, grads):
+            p.grad = None if gr is None else gr.clone()
+        opt.step()
+    return params, opt
+
+
+def run_reference(params0, grads_seq, **kwargs) -> AdamNXReference:
+    kwargs = {k: v for k, v in kwargs.items() if k in ("lr", "betas", "eps", "weight_decay", "maximize")}
+    ref = AdamNXReference([p.double().numpy() for p in params0], **kwargs)
+    for grads in grads_seq:
+        ref.step([None if gr is None else gr.double().numpy() for gr in grads])
+    return ref
+
+
+def rel_err(actual: torch.Tensor, expected: np.ndarray) -> float:
+    """Norm-wise relative error max|a − e| / max|e| (0 when both are empty or zero)."""
+    a = actual.detach().double().cpu().numpy()
+    if a.size == 0:
+        return 0.0
+    denom = max(np.max(np.abs(expected)), 1e-300)
+    return float(np.max(np.abs(a - expected)) / denom)
+
+
+def assert_matches_reference(params, opt: AdamNX, ref: AdamNXReference, tol: float) -> None:
+    for i, p in enumerate(params):
+        state = opt.state[p]
+        assert int(state["step"]) == ref.t[i]
+        for name, actual, expected in (
+            ("param", p, ref.theta[i]),
+            ("exp_avg", state["exp_avg"], ref.m[i]),
+            ("exp_avg_sq", state["exp_avg_sq"], ref.v[i]),
+        ):
+            err = rel_err(actual, expected)
+            assert err <= tol, f"{name} {i}: relative error {err:.3e} > {tol:.0e}"
