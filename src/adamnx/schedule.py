@@ -40,8 +40,10 @@ __all__ = [
     "Coefficients",
     "beta2_for_horizon",
     "coefficients",
+    "first_moment_weight",
     "horizon",
     "log_c",
+    "second_moment_weight",
 ]
 
 
@@ -60,18 +62,26 @@ class Coefficients(NamedTuple):
         return 1 - self.one_minus_beta2_hat
 
 
-def _ops(step: Any):
-    """Pick the library that evaluates exp/expm1 for this kind of ``step``."""
-    if isinstance(step, (int, float)):
-        return math
-    module = type(step).__module__
-    if module.startswith("torch"):
+def _ops(*values: Any):
+    """The library that evaluates exp/expm1/log1p for these values: torch, jax.numpy, numpy, or math."""
+    modules = [type(v).__module__ for v in values if not isinstance(v, (int, float))]
+    if any(m.startswith("torch") for m in modules):
         import torch
 
         return torch
-    import numpy
+    if any(m.startswith(("jax", "jaxlib")) for m in modules):
+        import jax.numpy as jnp
 
-    return numpy
+        return jnp
+    if modules:
+        import numpy
+
+        return numpy
+    return math
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float))
 
 
 def _check_betas(beta1: float, beta2: float) -> None:
@@ -81,19 +91,20 @@ def _check_betas(beta1: float, beta2: float) -> None:
         raise ValueError(f"Invalid beta parameter at index 1: {beta2} (AdamNX needs 0 < beta2 < 1)")
 
 
-def log_c(beta2: float) -> float:
-    """:math:`\\log c = (1-\\beta_2)\\log\\beta_2`, accurate for β2 close to 1."""
+def log_c(beta2: Any) -> Any:
+    r""":math:`\log c = (1-\beta_2)\log\beta_2`, accurate for β2 close to 1."""
     one_minus_beta2 = 1.0 - beta2  # exact for beta2 >= 0.5 (Sterbenz)
-    return one_minus_beta2 * math.log1p(-one_minus_beta2)
+    return one_minus_beta2 * _ops(beta2).log1p(-one_minus_beta2)
 
 
-def coefficients(step: Any, betas: tuple[float, float]) -> Coefficients:
+def coefficients(step: Any, betas: tuple[Any, Any]) -> Coefficients:
     """The coefficients ``(1 − β1_t, 1 − β̂2_t)`` of step ``step`` (t ≥ 1), stably.
 
     Args:
-        step: the step count t after incrementing (1 for the first update). A Python number, a NumPy array
-            or a torch tensor; the result has the same kind.
-        betas: ``(β1, β2)`` as Python floats, ``0 ≤ β1 < 1`` and ``0 < β2 < 1``.
+        step: the step count t after incrementing (1 for the first update). A Python number, a NumPy array,
+            a torch tensor or a JAX array; the result has the same kind.
+        betas: ``(β1, β2)``, ``0 ≤ β1 < 1`` and ``0 < β2 < 1``: Python floats (validated, and their logs taken in
+            float64), or arrays of the step's kind (as optax's ``inject_hyperparams`` passes them).
 
     Returns:
         :class:`Coefficients` with ``one_minus_beta1_t = (1−β1)/(1−β1^t)`` and
@@ -106,19 +117,42 @@ def coefficients(step: Any, betas: tuple[float, float]) -> Coefficients:
         >>> round(coefficients(100, (0.9, 0.99)).one_minus_beta2_hat, 7)
         0.0099503
     """
-    beta1, beta2 = float(betas[0]), float(betas[1])
-    _check_betas(beta1, beta2)
-    ops = _ops(step)
-    if ops is not math and ops.__name__ == "torch" and not step.is_floating_point():
-        step = step.to(ops.float64)  # an integer counter would otherwise be promoted to float32
-    # 1 − β1_t = (1 − β1) / (1 − β1^t); β1 = 0 means m_t = g_t (and log(0) would be −inf).
-    if beta1 == 0.0:
-        one_minus_beta1_t = step * 0 + 1.0
+    return Coefficients(first_moment_weight(step, betas[0]), second_moment_weight(step, betas[1]))
+
+
+def _as_float_step(step: Any) -> Any:
+    if type(step).__module__.startswith("torch") and not step.is_floating_point():
+        import torch
+
+        step = step.to(torch.float64)  # an integer counter would otherwise be promoted to float32
+    return step
+
+
+def first_moment_weight(step: Any, beta1: Any) -> Any:
+    """``1 − β1_t = (1 − β1)/(1 − β1^t)``: m_t is then exactly Adam's bias-corrected m̂_t."""
+    step = _as_float_step(step)
+    if _is_number(beta1):
+        _check_betas(beta1, 0.5)
+        if beta1 == 0.0:  # m_t = g_t (and log(0) would warn)
+            return step * 0 + 1.0
+        log_beta1 = math.log(beta1)
     else:
-        one_minus_beta1_t = (1.0 - beta1) / -ops.expm1(step * math.log(beta1))
-    lc = log_c(beta2)
-    one_minus_beta2_hat = ops.exp((step - 1) * lc) * math.expm1(lc) / ops.expm1(step * lc)
-    return Coefficients(one_minus_beta1_t, one_minus_beta2_hat)
+        log_beta1 = _ops(beta1).log(beta1)  # β1 = 0: −inf, and the formula below still gives 1
+    # Both expm1's in the step's precision (1 − β1 = −expm1(log β1)), so that t = 1 gives exactly x/x = 1
+    # also in float32; a float64 numerator over a float32 denominator would give 1.0000001.
+    log_beta1 = log_beta1 + step * 0
+    ops = _ops(step, beta1)
+    return ops.expm1(log_beta1) / ops.expm1(step * log_beta1)
+
+
+def second_moment_weight(step: Any, beta2: Any) -> Any:
+    """``1 − β̂2_t = c^(t−1)(1−c)/(1−c^t)``, ``c = β2^(1−β2)``, evaluated with exp/expm1 of (t−1)·log c and t·log c."""
+    step = _as_float_step(step)
+    if _is_number(beta2):
+        _check_betas(0.0, beta2)
+    lc = log_c(beta2) + step * 0  # in the step's precision: at t = 1 the ratio is exactly x/x = 1 (see above)
+    ops = _ops(step, beta2)
+    return ops.exp((step - 1) * lc) * ops.expm1(lc) / ops.expm1(step * lc)
 
 
 def horizon(beta2: float) -> float:

@@ -1,0 +1,5 @@
+import sys
+
+from adamnx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,4 @@
+"""The benchmark harness behind ``adamnx bench``: tasks, baseline optimizers, runner, report and plots.
+
+Needs the ``bench`` extra (``pip install "adamnx[bench]"``).
+"""

@@ -1,0 +1,310 @@
+"""``adamnx perf`` / ``benchmarks/step_speed.py``: how long the optimizer step takes, AdamNX vs torch's AdamW.
+
+The step is memory-bound: it reads p, g, m, v and writes p, m, v, i.e. 28 bytes per fp32 parameter for both
+AdamW and AdamNX. "Effective GB/s" is that traffic divided by the median step time.
+
+Candidates are interleaved (each repetition steps every candidate once) so that machine noise hits them
+alike; medians and ratios to torch's fused AdamW are reported. Peak extra memory of one step and the fused
+kernel's first-step compile time (cold and warm inductor cache) are measured in fresh subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["add_arguments", "run_from_args"]
+
+BYTES_PER_PARAM = 28  # fp32: read p, g, m, v (16) + write p, m, v (12)
+
+
+def authors_step(params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, state=None):
+    """A plain single-tensor loop of the authors' algorithm (their published per-tensor code path, naive
+    coefficients included): the baseline a user of their repository gets."""
+    beta1, beta2 = betas
+    for p in params:
+        s = state.setdefault(p, {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
+        s["step"] += 1
+        t = s["step"]
+        p.mul_(1 - lr * weight_decay)
+        beta1_t = (beta1 - beta1**t) / (1 - beta1**t)
+        s["exp_avg"].lerp_(p.grad, 1 - beta1_t)
+        beta2_t = (1 - beta2 ** ((1 - beta2) * (t - 1))) / (1 - beta2 ** ((1 - beta2) * t))
+        s["exp_avg_sq"].mul_(beta2_t).addcmul_(p.grad, p.grad, value=1 - beta2_t)
+        p.addcdiv_(s["exp_avg"], s["exp_avg_sq"].sqrt().add_(eps), value=-lr)
+
+
+class _AuthorsLoop:
+    def __init__(self, params):
+        self.params, self.state = params, {}
+
+    @torch.no_grad()
+    def step(self):
+        authors_step(self.params, state=self.state)
+
+
+def _candidates() -> dict[str, Any]:
+    from adamnx import AdamNX
+
+    return {
+        "adamnx-fused": lambda ps: AdamNX(ps, fused=True),
+        "adamnx-foreach": lambda ps: AdamNX(ps, foreach=True),
+        "adamnx-forloop": lambda ps: AdamNX(ps, foreach=False),
+        "adamw-fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+        "adamw-foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
+        "adamw-forloop": lambda ps: torch.optim.AdamW(ps, foreach=False),
+        "authors-loop": _AuthorsLoop,
+    }
+
+
+def model_shapes(kind: str, n_params: int) -> list[tuple[int, ...]]:
+    """'large': four equal matrices (a transformer's big projections); 'small': many conv blocks as in a deep
+    CNN (3×3 conv 128→128 + a norm's weight and bias, ~148k params and 3 tensors a block)."""
+    if kind == "large":
+        side = max(1, int(math.sqrt(n_params / 4)))
+        return [(side, side)] * 4
+    block = [(128, 128, 3, 3), (128,), (128,)]
+    per_block = sum(math.prod(s) for s in block)
+    return block * max(1, round(n_params / per_block))
+
+
+def _make_params(shapes, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    params = [torch.randn(s, generator=g).to(device).requires_grad_(True) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(device)
+    return params
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(names: list[str], shapes, device, reps: int) -> dict[str, list[float]]:
+    """Milliseconds per step for each candidate, interleaved; the first (warm-up/compile) step is excluded."""
+    builders = _candidates()
+    optimizers = {}
+    for name in names:
+        opt = builders[name](_make_params(shapes, device))
+        opt.step()  # state allocation and (fused AdamNX) kernel compilation
+        optimizers[name] = opt
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(reps):
+        for name, opt in optimizers.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            opt.step()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+_PROBE = r"""
+import json, sys, time, torch
+sys.path.insert(0, {src!r})
+from adamnx.bench.perf import _candidates, _make_params, _sync, model_shapes
+name, kind, n, device = {name!r}, {kind!r}, {n}, torch.device({device!r})
+opt = _candidates()[name](_make_params(model_shapes(kind, n), device))
+t0 = time.perf_counter(); opt.step(); _sync(device); first = time.perf_counter() - t0
+def rss():
+    with open("/proc/self/status") as f:
+        return {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in f if l.startswith(("VmRSS", "VmHWM"))}}
+if device.type == "cuda":
+    base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+    opt.step(); _sync(device); extra = torch.cuda.max_memory_allocated() - base
+else:
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    base = rss()["VmRSS"]; opt.step(); extra = rss()["VmHWM"] - base
+print(json.dumps({{"first_step_s": first, "extra_bytes": extra}}))
+"""
+
+
+def probe(name: str, kind: str, n: int, device: str, cache_dir: str | None = None) -> dict[str, float]:
+    """First-step time and peak extra memory of one step, in a fresh process (glibc told to mmap large blocks
+    so every temporary shows up in the peak RSS instead of hiding in a reused heap)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    if cache_dir is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    src = str(Path(__file__).resolve().parents[2])
+    code = _PROBE.format(src=src, name=name, kind=kind, n=n, device=device)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"probe {name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(sizes, kinds, reps, device, names, memory_size, out_dir: Path, compile_probe: bool = True) -> dict:
+    dev = torch.device(device)
+    results: dict[str, Any] = {"machine": _machine(dev), "rows": [], "memory": [], "compile": {}}
+    for kind in kinds:
+        for n in sizes:
+            shapes = model_shapes(kind, n)
+            n_actual = sum(math.prod(s) for s in shapes)
+            times = time_steps(names, shapes, dev, reps)
+            base = statistics.median(times["adamw-fused"]) if "adamw-fused" in times else float("nan")
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                results["rows"].append(
+                    {
+                        "shape": kind,
+                        "params": n_actual,
+                        "tensors": len(shapes),
+                        "candidate": name,
+                        "median_ms": med,
+                        "q25_ms": statistics.quantiles(ts, n=4)[0] if len(ts) > 1 else med,
+                        "q75_ms": statistics.quantiles(ts, n=4)[2] if len(ts) > 1 else med,
+                        "gb_per_s": BYTES_PER_PARAM * n_actual / (med / 1e3) / 1e9,
+                        "ratio_to_adamw_fused": med / base,
+                    }
+                )
+            print(
+                f"  {kind:5s} {n_actual / 1e6:6.1f}M: "
+                + ", ".join(f"{k} {statistics.median(v):.1f}ms" for k, v in times.items()),
+                flush=True,
+            )
+    if memory_size:
+        for kind in kinds:
+            for name in names:
+                p = probe(name, kind, memory_size, device)
+                results["memory"].append(
+                    {"shape": kind, "params": memory_size, "candidate": name, "extra_mb": p["extra_bytes"] / 2**20}
+                )
+    if compile_probe and "adamnx-fused" in names:
+        with tempfile.TemporaryDirectory() as cache:
+            cold = probe("adamnx-fused", "large", 1_000_000, device, cache_dir=cache)["first_step_s"]
+            warm = probe("adamnx-fused", "large", 1_000_000, device, cache_dir=cache)["first_step_s"]
+        results["compile"] = {"cold_first_step_s": cold, "warm_first_step_s": warm}
+    write_outputs(results, out_dir)
+    return results
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    import adamnx
+
+    info = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "adamnx": adamnx.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_outputs(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "step_speed.json").write_text(json.dumps(results, indent=1))
+    lines = [
+        "# Optimizer step speed",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()),
+        "",
+        "| shape | params | tensors | candidate | median ms | GB/s | × fused AdamW |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['candidate']} | {r['median_ms']:.2f} "
+            f"| {r['gb_per_s']:.1f} | {r['ratio_to_adamw_fused']:.2f} |"
+        )
+    if results["memory"]:
+        lines += [
+            "",
+            "Peak extra memory during one step (beyond params, grads and state):",
+            "",
+            "| shape | params | candidate | extra MB |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m['shape']} | {m['params'] / 1e6:.0f}M | {m['candidate']} | {m['extra_mb']:.1f} |"
+            for m in results["memory"]
+        ]
+    if results["compile"]:
+        c = results["compile"]
+        lines += [
+            "",
+            f"Fused AdamNX first step (kernel compilation): cold cache {c['cold_first_step_s']:.1f} s, "
+            f"warm cache {c['warm_first_step_s']:.1f} s.",
+        ]
+    (out_dir / "step_speed.md").write_text("\n".join(lines) + "\n")
+    with contextlib.suppress(ImportError):  # matplotlib is in the bench extra
+        _plot(results, out_dir / "step_speed.png")
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r["shape"] for r in results["rows"]})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rows = [r for r in results["rows"] if r["shape"] == kind]
+        for name in dict.fromkeys(r["candidate"] for r in rows):
+            pts = [(r["params"], r["median_ms"]) for r in rows if r["candidate"] == name]
+            ax.loglog(*zip(*pts), marker="o", ls="-" if name.startswith("adamnx") else "--", label=name)
+        ax.set_title(f"{kind} tensors")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("ms per step (median)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated parameter counts")
+    parser.add_argument(
+        "--shapes", default="large,small", help="large (few big matrices) and/or small (many conv blocks)"
+    )
+    parser.add_argument("--reps", type=int, default=15, help="timed steps per candidate")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--candidates", default=",".join(_candidates()), help="comma-separated subset")
+    parser.add_argument("--memory-size", type=float, default=1e7, help="params for the memory probe (0: skip)")
+    parser.add_argument("--no-compile-probe", action="store_true", help="skip the cold/warm compile timing")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for step_speed.{json,md,png}")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    try:
+        sizes = [int(float(s)) for s in args.sizes.split(",")]
+        kinds = [k.strip() for k in args.shapes.split(",")]
+        names = [c.strip() for c in args.candidates.split(",")]
+    except ValueError as exc:
+        print(f"adamnx: error: {exc}", file=sys.stderr)
+        return 2
+    unknown = [k for k in kinds if k not in ("large", "small")] + [c for c in names if c not in _candidates()]
+    if unknown or any(s < 1 for s in sizes) or args.reps < 1:
+        print(
+            f"adamnx: error: bad perf arguments {unknown or ''} (shapes: large, small; candidates: {', '.join(_candidates())})",
+            file=sys.stderr,
+        )
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("adamnx: error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    results = run(
+        sizes, kinds, args.reps, args.device, names, int(args.memory_size), Path(args.out), not args.no_compile_probe
+    )
+    print((Path(args.out) / "step_speed.md").read_text())
+    return 0 if results["rows"] else 1

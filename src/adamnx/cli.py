@@ -1,0 +1,178 @@
+"""The ``adamnx`` command: ``bench`` (the harness), ``schedule`` (the coefficients) and ``perf`` (step speed)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_TASKS = ["mnist1d", "digits", "quadratic"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adamnx", description="AdamNX: benchmark harness and tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser(
+        "bench",
+        help="compare AdamNX with its rivals on offline tasks (the default run takes ≤ 5 minutes on 2 CPU cores)",
+        description="Train every optimizer × seed on each task, select on validation, report on test, and write "
+        "runs/<timestamp>-<task>/ with report.md, plots and raw metrics.",
+    )
+    bench.add_argument("--task", action="append", help=f"task to run (repeatable); default: {' '.join(DEFAULT_TASKS)}")
+    bench.add_argument("--quick", action="store_true", help="a < 60 s smoke run (fewer steps and seeds)")
+    bench.add_argument(
+        "--ablation", action="store_true", help="swap only the β̂2 rule: Adam, AdaX, AdamNX, 1/t, Adafactor"
+    )
+    bench.add_argument(
+        "--sweep", action="store_true", help="run the documented lr sweep instead and print the chosen lrs"
+    )
+    bench.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (type-checked), e.g. --set steps=500 --set lr.adamnx=1e-3",
+    )
+    bench.add_argument("--data-dir", help="folder with CIFAR's python pickle files (cifar10/cifar100 tasks)")
+    bench.add_argument(
+        "--framework",
+        choices=["torch", "jax", "both"],
+        help="torch (default), the optax twins (jax), or both side by side; jax/both: mnist1d",
+    )
+    bench.add_argument("--out", help="output folder (default runs/<timestamp>-<task>)")
+    bench.add_argument("--resume", metavar="RUN_DIR", help="continue a killed bench from its last checkpoints")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    schedule = sub.add_parser(
+        "schedule",
+        help="print 1 − β̂2_t and the horizon for given β2",
+        description="AdamNX's second-moment weight 1 − β̂2_t = c^(t−1)(1−c)/(1−c^t), c = β2^(1−β2), and its horizon.",
+    )
+    schedule.add_argument("--beta2", type=float, action="append", help="β2 (repeatable; default 0.9 0.99 0.999)")
+    schedule.add_argument("--horizon", type=float, help="print the β2 whose horizon is this many steps")
+    schedule.add_argument("--steps", default="1,10,100,1000,10000,100000,1000000", help="comma-separated steps")
+
+    perf = sub.add_parser(
+        "perf",
+        help="step-speed benchmark: AdamNX vs torch AdamW (for-loop, foreach, fused)",
+        description="Time the optimizer step alone; writes JSON, a markdown table and a PNG.",
+    )
+    from adamnx.bench.perf import add_arguments
+
+    add_arguments(perf)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"adamnx: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _print_summary(summary: dict, out_dir: Path) -> None:
+    from adamnx.bench.report import summary_table
+
+    header, rows = summary_table(summary)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{summary['task']} — test at the validation-selected checkpoint (mean ± std)")
+        for h in header:
+            table.add_column(h)
+        for r in rows:
+            table.add_row(*r)
+        Console().print(table)
+    except ImportError:  # pragma: no cover
+        print(" | ".join(header))
+        for r in rows:
+            print(" | ".join(r))
+    print(f"report: {out_dir / 'report.md'}")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from adamnx.bench.config import ConfigError, load_config
+    from adamnx.bench.harness import default_out_dir, run_bench, sweep
+    from adamnx.bench.tasks import DataError
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        if not Path(args.data_dir).is_dir():
+            return _fail(f"--data-dir {args.data_dir!r} is not a folder")
+        overrides.append(f"data_dir={_toml_string(args.data_dir)}")
+    if args.framework:
+        overrides.append(f"framework={_toml_string(args.framework)}")
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.json").is_file():
+                return _fail(f"--resume {args.resume!r} has no config.json: not a bench run folder")
+            import json
+
+            from adamnx.bench.config import from_dict
+
+            cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
+            summary = run_bench(cfg, run_dir, resume=True, progress=not args.no_progress)
+            _print_summary(summary, run_dir)
+            return 0
+        tasks = args.task or DEFAULT_TASKS
+        configs = [
+            load_config(t, overrides, quick=args.quick, ablation=args.ablation) for t in tasks
+        ]  # all checked first
+        for cfg in configs:
+            out_dir = (
+                Path(args.out) / cfg.task
+                if args.out and len(configs) > 1
+                else Path(args.out or default_out_dir(cfg.task))
+            )
+            if args.sweep:
+                chosen = sweep(cfg, out_dir, progress=not args.no_progress)
+                print(f"{cfg.task}: chosen learning rates {chosen} (details in {out_dir / 'sweep.json'})")
+                continue
+            summary = run_bench(cfg, out_dir, progress=not args.no_progress)
+            _print_summary(summary, out_dir)
+    except (ConfigError, DataError) as exc:
+        return _fail(str(exc))
+    except ImportError as exc:
+        return _fail(f'{exc}. Install the harness\'s dependencies: pip install "adamnx[bench]"')
+    return 0
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from adamnx.schedule import beta2_for_horizon, horizon, second_moment_weight
+
+    try:
+        if args.horizon is not None:
+            print(f"beta2 for a horizon of {args.horizon:g} steps: {beta2_for_horizon(args.horizon):.10f}")
+            return 0
+        steps = [int(float(s)) for s in args.steps.split(",") if s.strip()]
+        if any(s < 1 for s in steps):
+            return _fail("--steps must be positive integers")
+        betas = args.beta2 or [0.9, 0.99, 0.999]
+        print("t".rjust(10) + "".join(f"   beta2={b:<10g}" for b in betas))
+        for t in steps:
+            print(f"{t:>10d}" + "".join(f"   {second_moment_weight(t, b):<16.4e}" for b in betas))
+        print("horizon H = 1/(1-c): " + ", ".join(f"beta2={b:g}: {horizon(b):,.0f} steps" for b in betas))
+    except ValueError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "schedule":
+        return _schedule(args)
+    from adamnx.bench.perf import run_from_args
+
+    return run_from_args(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

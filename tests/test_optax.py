@@ -1,0 +1,244 @@
+"""The optax twin: optax's contrib battery in spirit, and parity with the reference and the torch optimizer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+import jax.numpy as jnp  # noqa: E402
+
+from adamnx import AdamNX  # noqa: E402
+from adamnx.optax import ScaleByAdamNXState, adamnx, scale_by_adamnx  # noqa: E402
+from adamnx.reference import AdamNXReference  # noqa: E402
+from helpers import gradient_sequence, initial_params  # noqa: E402
+
+SHAPES = [(5, 3), (7,), ()]
+
+
+def _run_optax(tx, params0, grads_seq, dtype):
+    params = [jnp.asarray(p.numpy(), dtype=dtype) for p in params0]
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for grads in grads_seq:
+        updates, state = update([jnp.asarray(g.numpy(), dtype=dtype) for g in grads], state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)) if b.size else 0.0
+
+
+@pytest.mark.parametrize(
+    "maximize_free_hp", [{"b2": 0.9, "weight_decay": 0.0}, {"b2": 0.99}, {"b2": 0.999, "weight_decay": 0.1}]
+)
+def test_float64_parity_with_reference_and_torch(maximize_free_hp):
+    hp = {"learning_rate": 1e-2, "b1": 0.9, "b2": 0.99, "weight_decay": 0.01, **maximize_free_hp}
+    grads = gradient_sequence(1_000, shapes=SHAPES)
+    params0 = initial_params(SHAPES)
+    with jax.enable_x64(True):
+        params, state = _run_optax(adamnx(**hp), params0, grads, jnp.float64)
+        params = [np.asarray(p) for p in params]
+        mu, nu = (np.asarray(x) for x in state[0].mu), (np.asarray(x) for x in state[0].nu)
+    ref = AdamNXReference(
+        [p.numpy() for p in params0],
+        lr=hp["learning_rate"],
+        betas=(hp["b1"], hp["b2"]),
+        weight_decay=hp["weight_decay"],
+    )
+    tparams = [p.clone().requires_grad_(True) for p in params0]
+    topt = AdamNX(tparams, lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]), weight_decay=hp["weight_decay"])
+    for step_grads in grads:
+        ref.step([g.numpy() for g in step_grads])
+        for p, g in zip(tparams, step_grads):
+            p.grad = g.clone()
+        topt.step()
+    for i, (m, v) in enumerate(zip(mu, nu)):
+        assert _rel(params[i], ref.theta[i]) <= 1e-10
+        assert _rel(params[i], tparams[i].detach().numpy()) <= 1e-10
+        assert _rel(m, ref.m[i]) <= 1e-10 and _rel(v, ref.v[i]) <= 1e-10
+    assert int(state[0].count) == 1_000
+
+
+def test_float32_parity_with_reference_and_torch():
+    grads = gradient_sequence(1_000, shapes=SHAPES, dtype=torch.float32)
+    params0 = initial_params(SHAPES, dtype=torch.float32)
+    params, _ = _run_optax(adamnx(1e-2), params0, grads, jnp.float32)
+    ref = AdamNXReference([p.double().numpy() for p in params0], lr=1e-2)
+    tparams = [p.clone().requires_grad_(True) for p in params0]
+    topt = AdamNX(tparams, lr=1e-2)
+    for step_grads in grads:
+        ref.step([g.double().numpy() for g in step_grads])
+        for p, g in zip(tparams, step_grads):
+            p.grad = g.clone()
+        topt.step()
+    for i, p in enumerate(params):
+        assert p.dtype == jnp.float32
+        assert _rel(p, ref.theta[i]) <= 1e-5
+        assert _rel(p, tparams[i].detach().numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("b2", [0.9, 0.99, 0.999, 0.9999])
+def test_no_nan_in_float32_at_any_step(b2):
+    tx = scale_by_adamnx(b2=b2)
+    params = jnp.ones(3)
+    for count in (0, 1, 2, 10**4, 10**6, 10**9, 2**31 - 2, 2**31 - 1):
+        state = ScaleByAdamNXState(jnp.asarray(count, jnp.int32), jnp.ones(3), jnp.ones(3))
+        updates, new_state = tx.update(jnp.array([1.0, -2.0, 0.0]), state, params)
+        assert bool(jnp.all(jnp.isfinite(updates))) and bool(jnp.all(jnp.isfinite(new_state.nu)))
+        assert int(new_state.count) >= count  # int32 count saturates, never wraps to negative
+
+
+def test_float32_coefficients_accurate_where_the_naive_form_is_nan():
+    from adamnx.schedule import coefficients
+
+    counts = jnp.arange(1, 6, dtype=jnp.float32)
+    w1, w2 = coefficients(counts, (0.9, 0.9999))
+    exact = [coefficients(float(t), (0.9, 0.9999)) for t in range(1, 6)]
+    np.testing.assert_allclose(np.asarray(w2), [e.one_minus_beta2_hat for e in exact], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(w1), [e.one_minus_beta1_t for e in exact], rtol=1e-6)
+    c = np.float32(0.9999) ** np.float32(1 - np.float32(0.9999))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        naive = (1 - c ** np.float32(0)) / (1 - c ** np.float32(1))  # β̂2_1 in float32: 0/0 for this β2
+    assert np.isnan(naive) or naive != 0.0
+
+
+def test_extra_args_are_accepted():
+    tx = adamnx(1e-3)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    tx.update({"w": jnp.ones(2)}, state, params, value=jnp.array(1.0), some_other_arg=3)
+
+
+def test_jit_does_not_recompile_on_the_second_call():
+    tx = adamnx(optax.linear_schedule(1e-2, 1e-4, 100))
+    params = {"w": jnp.ones(4)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        _, state = update({"w": jnp.full(4, 0.5)}, state, params)
+    assert update._cache_size() == 1
+
+
+def test_inject_hyperparams_is_equivalent():
+    plain = adamnx(learning_rate=3e-3, b1=0.8, b2=0.95, weight_decay=0.05)
+    injected = optax.inject_hyperparams(adamnx)(learning_rate=3e-3, b1=0.8, b2=0.95, weight_decay=0.05)
+    grads = gradient_sequence(50, shapes=[(4,)], seed=2, dtype=torch.float32)
+    params0 = initial_params([(4,)], dtype=torch.float32)
+    a, _ = _run_optax(plain, params0, grads, jnp.float32)
+    b, state = _run_optax(injected, params0, grads, jnp.float32)
+    np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-5)
+    assert float(state.hyperparams["learning_rate"]) == pytest.approx(3e-3)
+
+
+def test_learning_rate_schedule_scales_weight_decay_like_torch():
+    schedule = optax.linear_schedule(1e-2, 1e-3, 20)
+    grads = gradient_sequence(30, shapes=[(3, 3)], seed=4, dtype=torch.float32)
+    params0 = initial_params([(3, 3)], dtype=torch.float32)
+    params, _ = _run_optax(adamnx(schedule, weight_decay=0.3), params0, grads, jnp.float32)
+    p = params0[0].clone().requires_grad_(True)
+    opt = AdamNX([p], lr=1e-2, weight_decay=0.3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(schedule(s)) / 1e-2)
+    for g in grads:
+        p.grad = g[0].clone()
+        opt.step()
+        sched.step()
+    assert _rel(params[0], p.detach().numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float64])
+def test_dtypes_are_preserved(dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        params = {"w": jnp.ones(3, dtype=dtype)}
+        tx = adamnx(1e-2)
+        state = tx.init(params)
+        updates, state = tx.update({"w": jnp.ones(3, dtype=dtype)}, state, params)
+        assert updates["w"].dtype == dtype
+        assert state[0].mu["w"].dtype == dtype and state[0].nu["w"].dtype == dtype
+
+
+def test_mu_dtype():
+    tx = scale_by_adamnx(mu_dtype=jnp.bfloat16)
+    state = tx.init({"w": jnp.ones(3)})
+    _, state = tx.update({"w": jnp.ones(3)}, state)
+    assert state.mu["w"].dtype == jnp.bfloat16 and state.nu["w"].dtype == jnp.float32
+
+
+def test_multisteps_accumulates_gradients():
+    k = 4
+    grads = gradient_sequence(4 * k, shapes=[(5,)], seed=6, dtype=torch.float32)
+    params0 = initial_params([(5,)], dtype=torch.float32)
+    multi, _ = _run_optax(optax.MultiSteps(adamnx(1e-2), every_k_schedule=k), params0, grads, jnp.float32)
+    averaged = [[sum(g[0] for g in grads[i : i + k]) / k] for i in range(0, len(grads), k)]
+    single, _ = _run_optax(adamnx(1e-2), params0, averaged, jnp.float32)
+    np.testing.assert_allclose(np.asarray(multi[0]), np.asarray(single[0]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("loss", "start", "solution", "lr", "steps"),
+    [
+        (lambda p: jnp.sum((p - 3.0) ** 2), jnp.array([0.0, 10.0]), jnp.array([3.0, 3.0]), 0.1, 1_000),
+        (
+            lambda p: (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2,
+            jnp.array([-1.0, 1.0]),
+            jnp.array([1.0, 1.0]),
+            3e-2,
+            5_000,
+        ),
+    ],
+    ids=["parabola", "rosenbrock"],
+)
+def test_converges(loss, start, solution, lr, steps):
+    tx = adamnx(optax.linear_schedule(lr, lr * 0.01, steps), weight_decay=0.0)
+    state = tx.init(start)
+
+    @jax.jit
+    def step(p, s):
+        updates, s = tx.update(jax.grad(loss)(p), s, p)
+        return optax.apply_updates(p, updates), s
+
+    params = start
+    for _ in range(steps):
+        params, state = step(params, state)
+    np.testing.assert_allclose(np.asarray(params), np.asarray(solution), atol=2e-2)
+
+
+def test_weight_decay_mask():
+    params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    tx = adamnx(0.1, weight_decay=0.5, mask={"w": True, "b": False})
+    state = tx.init(params)
+    updates, _ = tx.update({"w": jnp.zeros(2), "b": jnp.zeros(2)}, state, params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -0.05)
+    np.testing.assert_allclose(np.asarray(updates["b"]), 0.0)
+
+
+def test_invalid_betas_are_rejected_eagerly():
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
+        scale_by_adamnx(b2=1.0)
+
+
+def test_importing_adamnx_does_not_import_jax():
+    code = (
+        "import sys, adamnx, adamnx.functional, adamnx.optimizer; print('jax' in sys.modules, 'optax' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+def test_bench_jax_runner_trains():
+    from adamnx.bench.config import load_config
+    from adamnx.bench.jax_runner import train_one_jax
+    from adamnx.bench.tasks import get_task
+
+    cfg = load_config("mnist1d", ["steps=30", "eval_every=15", "framework=jax", "hessian_iters=2"], quick=True)
+    task = get_task("mnist1d")
+    result = train_one_jax(cfg, task, task.load(cfg), "adamnx@jax", 0)
+    assert len(result["evals"]) == 2 and result["evals"][-1]["val_loss"] < result["evals"][0]["val_loss"] * 1.5
+    assert np.isfinite(result["hessian_top_eigenvalue"]) and result["constructor"].startswith("adamnx.optax.adamnx")
