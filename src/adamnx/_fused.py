@@ -6,7 +6,8 @@ math in :func:`_adamnx_kernel`, without a hand-maintained extension.
 
 Compilation is bounded: every scalar (coefficients, lr, the maximize sign and GradScaler's scale, found_inf)
 enters as a 0-d tensor and tensors enter as 1-D views with a dynamic length, so a kernel is compiled once per
-(device, dtype) and never again for a new step, learning rate, shape or GradScaler state. Tensors of 0 or 1
+(device, dtype), plus once more if a GradScaler is used, and never again for a new step, learning rate, shape
+or GradScaler state. Tensors of 0 or 1
 elements (which dynamo would specialise) and tensors whose memory is not one dense block shared by p, g, m, v
 run the same function eagerly: same math, no new compilation. Low-precision params get float32 math.
 
@@ -17,11 +18,12 @@ evaluated on the device (no host sync, so the fused step is CUDA-graph capturabl
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch import Tensor
 
-from adamnx.functional import group_by_device_and_dtype
+from adamnx.functional import group_by_device_and_dtype, stochastic_round_to_bf16
 from adamnx.schedule import coefficients
 
 __all__ = ["fused_adamnx"]
@@ -39,31 +41,49 @@ def _adamnx_kernel(
     neg_lr_wd: Tensor,
     eps: Tensor,
     grad_factor: Tensor,
-    found_inf: Tensor,
+    found_inf: Tensor | None,
+    stochastic: bool = False,
+    restart: bool = False,
 ) -> None:
-    """One AdamNX step on one tensor; the operations of the for-loop path, in its order, in registers."""
-    math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    # Scalars are rounded to the math dtype first, as the other paths' kernels round their Python floats.
-    w1, b2, w2, neg_lr, neg_lr_wd, eps, grad_factor = (
-        s.to(math_dtype)
-        for s in (one_minus_beta1_t, beta2_hat, one_minus_beta2_hat, neg_lr, neg_lr_wd, eps, grad_factor)
-    )
+    """One AdamNX step on one tensor; the operations of the for-loop path, in its order, in registers.
+
+    The scalars arrive already rounded to the math dtype (float64 for float64 params, else float32), as the
+    other paths' kernels round their Python floats.
+    """
+    math_dtype = one_minus_beta1_t.dtype
     g = grad.to(math_dtype) * grad_factor  # ±1/grad_scale: maximize and GradScaler's unscale in one factor
     p = param.to(math_dtype)
     p = p + neg_lr_wd * p
-    m = torch.lerp(exp_avg.to(math_dtype), g, w1)
-    v = exp_avg_sq.to(math_dtype) * b2 + w2 * (g * g)
+    v_old = exp_avg_sq.to(math_dtype)
+    m = torch.lerp(exp_avg.to(math_dtype), g, one_minus_beta1_t)
+    v = v_old * beta2_hat + one_minus_beta2_hat * (g * g)
+    if restart:  # restart_cold_coordinates: never-seen coordinates start with m = g, v = g²
+        cold = v_old == 0
+        m, v = torch.where(cold, g, m), torch.where(cold, g * g, v)
     p = p + neg_lr * (m / (v.sqrt() + eps))
-    # GradScaler found inf/NaN: keep everything as it was (torch's fused optimizers do the same).
-    skip = found_inf != 0
-    param.copy_(torch.where(skip, param, p.to(param.dtype)))
-    exp_avg.copy_(torch.where(skip, exp_avg, m.to(exp_avg.dtype)))
-    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v.to(exp_avg_sq.dtype)))
+    p = stochastic_round_to_bf16(p) if stochastic else p.to(param.dtype)
+    m, v = m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
+    if found_inf is not None:  # a GradScaler is in use (a second graph, compiled only then)
+        # it found inf/NaN: keep everything as it was (torch's fused optimizers do the same)
+        skip = found_inf != 0
+        p, m, v = torch.where(skip, param, p), torch.where(skip, exp_avg, m), torch.where(skip, exp_avg_sq, v)
+    param.copy_(p)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
 
 
 @functools.cache
-def _compiled_kernel():
-    return torch.compile(_adamnx_kernel, dynamic=True, fullgraph=True)
+def _compiled_kernel(device_type: str, dtype: torch.dtype, amp: bool, stochastic: bool, restart: bool):
+    """The compiled kernel for one (device type, dtype, GradScaler or not).
+
+    Each key gets its own copy of the kernel's code object, because dynamo keeps one cache (of at most 8
+    graphs) per code object: four dtypes × two devices × AMP would otherwise overflow it and fall back to eager.
+    """
+    flags = "".join(name for name, on in (("_amp", amp), ("_sr", stochastic), ("_restart", restart)) if on)
+    code = _adamnx_kernel.__code__.replace(co_name=f"_adamnx_kernel_{device_type}_{str(dtype)[6:]}{flags}")
+    # The flags become this copy's defaults (a functools.partial would share one dynamo wrapper between keys).
+    kernel = types.FunctionType(code, _adamnx_kernel.__globals__, code.co_name, (stochastic, restart))
+    return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 
 def _dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:
@@ -86,19 +106,29 @@ def _dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:
     return [t.as_strided((t.numel(),), (1,)) for t in tensors]
 
 
-def _update(tensors: list[Tensor], scalars: tuple[Tensor, ...]) -> None:
+def _is_compiler_missing(exc: BaseException) -> bool:
+    """Whether inductor failed because this machine cannot build its kernel (no C++ compiler / Triton)."""
+    while exc is not None:
+        if type(exc).__name__ in ("InvalidCxxCompiler", "CppCompileError") or "triton" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _update(tensors: list[Tensor], scalars: tuple[Tensor, ...], stochastic: bool, restart: bool) -> None:
     tensors = [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
     numel = tensors[0].numel()
     if numel == 0:
         return
     flat = _dense_1d_views(tensors) if numel > 1 else None
     if flat is None:
-        _adamnx_kernel(*tensors, *scalars)  # eager: the same function, no (re)compilation
+        _adamnx_kernel(*tensors, *scalars, stochastic, restart)  # eager: the same function, no (re)compilation
         return
     try:
-        _compiled_kernel()(*flat, *scalars)
+        kernel = _compiled_kernel(flat[0].device.type, flat[0].dtype, scalars[-1] is not None, stochastic, restart)
+        kernel(*flat, *scalars)
     except Exception as exc:
-        if "compil" in f"{type(exc).__name__} {exc}".lower():
+        if _is_compiler_missing(exc):
             raise RuntimeError(
                 "fused=True compiles its kernel with TorchInductor, which needs a working C++ compiler (CPU) "
                 "or Triton (CUDA) on this machine. Install one, or use foreach=True / foreach=False."
@@ -124,6 +154,8 @@ def fused_adamnx(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    stochastic_rounding: bool = False,
+    restart_cold_coordinates: bool = False,
 ) -> None:
     if not params:
         return
@@ -132,19 +164,26 @@ def fused_adamnx(
     for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps in group_by_device_and_dtype(
         params, grads, exp_avgs, exp_avg_sqs, state_steps
     ):
-        f64 = {"dtype": torch.float64, "device": d_params[0].device}
-        lr_t = torch.as_tensor(lr, **f64)
-        grad_factor = torch.tensor(-1.0 if maximize else 1.0, **f64)
+        device = d_params[0].device
+        # float64 (and complex128, updated through its float64 view) keep float64 math; all else float32
+        wide = (torch.float64, torch.complex128)
+        math_dtype = torch.float64 if d_params[0].dtype in wide or d_exp_avgs[0].dtype in wide else torch.float32
+        f64 = {"dtype": torch.float64, "device": device}
+        # torch.full launches a fill kernel where torch.tensor would copy from the host: capturable in a CUDA graph
+        lr_t = lr.to(**f64) if isinstance(lr, Tensor) else torch.full((), lr, **f64)
+        grad_factor = torch.full((), -1.0 if maximize else 1.0, **f64)
         if grad_scale is not None:
             grad_factor = grad_factor / grad_scale.to(**f64)
-        inf_t = torch.zeros((), **f64) if found_inf is None else found_inf.to(**f64)
-        scalars = (-lr_t, lr_t * -weight_decay, torch.tensor(eps, **f64), grad_factor, inf_t)
+        inf_t = None if found_inf is None else found_inf.to(device=device, dtype=math_dtype)
+        # Separate tensors, not views of one stack: inputs aliasing each other would make dynamo recompile.
+        shared = [t.to(math_dtype) for t in (-lr_t, lr_t * -weight_decay, torch.full((), eps, **f64), grad_factor)]
 
         # The counter does not advance on a skipped (inf) step, as in torch's fused Adam.
-        torch._foreach_add_(d_steps, 1.0 if found_inf is None else 1 - inf_t.to(d_steps[0].device, d_steps[0].dtype))
-        # One vectorised evaluation of the coefficients for the whole group, on the device, no host sync.
-        w1s, w2s = coefficients(torch.stack(d_steps).to(f64["device"]), (beta1, beta2))
-        for tensors, w1, b2, w2 in zip(
-            zip(d_params, d_grads, d_exp_avgs, d_exp_avg_sqs), w1s.unbind(), (1 - w2s).unbind(), w2s.unbind()
-        ):
-            _update(list(tensors), (w1, b2, w2, *scalars))
+        torch._foreach_add_(d_steps, 1.0 if inf_t is None else 1 - inf_t.to(d_steps[0].device, d_steps[0].dtype))
+        # One vectorised evaluation of the coefficients for the whole group, on the device, no host sync;
+        # β̂2 = 1 − w2 is formed in float64, then everything is rounded to the math dtype once.
+        w1s, w2s = coefficients(torch.stack(d_steps).to(device), (beta1, beta2))
+        coeffs = [c.to(math_dtype).unbind() for c in (w1s, 1 - w2s, w2s)]
+        stochastic = stochastic_rounding and d_params[0].dtype == torch.bfloat16
+        for tensors, w1, b2, w2 in zip(zip(d_params, d_grads, d_exp_avgs, d_exp_avg_sqs), *coeffs):
+            _update(list(tensors), (w1, b2, w2, *shared, inf_t), stochastic, restart_cold_coordinates)

@@ -40,12 +40,16 @@ def adamnx(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    stochastic_rounding: bool = False,
+    restart_cold_coordinates: bool = False,
 ) -> None:
     """Apply one AdamNX step to every tensor in ``params``, in place.
 
     See :class:`adamnx.AdamNX` for the algorithm and the meaning of each argument. ``state_steps`` holds one
     0-d step tensor per parameter (incremented here); ``grad_scale``/``found_inf`` come from a
-    ``torch.amp.GradScaler`` and are only accepted by the fused implementation.
+    ``torch.amp.GradScaler`` and are only accepted by the fused implementation. ``exp_avgs``/``exp_avg_sqs``
+    may be wider than the params (float32 state for bf16 params): the update is then computed in the state's
+    precision and rounded once (stochastically with ``stochastic_rounding`` for bf16 params).
     """
     if not torch.compiler.is_compiling() and not all(isinstance(t, Tensor) for t in state_steps):
         raise RuntimeError("`state_steps` must be a list of 0-d step tensors, one per parameter")
@@ -78,7 +82,38 @@ def adamnx(
         weight_decay=weight_decay,
         eps=eps,
         maximize=maximize,
+        stochastic_rounding=stochastic_rounding,
+        restart_cold_coordinates=restart_cold_coordinates,
     )
+
+
+def stochastic_round_to_bf16(x: Tensor) -> Tensor:
+    """Round float32 ``x`` to bfloat16 stochastically: up with probability equal to the distance to the lower value.
+
+    Adds 16 random bits below bf16's last mantissa bit, then truncates; unbiased (E[round(x)] = x), so updates
+    smaller than half a bf16 ulp still move the parameter on average instead of being rounded away.
+    """
+    bits = x.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # low 16 bits 0: the cast is exact
+
+
+def _master(param: Tensor, state_dtype: torch.dtype, stochastic: bool) -> Tensor:
+    """The tensor the update is computed in: the param itself, or a wider copy (written back by _write_back)."""
+    if param.dtype == state_dtype and not stochastic:
+        return param
+    return param.to(torch.promote_types(state_dtype, torch.float32))
+
+
+def _write_back(param: Tensor, master: Tensor, stochastic: bool) -> None:
+    if master is not param:
+        param.copy_(stochastic_round_to_bf16(master) if stochastic else master)
+
+
+def _restart_cold(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, cold: Tensor) -> None:
+    """Coordinates that never had a gradient (v = 0) start as AdamNX's own first step does: m = g, v = g²."""
+    exp_avg.copy_(torch.where(cold, grad, exp_avg))
+    exp_avg_sq.copy_(torch.where(cold, grad * grad, exp_avg_sq))
 
 
 def _default_to_foreach(params: list[Tensor], differentiable: bool) -> bool:
@@ -140,6 +175,8 @@ def _single_tensor_adamnx(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    stochastic_rounding: bool,
+    restart_cold_coordinates: bool,
 ) -> None:
     _reject_amp_scaling(grad_scale, found_inf)
     # On-device coefficients whenever reading the counter would sync the host or break a compiled graph.
@@ -162,12 +199,18 @@ def _single_tensor_adamnx(
         else:
             w1, w2 = host_coefficients(step_t.item(), beta1, beta2)
 
+        stochastic = stochastic_rounding and param.dtype == torch.bfloat16
+        master = _master(param, exp_avg.dtype, stochastic)
+        if grad.dtype != exp_avg.dtype:
+            grad = grad.to(exp_avg.dtype)  # float32 state for low-precision params: float32 math
+        cold = exp_avg_sq == 0 if restart_cold_coordinates else None
+
         if weight_decay != 0:
             # θ ← θ(1 − ηλ) written as θ + (−ηλ)θ: the small factor −ηλ keeps its digits in float32, 1 − ηλ doesn't.
             if isinstance(lr, Tensor):
-                param.addcmul_(param, lr * -weight_decay)
+                master.addcmul_(master, lr * -weight_decay)
             else:
-                param.add_(param, alpha=-lr * weight_decay)
+                master.add_(master, alpha=-lr * weight_decay)
         exp_avg.lerp_(grad, w1)
         # β̂2_t = 1 − w2 is formed from the stable w2; w2 itself multiplies g² at full relative accuracy.
         exp_avg_sq.mul_(1 - w2)
@@ -175,12 +218,15 @@ def _single_tensor_adamnx(
             exp_avg_sq.addcmul_(grad, grad * w2)
         else:
             exp_avg_sq.addcmul_(grad, grad, value=w2)
+        if cold is not None:
+            _restart_cold(exp_avg, exp_avg_sq, grad, cold)
         # autograd saves sqrt's output, so the differentiable step must not add eps in place
         denom = exp_avg_sq.sqrt() + eps if differentiable else exp_avg_sq.sqrt().add_(eps)
         if isinstance(lr, Tensor):
-            param.addcdiv_(exp_avg, denom.div_(-lr))
+            master.addcdiv_(exp_avg, denom.div_(-lr))
         else:
-            param.addcdiv_(exp_avg, denom, value=-lr)
+            master.addcdiv_(exp_avg, denom, value=-lr)
+        _write_back(param, master, stochastic)
 
 
 def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> list[tuple[list[Tensor], ...]]:
@@ -209,6 +255,8 @@ def _multi_tensor_adamnx(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    stochastic_rounding: bool,
+    restart_cold_coordinates: bool,
 ) -> None:
     if len(params) == 0:
         return
@@ -240,11 +288,18 @@ def _multi_tensor_adamnx(
             w1, w2 = [p[0] for p in pairs], [p[1] for p in pairs]
             beta2_hat = [1 - x for x in w2]
 
+        state_dtype = d_exp_avgs[0].dtype
+        stochastic = stochastic_rounding and d_params[0].dtype == torch.bfloat16
+        masters = [_master(p, state_dtype, stochastic) for p in d_params]
+        if d_grads[0].dtype != state_dtype:
+            d_grads = [g.to(state_dtype) for g in d_grads]
+        colds = [v == 0 for v in d_exp_avg_sqs] if restart_cold_coordinates else None
+
         if weight_decay != 0:
             if isinstance(lr, Tensor):
-                torch._foreach_add_(d_params, torch._foreach_mul(d_params, lr * -weight_decay))
+                torch._foreach_add_(masters, torch._foreach_mul(masters, lr * -weight_decay))
             else:
-                torch._foreach_add_(d_params, d_params, alpha=-lr * weight_decay)
+                torch._foreach_add_(masters, masters, alpha=-lr * weight_decay)
         torch._foreach_lerp_(d_exp_avgs, d_grads, w1)
         torch._foreach_mul_(d_exp_avg_sqs, beta2_hat)
         if on_device:
@@ -253,12 +308,17 @@ def _multi_tensor_adamnx(
             del scaled_grads  # one temporary at a time
         else:
             torch._foreach_addcmul_(d_exp_avg_sqs, d_grads, d_grads, w2)
+        if colds is not None:
+            for m, v, g, cold in zip(d_exp_avgs, d_exp_avg_sqs, d_grads, colds):
+                _restart_cold(m, v, g, cold)
         del d_grads
 
         denom = torch._foreach_sqrt(d_exp_avg_sqs)
         torch._foreach_add_(denom, eps)
         if isinstance(lr, Tensor):
             torch._foreach_div_(denom, -lr)
-            torch._foreach_addcdiv_(d_params, d_exp_avgs, denom)
+            torch._foreach_addcdiv_(masters, d_exp_avgs, denom)
         else:
-            torch._foreach_addcdiv_(d_params, d_exp_avgs, denom, -lr)
+            torch._foreach_addcdiv_(masters, d_exp_avgs, denom, -lr)
+        for p, master in zip(d_params, masters):
+            _write_back(p, master, stochastic)

@@ -73,6 +73,18 @@ class AdamNX(torch.optim.Optimizer):
             step can be captured in a CUDA graph (no host syncs).
         differentiable: let autograd run through the step (slower; for meta-learning).
         fused: use the fused one-pass implementation (CPU and CUDA; supports ``GradScaler``'s found_inf).
+        state_dtype: dtype of m and v (``None``: the param's, like torch). ``torch.float32`` for bf16/fp16 params
+            keeps the moments in float32 and computes the update in float32, rounding the param once.
+        stochastic_rounding: round bf16 params' updates stochastically (unbiased), so that updates smaller
+            than half a bf16 ulp are not lost; computes the update in float32. Ignored for other dtypes.
+        skip_nonfinite: skip the step of a param group whose gradients contain inf/NaN, leaving params,
+            moments and step counts untouched; counts skips in ``param_group["skipped_steps"]``. Costs one
+            host sync per group and step. Default off, like torch: no hidden checks in the hot path.
+        restart_cold_coordinates: coordinates that have never had a non-zero gradient (v = 0) start as AdamNX's
+            own first step does (m = g, v = g²) when their first gradient arrives, instead of getting
+            (1 − β̂2_t)·g² — which makes their first update ~0.1/√(1 − β̂2_t) × lr at large t (25× lr at
+            t = 20k for β2 = 0.99). For embeddings with rare rows and late-unfrozen parameters; off by default
+            (the paper's algorithm).
 
     State per parameter (as torch.optim.AdamW): ``step`` (float64 0-d tensor, exact to 2^53),
     ``exp_avg`` (m), ``exp_avg_sq`` (v).
@@ -91,6 +103,10 @@ class AdamNX(torch.optim.Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        skip_nonfinite: bool = False,
+        restart_cold_coordinates: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -102,6 +118,10 @@ class AdamNX(torch.optim.Optimizer):
             "capturable": capturable,
             "differentiable": differentiable,
             "fused": fused,
+            "state_dtype": state_dtype,
+            "stochastic_rounding": stochastic_rounding,
+            "skip_nonfinite": skip_nonfinite,
+            "restart_cold_coordinates": restart_cold_coordinates,
         }
         self._validate_group(defaults)  # before the base class builds any group or state
         defaults["betas"] = tuple(_as_float(b, f"betas[{i}]") for i, b in enumerate(betas))
@@ -146,6 +166,11 @@ class AdamNX(torch.optim.Optimizer):
                 raise ValueError("`fused` does not support `differentiable=True`")
         if group.get("foreach") and group.get("differentiable"):
             raise ValueError("`foreach` does not support `differentiable=True`")
+        state_dtype = group.get("state_dtype")
+        if state_dtype is not None and state_dtype not in _FUSED_DTYPES:
+            raise ValueError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
+        if group.get("differentiable") and (state_dtype is not None or group.get("stochastic_rounding")):
+            raise ValueError("`differentiable=True` does not support state_dtype or stochastic_rounding")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check a new group's own hyperparameters before the base class stores it.
@@ -164,6 +189,10 @@ class AdamNX(torch.optim.Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
+            group.setdefault("state_dtype", None)
+            group.setdefault("stochastic_rounding", False)
+            group.setdefault("skip_nonfinite", False)
+            group.setdefault("restart_cold_coordinates", False)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state:
@@ -231,8 +260,18 @@ class AdamNX(torch.optim.Optimizer):
         for p in with_grad:  # every check before any state is created
             if p.grad.is_sparse:
                 raise RuntimeError("AdamNX does not support sparse gradients")
-            if group["fused"] and not self.state.get(p):
-                self._check_fused_support(p)
+            state = self.state.get(p)
+            if not state:
+                if group["fused"]:
+                    self._check_fused_support(p)
+                if group["state_dtype"] is not None and p.is_complex():
+                    raise RuntimeError("state_dtype is not supported for complex parameters")
+            elif state["exp_avg"].device != p.device or state["exp_avg"].dtype != self._state_dtype(p, group):
+                raise RuntimeError(
+                    f"a parameter is now {p.dtype} on {p.device} but its optimizer state is "
+                    f"{state['exp_avg'].dtype} on {state['exp_avg'].device}: it was moved or cast after the state "
+                    "was created. Call opt.load_state_dict(opt.state_dict()) to move the state along with it."
+                )
         has_complex = False
         for p in with_grad:
             if not self.state.get(p):
@@ -240,8 +279,9 @@ class AdamNX(torch.optim.Optimizer):
                 on_device = group["capturable"] or group["fused"]
                 device = p.device if on_device else torch.device("cpu")
                 state["step"] = torch.zeros((), dtype=_step_dtype(device), device=device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state_dtype = self._state_dtype(p, group)
+                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
             state = self.state[p]
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
@@ -252,6 +292,18 @@ class AdamNX(torch.optim.Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
         return has_complex
+
+    @staticmethod
+    def _state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        return p.dtype if group["state_dtype"] is None or p.is_complex() else group["state_dtype"]
+
+    @staticmethod
+    def _all_finite(grads: list[Tensor]) -> bool:
+        """One host sync per group: whether every gradient is finite (the opt-in skip_nonfinite check)."""
+        if not grads:
+            return True
+        per_tensor = [torch.isfinite(g).all() for g in grads]
+        return bool(torch.stack([t.to(per_tensor[0].device) for t in per_tensor]).all())
 
     @staticmethod
     def _check_fused_support(p: Tensor) -> None:
@@ -282,6 +334,12 @@ class AdamNX(torch.optim.Optimizer):
                 exp_avgs: list[Tensor] = []
                 exp_avg_sqs: list[Tensor] = []
                 state_steps: list[Tensor] = []
+                if group["skip_nonfinite"] and not self._all_finite(
+                    [p.grad for p in group["params"] if p.grad is not None]
+                ):
+                    # Nothing of this group changes: params, moments and step counts stay as they were.
+                    group["skipped_steps"] = group.get("skipped_steps", 0) + 1
+                    continue
                 has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
                 beta1, beta2 = group["betas"]
                 adamnx(
@@ -303,5 +361,7 @@ class AdamNX(torch.optim.Optimizer):
                     weight_decay=group["weight_decay"],
                     eps=group["eps"],
                     maximize=group["maximize"],
+                    stochastic_rounding=group["stochastic_rounding"],
+                    restart_cold_coordinates=group["restart_cold_coordinates"],
                 )
         return loss

@@ -46,7 +46,7 @@ class BenchConfig:
     drop_path: float = 0.1
     framework: str = "torch"  # "torch", "jax" (optax twins) or "both" side by side; jax/both: mnist1d only
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    sweep_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    sweep_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
 
     def validate(self) -> None:
         from adamnx.bench.optimizers import OPTIMIZERS
