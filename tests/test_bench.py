@@ -223,3 +223,15 @@ def test_killed_bench_resumes_to_the_same_numbers(tmp_path):
     a = json.loads((tmp_path / "straight" / "runs" / "adamnx-seed0.json").read_text())
     b = json.loads((killed / "runs" / "adamnx-seed0.json").read_text())
     assert a["evals"] == b["evals"] and a["logs"] == b["logs"]
+
+
+def test_late_activation_stress_task_shows_the_hazard_and_the_mitigation(tmp_path):
+    from adamnx.bench.stress import run_stress, write_outputs
+
+    results = run_stress(steps=3_020, t_late=3_000)
+    nx, fixed, adam = (results[k]["max_rare_update_over_lr"] for k in ("adamnx", "adamnx+per-coordinate", "adam"))
+    assert nx > 1.5 * adam  # AdamNX's cold rows jump further than Adam's (≈ 6× vs ≈ 3× lr at t = 3,000)
+    assert fixed <= adam  # per-coordinate counts: the rare rows behave like a fresh AdamNX run
+    assert all(r["max_late_layer_update_over_lr"] <= 1.05 for r in results.values())  # own tensor: safe
+    text = write_outputs(results, tmp_path, {"t_late": 3_000, "steps": 3_020})
+    assert "adamnx+per-coordinate" in text and (tmp_path / "late_activation.png").exists()

@@ -43,7 +43,6 @@ def _adamnx_kernel(
     grad_factor: Tensor,
     found_inf: Tensor | None,
     stochastic: bool = False,
-    restart: bool = False,
 ) -> None:
     """One AdamNX step on one tensor; the operations of the for-loop path, in its order, in registers.
 
@@ -54,12 +53,8 @@ def _adamnx_kernel(
     g = grad.to(math_dtype) * grad_factor  # ±1/grad_scale: maximize and GradScaler's unscale in one factor
     p = param.to(math_dtype)
     p = p + neg_lr_wd * p
-    v_old = exp_avg_sq.to(math_dtype)
     m = torch.lerp(exp_avg.to(math_dtype), g, one_minus_beta1_t)
-    v = v_old * beta2_hat + one_minus_beta2_hat * (g * g)
-    if restart:  # restart_cold_coordinates: never-seen coordinates start with m = g, v = g²
-        cold = v_old == 0
-        m, v = torch.where(cold, g, m), torch.where(cold, g * g, v)
+    v = exp_avg_sq.to(math_dtype) * beta2_hat + one_minus_beta2_hat * (g * g)
     p = p + neg_lr * (m / (v.sqrt() + eps))
     p = stochastic_round_to_bf16(p) if stochastic else p.to(param.dtype)
     m, v = m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
@@ -73,16 +68,16 @@ def _adamnx_kernel(
 
 
 @functools.cache
-def _compiled_kernel(device_type: str, dtype: torch.dtype, amp: bool, stochastic: bool, restart: bool):
+def _compiled_kernel(device_type: str, dtype: torch.dtype, amp: bool, stochastic: bool):
     """The compiled kernel for one (device type, dtype, GradScaler or not).
 
     Each key gets its own copy of the kernel's code object, because dynamo keeps one cache (of at most 8
     graphs) per code object: four dtypes × two devices × AMP would otherwise overflow it and fall back to eager.
     """
-    flags = "".join(name for name, on in (("_amp", amp), ("_sr", stochastic), ("_restart", restart)) if on)
+    flags = "".join(name for name, on in (("_amp", amp), ("_sr", stochastic)) if on)
     code = _adamnx_kernel.__code__.replace(co_name=f"_adamnx_kernel_{device_type}_{str(dtype)[6:]}{flags}")
-    # The flags become this copy's defaults (a functools.partial would share one dynamo wrapper between keys).
-    kernel = types.FunctionType(code, _adamnx_kernel.__globals__, code.co_name, (stochastic, restart))
+    # The flag becomes this copy's default (a functools.partial would share one dynamo wrapper between keys).
+    kernel = types.FunctionType(code, _adamnx_kernel.__globals__, code.co_name, (stochastic,))
     return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 
@@ -115,17 +110,17 @@ def _is_compiler_missing(exc: BaseException) -> bool:
     return False
 
 
-def _update(tensors: list[Tensor], scalars: tuple[Tensor, ...], stochastic: bool, restart: bool) -> None:
+def _update(tensors: list[Tensor], scalars: tuple[Tensor, ...], stochastic: bool) -> None:
     tensors = [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
     numel = tensors[0].numel()
     if numel == 0:
         return
     flat = _dense_1d_views(tensors) if numel > 1 else None
     if flat is None:
-        _adamnx_kernel(*tensors, *scalars, stochastic, restart)  # eager: the same function, no (re)compilation
+        _adamnx_kernel(*tensors, *scalars, stochastic)  # eager: the same function, no (re)compilation
         return
     try:
-        kernel = _compiled_kernel(flat[0].device.type, flat[0].dtype, scalars[-1] is not None, stochastic, restart)
+        kernel = _compiled_kernel(flat[0].device.type, flat[0].dtype, scalars[-1] is not None, stochastic)
         kernel(*flat, *scalars)
     except Exception as exc:
         if _is_compiler_missing(exc):
@@ -155,7 +150,6 @@ def fused_adamnx(
     eps: float,
     maximize: bool,
     stochastic_rounding: bool = False,
-    restart_cold_coordinates: bool = False,
 ) -> None:
     if not params:
         return
@@ -186,4 +180,4 @@ def fused_adamnx(
         coeffs = [c.to(math_dtype).unbind() for c in (w1s, 1 - w2s, w2s)]
         stochastic = stochastic_rounding and d_params[0].dtype == torch.bfloat16
         for tensors, w1, b2, w2 in zip(zip(d_params, d_grads, d_exp_avgs, d_exp_avg_sqs), *coeffs):
-            _update(list(tensors), (w1, b2, w2, *shared, inf_t), stochastic, restart_cold_coordinates)
+            _update(list(tensors), (w1, b2, w2, *shared, inf_t), stochastic)

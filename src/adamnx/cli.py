@@ -62,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     from adamnx.bench.perf import add_arguments
 
     add_arguments(perf)
+
+    stress = sub.add_parser(
+        "stress",
+        help="the late-activation stress test: update size of coordinates whose first gradient comes late",
+        description="Embedding rows that first get a gradient at a late step: largest update relative to lr for "
+        "AdamNX, AdamNX with per_coordinate_steps, Adam and AdamW.",
+    )
+    from adamnx.bench.stress import add_arguments as add_stress_arguments
+
+    add_stress_arguments(stress)
     return parser
 
 
@@ -169,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     if args.command == "schedule":
         return _schedule(args)
+    if args.command == "stress":
+        from adamnx.bench.stress import run_from_args as run_stress
+
+        return run_stress(args)
     from adamnx.bench.perf import run_from_args
 
     return run_from_args(args)

@@ -41,7 +41,7 @@ def adamnx(
     eps: float,
     maximize: bool,
     stochastic_rounding: bool = False,
-    restart_cold_coordinates: bool = False,
+    coord_steps: list[Tensor] | None = None,
 ) -> None:
     """Apply one AdamNX step to every tensor in ``params``, in place.
 
@@ -50,11 +50,16 @@ def adamnx(
     ``torch.amp.GradScaler`` and are only accepted by the fused implementation. ``exp_avgs``/``exp_avg_sqs``
     may be wider than the params (float32 state for bf16 params): the update is then computed in the state's
     precision and rounded once (stochastically with ``stochastic_rounding`` for bf16 params).
+    ``coord_steps`` (one int32 tensor shaped like each param, or None) switches on per-coordinate step counts
+    (``per_coordinate_steps``); it runs the for-loop implementation, whatever ``foreach``/``fused`` say.
     """
     if not torch.compiler.is_compiling() and not all(isinstance(t, Tensor) for t in state_steps):
         raise RuntimeError("`state_steps` must be a list of 0-d step tensors, one per parameter")
     if fused is None and foreach is None:
         foreach = _default_to_foreach(params, differentiable)
+    if coord_steps is not None:
+        # Per-element coefficients are computed by the for-loop path only: one implementation of that math.
+        fused, foreach = False, False
     if fused:
         if foreach:
             raise RuntimeError("`fused` and `foreach` cannot both be True")
@@ -64,7 +69,7 @@ def adamnx(
             raise RuntimeError("`foreach` does not support `differentiable=True`")
         impl = _multi_tensor_adamnx
     else:
-        impl = _single_tensor_adamnx
+        impl = functools.partial(_single_tensor_adamnx, coord_steps=coord_steps)
     impl(
         params,
         grads,
@@ -83,7 +88,6 @@ def adamnx(
         eps=eps,
         maximize=maximize,
         stochastic_rounding=stochastic_rounding,
-        restart_cold_coordinates=restart_cold_coordinates,
     )
 
 
@@ -110,10 +114,11 @@ def _write_back(param: Tensor, master: Tensor, stochastic: bool) -> None:
         param.copy_(stochastic_round_to_bf16(master) if stochastic else master)
 
 
-def _restart_cold(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, cold: Tensor) -> None:
-    """Coordinates that never had a gradient (v = 0) start as AdamNX's own first step does: m = g, v = g²."""
-    exp_avg.copy_(torch.where(cold, grad, exp_avg))
-    exp_avg_sq.copy_(torch.where(cold, grad * grad, exp_avg_sq))
+def _advance_coord_steps(coord_step: Tensor, grad: Tensor) -> Tensor:
+    """Per-coordinate counts: a coordinate starts counting at its first non-zero gradient; returns max(count, 1)."""
+    started = (coord_step > 0) | (grad != 0)
+    coord_step.copy_(torch.where(started, coord_step + 1, 0))
+    return coord_step.clamp_min(1)
 
 
 def _default_to_foreach(params: list[Tensor], differentiable: bool) -> bool:
@@ -176,7 +181,7 @@ def _single_tensor_adamnx(
     eps: float,
     maximize: bool,
     stochastic_rounding: bool,
-    restart_cold_coordinates: bool,
+    coord_steps: list[Tensor] | None = None,
 ) -> None:
     _reject_amp_scaling(grad_scale, found_inf)
     # On-device coefficients whenever reading the counter would sync the host or break a compiled graph.
@@ -185,8 +190,12 @@ def _single_tensor_adamnx(
         _check_capturable_devices(params, state_steps)
     if isinstance(lr, Tensor) and not on_device:
         lr = lr.item()
+    if coord_steps is None:
+        coord_steps = [None] * len(params)
 
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    for param, grad, exp_avg, exp_avg_sq, step_t, coord_step in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, coord_steps
+    ):
         if maximize:
             grad = -grad
         if torch.is_complex(param):
@@ -194,16 +203,18 @@ def _single_tensor_adamnx(
             exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
 
         step_t += 1
-        if on_device:
-            w1, w2 = _device_coefficients(step_t, beta1, beta2, exp_avg.dtype)
-        else:
-            w1, w2 = host_coefficients(step_t.item(), beta1, beta2)
-
         stochastic = stochastic_rounding and param.dtype == torch.bfloat16
         master = _master(param, exp_avg.dtype, stochastic)
         if grad.dtype != exp_avg.dtype:
             grad = grad.to(exp_avg.dtype)  # float32 state for low-precision params: float32 math
-        cold = exp_avg_sq == 0 if restart_cold_coordinates else None
+
+        per_element = coord_step is not None
+        if per_element:  # per_coordinate_steps: every coordinate follows the schedule from its own first gradient
+            w1, w2 = _device_coefficients(_advance_coord_steps(coord_step, grad), beta1, beta2, exp_avg.dtype)
+        elif on_device:
+            w1, w2 = _device_coefficients(step_t, beta1, beta2, exp_avg.dtype)
+        else:
+            w1, w2 = host_coefficients(step_t.item(), beta1, beta2)
 
         if weight_decay != 0:
             # θ ← θ(1 − ηλ) written as θ + (−ηλ)θ: the small factor −ηλ keeps its digits in float32, 1 − ηλ doesn't.
@@ -214,12 +225,10 @@ def _single_tensor_adamnx(
         exp_avg.lerp_(grad, w1)
         # β̂2_t = 1 − w2 is formed from the stable w2; w2 itself multiplies g² at full relative accuracy.
         exp_avg_sq.mul_(1 - w2)
-        if on_device:
+        if on_device or per_element:
             exp_avg_sq.addcmul_(grad, grad * w2)
         else:
             exp_avg_sq.addcmul_(grad, grad, value=w2)
-        if cold is not None:
-            _restart_cold(exp_avg, exp_avg_sq, grad, cold)
         # autograd saves sqrt's output, so the differentiable step must not add eps in place
         denom = exp_avg_sq.sqrt() + eps if differentiable else exp_avg_sq.sqrt().add_(eps)
         if isinstance(lr, Tensor):
@@ -256,7 +265,6 @@ def _multi_tensor_adamnx(
     eps: float,
     maximize: bool,
     stochastic_rounding: bool,
-    restart_cold_coordinates: bool,
 ) -> None:
     if len(params) == 0:
         return
@@ -293,7 +301,6 @@ def _multi_tensor_adamnx(
         masters = [_master(p, state_dtype, stochastic) for p in d_params]
         if d_grads[0].dtype != state_dtype:
             d_grads = [g.to(state_dtype) for g in d_grads]
-        colds = [v == 0 for v in d_exp_avg_sqs] if restart_cold_coordinates else None
 
         if weight_decay != 0:
             if isinstance(lr, Tensor):
@@ -308,9 +315,6 @@ def _multi_tensor_adamnx(
             del scaled_grads  # one temporary at a time
         else:
             torch._foreach_addcmul_(d_exp_avg_sqs, d_grads, d_grads, w2)
-        if colds is not None:
-            for m, v, g, cold in zip(d_exp_avgs, d_exp_avg_sqs, d_grads, colds):
-                _restart_cold(m, v, g, cold)
         del d_grads
 
         denom = torch._foreach_sqrt(d_exp_avg_sqs)

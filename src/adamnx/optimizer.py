@@ -80,11 +80,12 @@ class AdamNX(torch.optim.Optimizer):
         skip_nonfinite: skip the step of a param group whose gradients contain inf/NaN, leaving params,
             moments and step counts untouched; counts skips in ``param_group["skipped_steps"]``. Costs one
             host sync per group and step. Default off, like torch: no hidden checks in the hot path.
-        restart_cold_coordinates: coordinates that have never had a non-zero gradient (v = 0) start as AdamNX's
-            own first step does (m = g, v = g²) when their first gradient arrives, instead of getting
-            (1 − β̂2_t)·g² — which makes their first update ~0.1/√(1 − β̂2_t) × lr at large t (25× lr at
-            t = 20k for β2 = 0.99). For embeddings with rare rows and late-unfrozen parameters; off by default
-            (the paper's algorithm).
+        per_coordinate_steps: count steps per coordinate, from its first non-zero gradient (an extra int32
+            state tensor ``coord_step`` per param), so that a coordinate that first gets a gradient at a late
+            step t follows the paper's schedule from its own t = 1 (m = g, v = g², then v the mean of its
+            g²) instead of getting (1 − β̂2_t)·g² and a first update of ~0.1/√(1 − β̂2_t) × lr (25× lr at
+            t = 20k for β2 = 0.99). For embeddings with rare rows and parameters whose parts start late;
+            runs the for-loop implementation. Off by default: the paper's algorithm.
 
     State per parameter (as torch.optim.AdamW): ``step`` (float64 0-d tensor, exact to 2^53),
     ``exp_avg`` (m), ``exp_avg_sq`` (v).
@@ -106,7 +107,7 @@ class AdamNX(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         skip_nonfinite: bool = False,
-        restart_cold_coordinates: bool = False,
+        per_coordinate_steps: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -121,7 +122,7 @@ class AdamNX(torch.optim.Optimizer):
             "state_dtype": state_dtype,
             "stochastic_rounding": stochastic_rounding,
             "skip_nonfinite": skip_nonfinite,
-            "restart_cold_coordinates": restart_cold_coordinates,
+            "per_coordinate_steps": per_coordinate_steps,
         }
         self._validate_group(defaults)  # before the base class builds any group or state
         defaults["betas"] = tuple(_as_float(b, f"betas[{i}]") for i, b in enumerate(betas))
@@ -192,7 +193,7 @@ class AdamNX(torch.optim.Optimizer):
             group.setdefault("state_dtype", None)
             group.setdefault("stochastic_rounding", False)
             group.setdefault("skip_nonfinite", False)
-            group.setdefault("restart_cold_coordinates", False)
+            group.setdefault("per_coordinate_steps", False)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state:
@@ -297,6 +298,21 @@ class AdamNX(torch.optim.Optimizer):
     def _state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
         return p.dtype if group["state_dtype"] is None or p.is_complex() else group["state_dtype"]
 
+    def _coord_steps(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """The per-coordinate counters (created on first use; a checkpoint without them starts every coordinate
+        that has a history at the tensor's step count)."""
+        counters = []
+        for p in params:
+            state = self.state[p]
+            v = torch.view_as_real(state["exp_avg_sq"]) if p.is_complex() else state["exp_avg_sq"]
+            if "coord_step" not in state:
+                start = int(state["step"].item())  # the tensor's count (0 before its first step)
+                state["coord_step"] = torch.where(v > 0, start, 0).to(torch.int32)
+            elif state["coord_step"].dtype != torch.int32:  # torch's loader casts state to the param's dtype
+                state["coord_step"] = state["coord_step"].to(torch.int32)
+            counters.append(state["coord_step"])
+        return counters
+
     @staticmethod
     def _all_finite(grads: list[Tensor]) -> bool:
         """One host sync per group: whether every gradient is finite (the opt-in skip_nonfinite check)."""
@@ -362,6 +378,6 @@ class AdamNX(torch.optim.Optimizer):
                     eps=group["eps"],
                     maximize=group["maximize"],
                     stochastic_rounding=group["stochastic_rounding"],
-                    restart_cold_coordinates=group["restart_cold_coordinates"],
+                    coord_steps=self._coord_steps(group, params) if group["per_coordinate_steps"] else None,
                 )
         return loss
