@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="output folder (default runs/<timestamp>-<task>)")
     bench.add_argument("--resume", metavar="RUN_DIR", help="continue a killed bench from its last checkpoints")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (DDP: gloo on CPU, NCCL on GPUs); under torchrun, omit it",
+    )
 
     schedule = sub.add_parser(
         "schedule",
@@ -101,11 +107,43 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
     print(f"report: {out_dir / 'report.md'}")
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+    """``--nproc N``: start N copies of this command with torchrun on this machine (loopback rendezvous)."""
+    import os
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "adamnx",
+        *rest,
+    ]
+    return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))).returncode
+
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    import os
+
     from adamnx.bench.config import ConfigError, load_config
     from adamnx.bench.harness import default_out_dir, run_bench, sweep
     from adamnx.bench.tasks import DataError
 
+    if args.nproc < 1:
+        return _fail(f"--nproc must be ≥ 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_under_torchrun(args.nproc, argv)
     overrides = list(args.overrides)
     if args.data_dir:
         if not Path(args.data_dir).is_dir():
@@ -124,7 +162,8 @@ def _bench(args: argparse.Namespace) -> int:
 
             cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
             summary = run_bench(cfg, run_dir, resume=True, progress=not args.no_progress)
-            _print_summary(summary, run_dir)
+            if summary is not None:  # rank 0
+                _print_summary(summary, run_dir)
             return 0
         tasks = args.task or DEFAULT_TASKS
         configs = [
@@ -141,7 +180,8 @@ def _bench(args: argparse.Namespace) -> int:
                 print(f"{cfg.task}: chosen learning rates {chosen} (details in {out_dir / 'sweep.json'})")
                 continue
             summary = run_bench(cfg, out_dir, progress=not args.no_progress)
-            _print_summary(summary, out_dir)
+            if summary is not None:  # rank 0
+                _print_summary(summary, out_dir)
     except (ConfigError, DataError) as exc:
         return _fail(str(exc))
     except ImportError as exc:
@@ -174,9 +214,10 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     if args.command == "bench":
-        return _bench(args)
+        return _bench(args, argv)
     if args.command == "schedule":
         return _schedule(args)
     if args.command == "stress":

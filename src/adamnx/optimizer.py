@@ -276,6 +276,7 @@ class AdamNX(torch.optim.Optimizer):
         has_complex = False
         for p in with_grad:
             if not self.state.get(p):
+                probe = self._is_state_init_probe(group, p)
                 state = self.state[p]
                 on_device = group["capturable"] or group["fused"]
                 device = p.device if on_device else torch.device("cpu")
@@ -283,6 +284,8 @@ class AdamNX(torch.optim.Optimizer):
                 state_dtype = self._state_dtype(p, group)
                 state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+                if probe:
+                    continue  # state created, nothing stepped: t = 1 stays the first real step
             state = self.state[p]
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
@@ -293,6 +296,18 @@ class AdamNX(torch.optim.Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
         return has_complex
+
+    @staticmethod
+    def _is_state_init_probe(group: dict[str, Any], p: Tensor) -> bool:
+        """A step with lr = 0 and an all-zero gradient on a param without state: what torch.distributed.checkpoint's
+        get/set_optimizer_state_dict do to create state. AdamNX's t = 1 is special (m_1 = g_1, v_1 = g_1²), so
+        such a step creates the state without counting: the next real step is still t = 1. Checked only when
+        state is created (one host sync per param, once)."""
+        lr = group["lr"]
+        if (lr.item() if isinstance(lr, Tensor) else lr) != 0:
+            return False
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a DTensor: this rank's shard
+        return not bool(grad.any())
 
     @staticmethod
     def _state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 import adamnx
-from adamnx.bench.config import BenchConfig, from_dict, to_dict
+from adamnx.bench.config import BenchConfig, ConfigError, from_dict, to_dict
 from adamnx.bench.report import write_report
-from adamnx.bench.runner import save_json, train_one
+from adamnx.bench.runner import resolve_device, save_json, train_one, world
 from adamnx.bench.tasks import get_task
 
 __all__ = ["environment", "run_bench", "sweep"]
@@ -62,6 +62,28 @@ def _progress(enabled: bool):
     )
 
 
+def init_distributed(device: str) -> None:
+    """Join the data-parallel group when started by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank (the output folder may exist on rank 0's machine only)."""
+    if world()[1] == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run_bench(
     cfg: BenchConfig,
     out_dir: Path,
@@ -69,16 +91,28 @@ def run_bench(
     resume: bool = False,
     progress: bool = True,
     stop_after_evals: int | None = None,
-) -> dict[str, Any]:
-    """Run (or continue) every optimizer × seed of ``cfg``, then write the report in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+) -> dict[str, Any] | None:
+    """Run (or continue) every optimizer × seed of ``cfg``, then write the report in ``out_dir``.
+
+    Under torchrun every process trains its share of each batch (DDP); rank 0 alone writes files and returns
+    the summary (the others return None).
+    """
+    init_distributed(cfg.device)
+    rank, world_size = world()
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world_size} processes")
+    main = rank == 0
+    progress = progress and main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "runs").mkdir(exist_ok=True)
     if resume:
-        cfg = from_dict(json.loads((out_dir / "config.json").read_text()))
-    else:
+        cfg = from_dict(_broadcast(json.loads((out_dir / "config.json").read_text()) if main else None))
+    elif main:
         save_json(out_dir / "config.json", to_dict(cfg))
-    env = environment()
-    save_json(out_dir / "environment.json", env)
-    (out_dir / "runs").mkdir(exist_ok=True)
+    env = {**environment(), "processes": world_size}
+    if main:
+        save_json(out_dir / "environment.json", env)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
@@ -90,8 +124,9 @@ def run_bench(
         overall = bar.add_task(f"{cfg.task}: runs", total=len(jobs)) if bar else None
         for optimizer, seed in jobs:
             result_path = out_dir / "runs" / f"{optimizer}-seed{seed}.json"
-            if result_path.exists():
-                results.append(json.loads(result_path.read_text()))
+            if _broadcast(result_path.exists() if main else None):
+                if main:
+                    results.append(json.loads(result_path.read_text()))
                 if bar:
                     bar.advance(overall)
                 continue
@@ -110,13 +145,16 @@ def run_bench(
                 on_step=(lambda s, task_id=steps: bar.update(task_id, completed=s)) if bar else None,
                 stop_after_evals=stop_after_evals,
             )
-            save_json(result_path, result)
-            (out_dir / "runs" / f"{optimizer}-seed{seed}.ckpt").unlink(missing_ok=True)
+            if main:
+                save_json(result_path, result)
+                (out_dir / "runs" / f"{optimizer}-seed{seed}.ckpt").unlink(missing_ok=True)
             results.append(result)
             if bar:
                 bar.remove_task(steps)
                 bar.advance(overall)
 
+    if not main:
+        return None
     with open(out_dir / "metrics.jsonl", "w") as fh:
         for r in results:
             for kind in ("logs", "evals"):

@@ -300,7 +300,8 @@ def write_report(out_dir: Path, cfg: BenchConfig, task: Task, results: list[dict
     claims = "\n".join(_claims(cfg, summary, results)) or "(no AdamNX run in this report)"
     text = f"""# adamnx bench — {task.name}
 
-{task.description}. {len(cfg.seeds)} seeds ({", ".join(map(str, cfg.seeds))}), {cfg.steps} steps, batch {cfg.batch_size},
+{task.description}. {len(cfg.seeds)} seeds ({", ".join(map(str, cfg.seeds))}), {cfg.steps} steps, batch {cfg.batch_size}
+({env.get("processes", 1)} {"processes, data parallel (DDP)" if env.get("processes", 1) > 1 else "process"}),
 schedule `{cfg.schedule}`{" (linear decay to 1% of lr over the first 60% of steps, then constant)" if cfg.schedule == "paper" else ""}.
 The checkpoint of each run is **selected on the validation split** (evaluated every {cfg.eval_every} steps) and the
 **test** metric is reported at that checkpoint; mean ± std over seeds; p: two-sided Welch t-test against AdamNX.

@@ -28,9 +28,18 @@ class BenchInterrupted(RuntimeError):
     """Raised (for tests) after a checkpoint when a run is told to stop early; ``--resume`` continues it."""
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the data-parallel group (0, 1 without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process under torchrun
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
@@ -90,8 +99,14 @@ def train_one(
 ) -> dict[str, Any]:
     """Train one model; return its result (selection on validation, test reported at the selected step)."""
     device = resolve_device(cfg.device)
+    rank, world_size = world()
     torch.manual_seed(seed)
     model = task.model(cfg).to(device)
+    net = model  # what trains; `model` itself evaluates (no collectives outside training steps)
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     lr = cfg.lr_for(optimizer)
     wd = _weight_decay(cfg, optimizer)
     group_wd = wd if wd is not None else OPTIMIZERS[optimizer].kwargs.get("weight_decay", 0.0)
@@ -123,7 +138,10 @@ def train_one(
         idx = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
         x = task.augment(splits.x_train[idx], torch.Generator().manual_seed(seed * 1_000_003 + step))
         x, y = x.to(device), splits.y_train[idx].to(device)
-        loss = task.loss(model(x), y)
+        if world_size > 1:  # this rank's equal share of the global batch; DDP averages the gradients
+            share = len(idx) // world_size
+            x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+        loss = task.loss(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
 
@@ -162,7 +180,7 @@ def train_one(
             evals.append(entry)
             if _better(task, entry, best):
                 best = entry
-            if checkpoint is not None and step + 1 < cfg.steps:
+            if checkpoint is not None and step + 1 < cfg.steps and rank == 0:
                 tmp = checkpoint.with_suffix(".tmp")
                 state = {
                     "model": model.state_dict(),
@@ -176,12 +194,13 @@ def train_one(
                 }
                 torch.save(state, tmp)
                 os.replace(tmp, checkpoint)  # atomic: a kill never leaves half a checkpoint
+            if checkpoint is not None and step + 1 < cfg.steps:
                 evals_this_session += 1
                 if stop_after_evals is not None and evals_this_session >= stop_after_evals:
                     raise BenchInterrupted(f"stopped after {evals_this_session} evaluations (checkpoint saved)")
 
     hessian = float("nan")
-    if cfg.hessian_iters > 0 and not diverged:
+    if cfg.hessian_iters > 0 and not diverged and rank == 0:
         n = min(cfg.hessian_samples, len(splits.x_train))
         xh, yh = _eval_inputs(task, splits.x_train[:n]).to(device), splits.y_train[:n].to(device)
         model.eval()
