@@ -31,6 +31,10 @@ def torchrun(scenario: str, out: Path, nproc: int = 2, timeout: int = 180) -> No
         str(out),
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0 and "SIGABRT" in result.stderr:
+        # Seen once in ~20 runs on the 2-core CI machine: a gloo worker aborted at start-up. Try once more;
+        # a real failure fails twice.
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
 
 

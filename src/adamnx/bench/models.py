@@ -120,15 +120,3 @@ class ConvNeXt32(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.norm(self.stages(self.stem(x)).mean((2, 3))))
-
-
-def decay_and_no_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The authors' grouping: weight decay on Conv/Linear weights only; biases, norms and scales get none."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_weight = name == "weight" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear))
-            (decay if is_weight else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adamnx.bench.models import CNN1D, ConvNeXt32, ResNet18, decay_and_no_decay_groups, mlp
+from adamnx.bench.models import CNN1D, ConvNeXt32, ResNet18, mlp
+from adamnx.integrations import param_groups as weight_decay_groups
 
 __all__ = ["TASKS", "Splits", "Task", "get_task", "hsv_flip_augment", "read_cifar"]
 
@@ -68,7 +69,7 @@ class Task:
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> Any:
         if self.name.startswith("cifar"):
-            return decay_and_no_decay_groups(model, weight_decay)
+            return weight_decay_groups(model, weight_decay)  # the authors' rule: decay on Conv/Linear weights only
         return model.parameters()
 
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
