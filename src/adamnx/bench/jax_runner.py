@@ -10,11 +10,10 @@ import math
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from adamnx.bench.config import BenchConfig
-from adamnx.bench.runner import _better, _last_fraction, _std
+from adamnx.bench.runner import _better, run_result
 from adamnx.bench.tasks import Splits, Task
 
 __all__ = ["JAX_OPTIMIZERS", "train_one_jax"]
@@ -195,28 +194,8 @@ def train_one_jax(
     if cfg.hessian_iters > 0:
         n = min(cfg.hessian_samples, len(x_train))
         hessian = _top_hessian_eigenvalue(lambda p: loss_fn(p, x_train[:n], y_train[:n]), params, cfg.hessian_iters)
-    val_losses = [e["val_loss"] for e in evals]
-    updates = _last_fraction([r["update_norm"] for r in logs]) if logs else []
-    mean_update = float(np.mean(updates)) if updates else float("nan")
-    return {
-        "task": task.name,
-        "optimizer": optimizer,
-        "seed": seed,
-        "lr": lr,
-        "constructor": JAX_OPTIMIZERS[base],
-        "diverged": not math.isfinite(float(loss)),
-        "best_step": best["step"] if best else None,
-        "best_val_metric": best["val_metric"] if best else float("nan"),
-        "test_at_best_val": best["test_metric"] if best else float("nan"),
-        "final_val_loss": evals[-1]["val_loss"] if evals else float("nan"),
-        "final_test_metric": evals[-1]["test_metric"] if evals else float("nan"),
-        "val_loss_std_last20": _std(_last_fraction(val_losses)) if len(val_losses) >= 2 else float("nan"),
-        "update_norm_cv_last20": _std(updates) / mean_update if updates and mean_update > 0 else float("nan"),
-        "hessian_top_eigenvalue": hessian,
-        "wall_time_s": time.perf_counter() - started,
-        "evals": evals,
-        "logs": logs,
-    }
+    diverged = not math.isfinite(float(loss))
+    return run_result(task, optimizer, seed, lr, JAX_OPTIMIZERS[base], diverged, best, evals, logs, hessian, started)
 
 
 def _top_hessian_eigenvalue(loss, params, iters: int) -> float:

@@ -207,9 +207,27 @@ def train_one(
         hessian = top_hessian_eigenvalue(lambda: task.loss(model(xh), yh), params, iters=cfg.hessian_iters)
         model.train()
 
+    return run_result(
+        task, optimizer, seed, lr, OPTIMIZERS[optimizer].constructor, diverged, best, evals, logs, hessian, started
+    )
+
+
+def run_result(
+    task: Task,
+    optimizer: str,
+    seed: int,
+    lr: float,
+    constructor: str,
+    diverged: bool,
+    best: dict | None,
+    evals: list[dict],
+    logs: list[dict],
+    hessian: float,
+    started: float,
+) -> dict[str, Any]:
+    """One run's record (both frameworks): selection on validation, test at the selected step, stability."""
     val_losses = [e["val_loss"] for e in evals]
-    update_norms = [r["update_norm"] for r in logs]
-    last_updates = _last_fraction(update_norms) if update_norms else []
+    last_updates = _last_fraction([r["update_norm"] for r in logs]) if logs else []
     mean_update = sum(last_updates) / len(last_updates) if last_updates else float("nan")
     final = evals[-1] if evals else {}
     return {
@@ -217,7 +235,7 @@ def train_one(
         "optimizer": optimizer,
         "seed": seed,
         "lr": lr,
-        "constructor": OPTIMIZERS[optimizer].constructor,
+        "constructor": constructor,
         "diverged": diverged,
         "best_step": best["step"] if best else None,
         "best_val_metric": best["val_metric"] if best else float("nan"),
