@@ -48,6 +48,27 @@ def test_float32_state_for_bf16_params_tracks_the_reference(impl):
     assert pure_v_err > 1e-3
 
 
+@pytest.mark.parametrize("impl", ["for-loop", "fused"])
+def test_float32_state_survives_a_checkpoint_exactly(impl):
+    import io
+
+    p = torch.nn.Parameter(torch.randn(4, 3).bfloat16())
+    opt = AdamNX([p], state_dtype=torch.float32, stochastic_rounding=True, **IMPLEMENTATIONS[impl])
+    for _ in range(3):
+        p.grad = torch.randn(4, 3).bfloat16()
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = AdamNX([p], state_dtype=torch.float32, stochastic_rounding=True, **IMPLEMENTATIONS[impl])
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))  # torch.dtype in the groups is allowed
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert fresh.state[p][key].dtype == torch.float32  # torch's loader would have cast them to bf16
+        assert torch.equal(fresh.state[p][key], opt.state[p][key])
+    p.grad = torch.randn(4, 3).bfloat16()
+    fresh.step()
+
+
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
     x = torch.full((200_000,), 1.0 + 2.0**-10)  # a quarter of the way from bf16 1.0 to 1.0078125
     r = stochastic_round_to_bf16(x)

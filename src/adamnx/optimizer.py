@@ -247,6 +247,11 @@ class AdamNX(torch.optim.Optimizer):
                 pid = id_of[id(p)]
                 if pid in exact_steps:
                     self.state[p]["step"] = self._exact_step(exact_steps[pid], p, group)
+                    # ... and casts the moments to the param's dtype: keep them in state_dtype, from the saved values
+                    state_dtype = self._state_dtype(p, group)
+                    if state_dtype != p.dtype:
+                        for key in ("exp_avg", "exp_avg_sq"):
+                            self.state[p][key] = saved_state[pid][key].to(device=p.device, dtype=state_dtype)
 
     def _init_group(
         self,
