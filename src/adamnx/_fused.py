@@ -5,9 +5,9 @@ writes p, m, v once — the same 28 bytes per fp32 parameter as torch's fused Ad
 math in :func:`_adamnx_kernel`, without a hand-maintained extension.
 
 Compilation is bounded: every scalar (coefficients, lr, the maximize sign and GradScaler's scale, found_inf)
-enters as a 0-d tensor and tensors enter as 1-D views with a dynamic length, so a kernel is compiled once per
-(device, dtype), plus once more if a GradScaler is used, and never again for a new step, learning rate, shape
-or GradScaler state. Tensors of 0 or 1
+enters as a 0-d tensor and tensors enter as 1-D views with a dynamic length, CHUNK of them per call (the last
+chunk padded with dummies), so a kernel is compiled once per (device, dtype), plus once more if a GradScaler is
+used, and never again for a new step, learning rate, shape or GradScaler state. Tensors of 0 or 1
 elements (which dynamo would specialise) and tensors whose memory is not one dense block shared by p, g, m, v
 run the same function eagerly: same math, no new compilation. Low-precision params get float32 math.
 
@@ -17,6 +17,7 @@ evaluated on the device (no host sync, so the fused step is CUDA-graph capturabl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
@@ -67,18 +68,60 @@ def _adamnx_kernel(
     exp_avg_sq.copy_(v)
 
 
-@functools.cache
-def _compiled_kernel(device_type: str, dtype: torch.dtype, amp: bool, stochastic: bool):
-    """The compiled kernel for one (device type, dtype, GradScaler or not).
+CHUNK = 8  # tensors per compiled call: amortises the call's ~50–100 µs of Python and guard overhead
 
-    Each key gets its own copy of the kernel's code object, because dynamo keeps one cache (of at most 8
-    graphs) per code object: four dtypes × two devices × AMP would otherwise overflow it and fall back to eager.
+
+def _adamnx_chunk(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    w1s,
+    b2s,
+    w2s,
+    neg_lr,
+    neg_lr_wd,
+    eps,
+    grad_factor,
+    found_inf,
+    stochastic=False,
+):
+    """CHUNK tensors in one compiled call: the per-tensor kernel, unrolled (one fused loop per tensor)."""
+    for i in range(CHUNK):
+        _adamnx_kernel(
+            params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], w1s[i], b2s[i], w2s[i],
+            neg_lr, neg_lr_wd, eps, grad_factor, found_inf, stochastic,
+        )  # fmt: skip
+
+
+@functools.cache
+def _compiled_chunk(device_type: str, dtype: torch.dtype, amp: bool, stochastic: bool):
+    """The compiled chunk kernel for one (device type, dtype, GradScaler or not, stochastic rounding or not).
+
+    Each key gets its own copy of the code object, because dynamo keeps one cache (of at most 8 graphs) per
+    code object: dtypes × devices × AMP would otherwise overflow it and fall back to eager.
     """
     flags = "".join(name for name, on in (("_amp", amp), ("_sr", stochastic)) if on)
-    code = _adamnx_kernel.__code__.replace(co_name=f"_adamnx_kernel_{device_type}_{str(dtype)[6:]}{flags}")
+    code = _adamnx_chunk.__code__.replace(co_name=f"_adamnx_chunk_{device_type}_{str(dtype)[6:]}{flags}")
     # The flag becomes this copy's default (a functools.partial would share one dynamo wrapper between keys).
-    kernel = types.FunctionType(code, _adamnx_kernel.__globals__, code.co_name, (stochastic,))
+    kernel = types.FunctionType(code, _adamnx_chunk.__globals__, code.co_name, (stochastic,))
     return torch.compile(kernel, dynamic=True, fullgraph=True)
+
+
+@functools.cache
+def _padding(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> tuple[list[Tensor], ...]:
+    """Dummy (p, g, m, v) tensors of 2 elements that fill the last chunk (their updates are discarded)."""
+    return tuple([torch.zeros(2, dtype=dtype, device=device) for _ in range(CHUNK)] for dtype in dtypes)
+
+
+def _no_duck_shapes():
+    """Tensors of equal length must not share a size symbol, or a chunk with other lengths would recompile."""
+    try:
+        from torch.fx.experimental import _config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):  # pragma: no cover - older torch: at worst a few recompilations
+        return contextlib.nullcontext()
 
 
 def _dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:
@@ -110,18 +153,20 @@ def _is_compiler_missing(exc: BaseException) -> bool:
     return False
 
 
-def _update(tensors: list[Tensor], scalars: tuple[Tensor, ...], stochastic: bool) -> None:
-    tensors = [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
-    numel = tensors[0].numel()
-    if numel == 0:
-        return
-    flat = _dense_1d_views(tensors) if numel > 1 else None
-    if flat is None:
-        _adamnx_kernel(*tensors, *scalars, stochastic)  # eager: the same function, no (re)compilation
-        return
+def _run_compiled(chunks: list[list[Tensor]], coeffs: list[Tensor], scalars: tuple, stochastic: bool) -> None:
+    """Run the compiled kernel over ``chunks`` = [params, grads, exp_avgs, exp_avg_sqs] (1-D views), CHUNK at a time."""
+    first = chunks[0][0]
+    n = len(chunks[0])
+    pad = (-n) % CHUNK
+    if pad:
+        dummies = _padding(first.device, tuple(lst[0].dtype for lst in chunks))
+        chunks = [lst + dummy[:pad] for lst, dummy in zip(chunks, dummies)]
+        coeffs = [torch.cat([c, c.new_zeros(pad)]) for c in coeffs]
+    kernel = _compiled_chunk(first.device.type, first.dtype, scalars[-1] is not None, stochastic)
     try:
-        kernel = _compiled_kernel(flat[0].device.type, flat[0].dtype, scalars[-1] is not None, stochastic)
-        kernel(*flat, *scalars)
+        with _no_duck_shapes():
+            for c in range(0, n + pad, CHUNK):
+                kernel(*(lst[c : c + CHUNK] for lst in chunks), *(w[c : c + CHUNK] for w in coeffs), *scalars)
     except Exception as exc:
         if _is_compiler_missing(exc):
             raise RuntimeError(
@@ -177,7 +222,23 @@ def fused_adamnx(
         # One vectorised evaluation of the coefficients for the whole group, on the device, no host sync;
         # β̂2 = 1 − w2 is formed in float64, then everything is rounded to the math dtype once.
         w1s, w2s = coefficients(torch.stack(d_steps).to(device), (beta1, beta2))
-        coeffs = [c.to(math_dtype).unbind() for c in (w1s, 1 - w2s, w2s)]
+        coeffs = [c.to(math_dtype) for c in (w1s, 1 - w2s, w2s)]
+        scalars = (*shared, inf_t)
         stochastic = stochastic_rounding and d_params[0].dtype == torch.bfloat16
-        for tensors, w1, b2, w2 in zip(zip(d_params, d_grads, d_exp_avgs, d_exp_avg_sqs), *coeffs):
-            _update(list(tensors), (w1, b2, w2, *shared, inf_t), stochastic)
+
+        compiled: list[list[Tensor]] = [[], [], [], []]
+        compiled_idx: list[int] = []
+        for i, tensors in enumerate(zip(d_params, d_grads, d_exp_avgs, d_exp_avg_sqs)):
+            tensors = [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
+            numel = tensors[0].numel()
+            flat = _dense_1d_views(tensors) if numel > 1 else None
+            if flat is not None:
+                compiled_idx.append(i)
+                for lst, t in zip(compiled, flat):
+                    lst.append(t)
+            elif numel:  # 1 element (dynamo would specialise it) or not one dense block: same function, eager
+                _adamnx_kernel(*tensors, *(c[i] for c in coeffs), *scalars, stochastic)
+        if compiled_idx:
+            index = torch.tensor(compiled_idx, device=device) if len(compiled_idx) < len(d_params) else None
+            chunk_coeffs = coeffs if index is None else [c.index_select(0, index) for c in coeffs]
+            _run_compiled(compiled, chunk_coeffs, scalars, stochastic)
