@@ -71,10 +71,6 @@ def _better(task: Task, candidate: dict, best: dict | None) -> bool:
     return a > b if task.higher_is_better else a < b
 
 
-def _weight_decay(cfg: BenchConfig, optimizer: str) -> float | None:
-    return None if cfg.weight_decay < 0 else cfg.weight_decay
-
-
 def _last_fraction(values: list[float], fraction: float = 0.2) -> list[float]:
     k = max(2, math.ceil(len(values) * fraction))
     return values[-k:]
@@ -108,7 +104,7 @@ def train_one(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     lr = cfg.lr_for(optimizer)
-    wd = _weight_decay(cfg, optimizer)
+    wd = None if cfg.weight_decay < 0 else cfg.weight_decay  # < 0: each optimizer's own default
     group_wd = wd if wd is not None else OPTIMIZERS[optimizer].kwargs.get("weight_decay", 0.0)
     opt = build_optimizer(optimizer, task.param_groups(model, group_wd), lr, wd)
     schedule = paper_lr_lambda(cfg.steps) if cfg.schedule == "paper" else (lambda step: 1.0)
