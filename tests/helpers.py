@@ -31,13 +31,15 @@ class ErrorOptimizerInput:
     params: Any = field(default=None)
 
 
-# Every implementation a user can select. "fused" compiles a kernel once per dtype (slow the first time).
+# Every implementation a user can select. "fused" is the C++ kernel on the CPU; "fused-inductor" is the kernel
+# fused=True runs on CUDA, run here on the CPU (conftest.py switches it on for tests parametrized with it).
 IMPLEMENTATIONS = {
     "for-loop": {"foreach": False},
     "foreach": {"foreach": True},
     "capturable": {"foreach": False, "capturable": True},
     "foreach-capturable": {"foreach": True, "capturable": True},
     "fused": {"fused": True},
+    "fused-inductor": {"fused": True},
 }
 
 # The hyperparameter grid of the parity tests (the β2 ∈ {0.9, 0.99, 0.999}, wd ∈ {0, 0.01}, maximize).

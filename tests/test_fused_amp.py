@@ -1,4 +1,4 @@
-"""The fused path: GradScaler's grad_scale/found_inf, low-precision params, layouts, and CUDA (skipped without it)."""
+"""The fused path (both kernels: C++ on the CPU, inductor as on CUDA): GradScaler's grad_scale/found_inf, low-precision params, layouts, and CUDA (skipped without it)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def _model(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
 
 
-def test_fused_with_grad_scaler_matches_unscaled_loop_and_skips_inf_steps():
+@pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
+def test_fused_with_grad_scaler_matches_unscaled_loop_and_skips_inf_steps(kernel):
     x, y = torch.randn(32, 6), torch.randn(32, 3)
     scaled_model, plain_model = _model(), _model()
     fused = AdamNX(scaled_model.parameters(), lr=1e-2, fused=True)
@@ -48,7 +49,8 @@ def test_fused_with_grad_scaler_matches_unscaled_loop_and_skips_inf_steps():
     assert fused.state[next(scaled_model.parameters())]["step"].item() == 11  # the skipped step did not count
 
 
-def test_fused_after_unscale_uses_found_inf_only():
+@pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
+def test_fused_after_unscale_uses_found_inf_only(kernel):
     model = _model()
     opt = AdamNX(model.parameters(), lr=1e-2, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
@@ -65,8 +67,9 @@ def test_fused_after_unscale_uses_found_inf_only():
         assert rel_err(p, q.detach().double().numpy()) <= 1e-6
 
 
+@pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_low_precision_params_use_float32_math_and_round_once(dtype):
+def test_fused_low_precision_params_use_float32_math_and_round_once(dtype, kernel):
     """One fused step on bf16/fp16 = the float32 for-loop step on upcast copies, rounded once to the dtype."""
     g = torch.Generator().manual_seed(0)
     p, grad = torch.randn(1000, generator=g).to(dtype), torch.randn(1000, generator=g).to(dtype)
@@ -92,7 +95,8 @@ def test_fused_low_precision_params_use_float32_math_and_round_once(dtype):
     )
 
 
-def test_fused_handles_channels_last_and_non_contiguous_params():
+@pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
+def test_fused_handles_channels_last_and_non_contiguous_params(kernel):
     torch.manual_seed(0)
     conv = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
     strided = torch.randn(6, 8)[:, ::2]  # not dense: runs the same kernel eagerly
@@ -104,7 +108,8 @@ def test_fused_handles_channels_last_and_non_contiguous_params():
         assert rel_err(f, lp.detach().double().numpy()) <= 1e-6
 
 
-def test_fused_does_not_recompile_for_new_steps_lrs_or_shapes():
+@pytest.mark.parametrize("kernel", ["fused-inductor"])
+def test_fused_does_not_recompile_for_new_steps_lrs_or_shapes(kernel):
     from torch._dynamo.utils import counters
 
     counters.clear()

@@ -46,7 +46,8 @@ def test_float32_matches_reference(impl, hp):
     assert_matches_reference(params, opt, ref, tol=1e-5)
 
 
-def test_fused_float32_matches_for_loop_to_1e6():
+@pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
+def test_fused_float32_matches_for_loop_to_1e6(kernel):
     grads = gradient_sequence(N_STEPS, dtype=torch.float32, seed=3)
     params0 = initial_params(dtype=torch.float32)
     loop, _ = run_torch(params0, grads, lr=3e-3, foreach=False)
@@ -97,7 +98,7 @@ def test_complex_params_equal_their_real_view_bitwise(impl):
 
 
 @pytest.mark.parametrize(
-    "impl", ["for-loop", "capturable", "foreach-capturable", "fused"], ids=lambda s: f"tensor-lr-{s}"
+    "impl", ["for-loop", "capturable", "foreach-capturable", "fused", "fused-inductor"], ids=lambda s: f"tensor-lr-{s}"
 )
 def test_tensor_lr_matches_float_lr(impl):
     grads = gradient_sequence(200, dtype=torch.float32, seed=2)

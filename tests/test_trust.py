@@ -24,7 +24,7 @@ from helpers import (
     run_torch,
 )
 
-LOOP_FOREACH_FUSED = {k: IMPLEMENTATIONS[k] for k in ("for-loop", "foreach", "fused")}
+LOOP_FOREACH_FUSED = {k: IMPLEMENTATIONS[k] for k in ("for-loop", "foreach", "fused", "fused-inductor")}
 
 
 # --------------------------------------------------------------------------- low precision
@@ -48,7 +48,7 @@ def test_float32_state_for_bf16_params_tracks_the_reference(impl):
     assert pure_v_err > 1e-3
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "fused"])
+@pytest.mark.parametrize("impl", ["for-loop", "fused", "fused-inductor"])
 def test_float32_state_survives_a_checkpoint_exactly(impl):
     import io
 

@@ -347,6 +347,10 @@ class AdamNX(torch.optim.Optimizer):
             raise RuntimeError(
                 f"fused=True supports floating-point params on {_FUSED_DEVICES}; got {p.dtype} on {p.device.type}"
             )
+        if p.device.type == "cpu":
+            from adamnx._fused import ensure_cpu_kernel
+
+            ensure_cpu_kernel()  # build (or load) it now: a machine without a compiler fails before any state exists
 
     def _check_graph_capture(self) -> None:
         if torch.compiler.is_compiling() or not torch.cuda.is_available():

@@ -1,0 +1,282 @@
+// The fused AdamNX step on the CPU: one pass over memory per tensor, in torch's own thread pool.
+//
+// Built on first use by adamnx/_cpu_extension.py (g++ with torch's headers, cached per torch version and
+// source) and loaded as the custom ops torch.ops.adamnx.*. The coefficients are NOT computed here: they
+// come from adamnx.schedule.coefficients (Python), one value pair per tensor, so every path shares one
+// implementation of the schedule. This file only applies them, in the for-loop path's order of operations:
+//
+//   g  = grad · grad_factor                 (grad_factor = ±1 / GradScaler's scale)
+//   θ ← θ + (−ηλ)·θ                         (decoupled weight decay)
+//   m ← lerp(m, g, 1 − β1_t)
+//   v ← v·β̂2_t + (1 − β̂2_t)·g²
+//   θ ← θ + (−η)·m / (√v + ε)
+//
+// All tensors of one step are seen as one long array of elements: at::parallel_for splits that array evenly
+// between the threads once per step (one parallel region, not one per tensor), and each thread walks its
+// share tensor by tensor. The inner loop is plain arithmetic over raw pointers, vectorised by the compiler.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+struct MathType {
+  using type = float;  // float32, bfloat16 and float16 all compute in float32
+};
+template <>
+struct MathType<double> {
+  using type = double;
+};
+
+// The scalars of one step, rounded once to the math type (as the eager paths round their Python floats).
+template <typename M>
+struct StepScalars {
+  M neg_lr, neg_lr_wd, eps, grad_factor;
+};
+
+// A 32-bit integer hash (murmur3's finaliser): a bijection, so distinct element indices get distinct values.
+inline uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// float32 → bfloat16, rounded up with probability equal to the distance to the value below: 16 random bits
+// are added below bf16's last mantissa bit, then truncated (adamnx.functional.stochastic_round_to_bf16's rule).
+inline c10::BFloat16 round_stochastic(float x, uint32_t random) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits = (bits + (random & 0xffffu)) & 0xffff0000u;
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
+
+template <typename P, typename M, bool kStochastic>
+inline P store_param(M p, int64_t i, uint32_t key) {
+  if constexpr (kStochastic) {
+    return round_stochastic(p, mix32(static_cast<uint32_t>(i) ^ key));
+  } else {
+    return static_cast<P>(p);
+  }
+}
+
+template <typename P, typename S, typename M, bool kStochastic>
+void update_range(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
+                  S* __restrict__ exp_avg_sq, int64_t begin, int64_t end, M w1, M beta2_hat, M w2,
+                  const StepScalars<M>& s, uint32_t key) {
+  const M neg_lr = s.neg_lr, neg_lr_wd = s.neg_lr_wd, eps = s.eps, grad_factor = s.grad_factor;
+  // torch.lerp's two formulas (the weight decides which is exact at its end): the branch is per tensor.
+  if (w1 < M(0.5)) {
+    for (int64_t i = begin; i < end; ++i) {
+      const M g = static_cast<M>(grad[i]) * grad_factor;
+      M p = static_cast<M>(param[i]);
+      p = p + neg_lr_wd * p;
+      const M m_old = static_cast<M>(exp_avg[i]);
+      const M m = m_old + w1 * (g - m_old);
+      const M v = static_cast<M>(exp_avg_sq[i]) * beta2_hat + w2 * (g * g);
+      p = p + neg_lr * (m / (std::sqrt(v) + eps));
+      param[i] = store_param<P, M, kStochastic>(p, i, key);
+      exp_avg[i] = static_cast<S>(m);
+      exp_avg_sq[i] = static_cast<S>(v);
+    }
+  } else {
+    const M one_minus_w1 = M(1) - w1;
+    for (int64_t i = begin; i < end; ++i) {
+      const M g = static_cast<M>(grad[i]) * grad_factor;
+      M p = static_cast<M>(param[i]);
+      p = p + neg_lr_wd * p;
+      const M m_old = static_cast<M>(exp_avg[i]);
+      const M m = g - (g - m_old) * one_minus_w1;
+      const M v = static_cast<M>(exp_avg_sq[i]) * beta2_hat + w2 * (g * g);
+      p = p + neg_lr * (m / (std::sqrt(v) + eps));
+      param[i] = store_param<P, M, kStochastic>(p, i, key);
+      exp_avg[i] = static_cast<S>(m);
+      exp_avg_sq[i] = static_cast<S>(v);
+    }
+  }
+}
+
+// Whether p, g, m, v each cover one dense block of memory with the same layout, so that walking the blocks
+// in memory order visits corresponding elements (contiguous, channels_last, any dense permutation).
+bool same_dense_layout(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v) {
+  if (!p.is_non_overlapping_and_dense()) return false;
+  for (const Tensor* t : {&g, &m, &v}) {
+    if (t->sizes() != p.sizes() || t->strides() != p.strides() || t->device() != p.device()) return false;
+  }
+  return true;
+}
+
+// Everything one step needs besides the element types.
+struct Step {
+  const std::vector<Tensor>& params;
+  const std::vector<Tensor>& grads;
+  const std::vector<Tensor>& exp_avgs;
+  const std::vector<Tensor>& exp_avg_sqs;
+  std::vector<int64_t> index;  // the tensors this kernel updates (see fused_step_)
+  const double* w1s;           // 1 − β1_t, one per tensor, from adamnx.schedule.coefficients
+  const double* w2s;           // 1 − β̂2_t, likewise
+  double lr, weight_decay, eps, grad_factor;
+  int64_t seed;  // stochastic rounding's random stream for this step
+};
+
+template <typename P, typename S, bool kStochastic>
+void run_step(const Step& step) {
+  using M = typename MathType<std::conditional_t<std::is_same_v<S, double>, double, P>>::type;
+  const StepScalars<M> scalars{static_cast<M>(-step.lr), static_cast<M>(-step.lr * step.weight_decay),
+                               static_cast<M>(step.eps), static_cast<M>(step.grad_factor)};
+  const int64_t n = static_cast<int64_t>(step.index.size());
+  std::vector<int64_t> offsets(n + 1, 0);  // where each tensor starts in the step's virtual array
+  std::vector<M> w1(n), b2(n), w2(n);
+  std::vector<uint32_t> keys(n);
+  const auto seed = static_cast<uint64_t>(step.seed);
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t i = step.index[k];
+    offsets[k + 1] = offsets[k] + step.params[i].numel();
+    w1[k] = static_cast<M>(step.w1s[i]);
+    // β̂2_t = 1 − w2 is formed in float64 from the stable w2, then rounded once (as the eager paths do)
+    b2[k] = static_cast<M>(1.0 - step.w2s[i]);
+    w2[k] = static_cast<M>(step.w2s[i]);
+    // a key per (step, tensor); element j then draws mix32(j ^ key): distinct j, distinct draws
+    keys[k] = mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32) + uint32_t(i)));
+  }
+  constexpr int64_t kGrain = 16384;  // elements: a step smaller than this runs on one thread
+  at::parallel_for(0, offsets[n], kGrain, [&](int64_t begin, int64_t end) {
+    int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    for (; k < n && offsets[k] < end; ++k) {
+      const int64_t i = step.index[k];
+      const int64_t lo = std::max(begin, offsets[k]) - offsets[k];
+      const int64_t hi = std::min(end, offsets[k + 1]) - offsets[k];
+      update_range<P, S, M, kStochastic>(step.params[i].data_ptr<P>(), step.grads[i].const_data_ptr<P>(),
+                                         step.exp_avgs[i].data_ptr<S>(), step.exp_avg_sqs[i].data_ptr<S>(), lo,
+                                         hi, w1[k], b2[k], w2[k], scalars, keys[k]);
+    }
+  });
+}
+
+// The kernel for one (param type, state type): state either matches the params or is float32 (wider state
+// for low-precision params). Returns false for combinations without a kernel.
+template <typename P>
+bool run_for_param_type(at::ScalarType state_type, bool stochastic, const Step& step) {
+  constexpr bool kBFloat16 = std::is_same_v<P, c10::BFloat16>;
+  constexpr bool kLowPrecision = kBFloat16 || std::is_same_v<P, c10::Half>;
+  const bool same_state = state_type == c10::CppTypeToScalarType<P>::value;
+  const bool float_state = kLowPrecision && state_type == at::kFloat;
+  if (stochastic) {  // only bfloat16 params round stochastically (the optimizer enforces it)
+    if constexpr (kBFloat16) {
+      if (same_state) run_step<P, P, true>(step);
+      if (float_state) run_step<P, float, true>(step);
+      return same_state || float_state;
+    }
+    return false;
+  }
+  if (same_state) run_step<P, P, false>(step);
+  if constexpr (kLowPrecision) {
+    if (float_state) run_step<P, float, false>(step);
+  }
+  return same_state || float_state;
+}
+
+// One AdamNX step over CPU tensors whose params share a dtype. Returns the indices of the tensors it did NOT
+// update (memory layouts it cannot walk in one pass, or dtype combinations without a kernel), which the caller
+// updates with the eager implementation of the same math.
+std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                                 const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                                 const Tensor& w1s, const Tensor& w2s, double lr, double weight_decay, double eps,
+                                 double grad_factor, bool stochastic_rounding, int64_t seed) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
+                  static_cast<int64_t>(exp_avg_sqs.size()) == n,
+              "adamnx fused_step_: the four tensor lists must have the same length");
+  for (const Tensor* w : {&w1s, &w2s}) {
+    TORCH_CHECK(w->scalar_type() == at::kDouble && w->is_contiguous() && w->numel() == n && w->device().is_cpu(),
+                "adamnx fused_step_: coefficients must be contiguous float64 CPU tensors, one value per tensor");
+  }
+  std::vector<int64_t> rejected;
+  if (n == 0) return rejected;
+  Step step{params, grads, exp_avgs, exp_avg_sqs, {}, w1s.const_data_ptr<double>(), w2s.const_data_ptr<double>(),
+            lr, weight_decay, eps, grad_factor, seed};
+  const at::ScalarType param_type = params[0].scalar_type(), state_type = exp_avgs[0].scalar_type();
+  step.index.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
+    const bool ok = p.device().is_cpu() && p.scalar_type() == param_type && g.scalar_type() == param_type &&
+                    m.scalar_type() == state_type && v.scalar_type() == state_type && same_dense_layout(p, g, m, v);
+    (ok ? step.index : rejected).push_back(i);
+  }
+  bool handled = false;
+  switch (param_type) {
+    case at::kFloat:
+      handled = run_for_param_type<float>(state_type, stochastic_rounding, step);
+      break;
+    case at::kDouble:
+      handled = run_for_param_type<double>(state_type, stochastic_rounding, step);
+      break;
+    case at::kBFloat16:
+      handled = run_for_param_type<c10::BFloat16>(state_type, stochastic_rounding, step);
+      break;
+    case at::kHalf:
+      handled = run_for_param_type<c10::Half>(state_type, stochastic_rounding, step);
+      break;
+    default:
+      break;
+  }
+  if (!handled) {
+    rejected.insert(rejected.end(), step.index.begin(), step.index.end());
+    std::sort(rejected.begin(), rejected.end());
+  }
+  return rejected;
+}
+
+// Advance every 0-d step counter by `increment` and return the new counts as one float64 tensor (which
+// adamnx.schedule.coefficients then turns into the step's coefficients): one call instead of a torch op per
+// parameter.
+void advance_steps_(const std::vector<Tensor>& steps, double increment, const Tensor& out) {
+  const int64_t n = static_cast<int64_t>(steps.size());
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() && out.numel() == n && out.device().is_cpu(),
+              "adamnx advance_steps_: out must be a contiguous float64 CPU tensor with one value per step");
+  double* values = out.mutable_data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor& s = steps[i];
+    TORCH_CHECK(s.numel() == 1 && s.device().is_cpu(), "adamnx advance_steps_: steps must be 1-element CPU tensors");
+    switch (s.scalar_type()) {
+      case at::kDouble:
+        values[i] = (*s.mutable_data_ptr<double>() += increment);
+        break;
+      case at::kFloat:
+        values[i] = (*s.mutable_data_ptr<float>() += static_cast<float>(increment));
+        break;
+      default:
+        TORCH_CHECK(false, "adamnx advance_steps_: steps must be float32 or float64, got ", s.scalar_type());
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adamnx, m) {
+  m.def(
+      "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor w1s, Tensor w2s, float lr, float weight_decay, float eps, float grad_factor, "
+      "bool stochastic_rounding, int seed) -> int[]");
+  m.def("advance_steps_(Tensor(a!)[] steps, float increment, Tensor(b!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(adamnx, CPU, m) {
+  m.impl("fused_step_", &fused_step_);
+  m.impl("advance_steps_", &advance_steps_);
+}

@@ -1,0 +1,164 @@
+"""The fused CPU kernel (csrc/fused_cpu.cpp): every dtype pair, thread splits, stochastic rounding, the eager
+fallback for layouts it cannot walk, and its build (cache, missing or failing compiler)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from adamnx import AdamNX, _cpu_extension
+from helpers import rel_err
+
+
+def _run(params0, grads_seq, **kwargs):
+    params = [p.clone().requires_grad_(True) for p in params0]
+    opt = AdamNX(params, **kwargs)
+    for grads in grads_seq:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+def _sequence(shapes, n_steps, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params0 = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    grads = [[(torch.randn(s, generator=g) * 10 ** (t % 3 - 1)).to(dtype) for s in shapes] for t in range(n_steps)]
+    return params0, grads
+
+
+# Sizes around the kernel's split points: tiny, one under/over its 16,384-element grain, several grains.
+SIZES = [(1,), (3, 5), (16383,), (16385,), (300, 170), (7, 1, 9)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_for_loop_across_thread_splits(dtype):
+    params0, grads = _sequence(SIZES, 60, dtype)
+    kwargs = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    fused, fused_opt = _run(params0, grads, fused=True, **kwargs)
+    loop, loop_opt = _run(params0, grads, foreach=False, **kwargs)
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    for a, b in zip(fused, loop):
+        assert rel_err(a, b.detach().double().numpy()) <= tol
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert rel_err(fused_opt.state[a][key], loop_opt.state[b][key].double().numpy()) <= tol
+        assert fused_opt.state[a]["step"].item() == 60
+
+
+def test_result_does_not_depend_on_the_thread_count():
+    params0, grads = _sequence(SIZES, 5, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = _run(params0, grads, fused=True)
+        torch.set_num_threads(max(2, threads))
+        many, _ = _run(params0, grads, fused=True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state_dtype", [None, torch.float32])
+def test_low_precision_params_with_either_state_use_float32_math(dtype, state_dtype):
+    """bf16/fp16 params, moments in their own dtype or in float32: the float32 step, each result rounded once."""
+    params0, grads = _sequence(SIZES[:4], 1, dtype)
+    fused, fused_opt = _run(params0, grads, fused=True, state_dtype=state_dtype)
+    upcast = [[g.float() for g in step] for step in grads]
+    exact, exact_opt = _run([p.float() for p in params0], upcast, foreach=False)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # one rounding, relative
+    for a, b in zip(fused, exact):
+        state_type = state_dtype or dtype
+        assert a.dtype == dtype and fused_opt.state[a]["exp_avg"].dtype == state_type
+        torch.testing.assert_close(a.float(), b.detach().to(dtype).float(), rtol=ulp, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected = exact_opt.state[b][key].to(state_type).float()
+            torch.testing.assert_close(fused_opt.state[a][key].float(), expected, rtol=ulp, atol=1e-7)
+
+
+def test_stochastic_rounding_is_seeded_by_torch_and_picks_neighbours():
+    p0 = torch.full((50_000,), 1.0 + 2.0**-10).bfloat16()  # bf16 1.0
+
+    def one_step(seed):
+        torch.manual_seed(seed)
+        p = torch.nn.Parameter(p0.clone())
+        opt = AdamNX(
+            [p], lr=2.0**-10, weight_decay=0.0, state_dtype=torch.float32, stochastic_rounding=True, fused=True
+        )
+        p.grad = -torch.ones_like(p)  # first step: update +lr·sign = +2^-10, a quarter of bf16's ulp at 1
+        opt.step()
+        return p.detach().float()
+
+    a, b, c = one_step(0), one_step(0), one_step(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # reproducible under torch.manual_seed, new draws per seed
+    assert set(a.unique().tolist()) == {1.0, 1.0 + 2.0**-7}  # only the two bf16 neighbours
+    assert a.mean().item() == pytest.approx(1.0 + 2.0**-10, abs=2e-5)  # unbiased
+
+
+def test_layouts_the_kernel_cannot_walk_fall_back_to_the_same_math():
+    """A grad whose memory order differs from its param's (channels_last vs contiguous) runs the eager kernel."""
+    torch.manual_seed(0)
+    p0 = torch.randn(2, 3, 4, 5)
+    grads = [[torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)] for _ in range(10)]
+    fused, _ = _run([p0], grads, fused=True)
+    loop, _ = _run([p0], grads, foreach=False)
+    assert rel_err(fused[0], loop[0].detach().double().numpy()) <= 1e-6
+
+
+def test_kernel_checks_its_arguments():
+    ops = _cpu_extension.load()
+    p = torch.zeros(3)
+    w = torch.zeros(1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="same length"):
+        ops.fused_step_([p], [p, p], [p], [p], w, w, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+    with pytest.raises(RuntimeError, match="float64"):
+        ops.fused_step_([p], [p], [p], [p], w.float(), w, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def test_build_is_cached_by_source_torch_version_and_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAMNX_CACHE_DIR", str(tmp_path))
+    first = _cpu_extension._build(_cpu_extension._compiler())
+    assert first.parent == tmp_path and first.suffix == ".so"
+    assert [f.name for f in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("a cached kernel was rebuilt")
+
+    monkeypatch.setattr(subprocess, "run", no_compiling)
+    assert _cpu_extension._build(_cpu_extension._compiler()) == first
+    monkeypatch.setattr(_cpu_extension, "_isa_flags", lambda: ["-DDIFFERENT_FLAGS"])
+    with pytest.raises(AssertionError, match="rebuilt"):  # other flags: another key, so a new build
+        _cpu_extension._build(_cpu_extension._compiler())
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(_cpu_extension.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler was found.*foreach=True"):
+        _cpu_extension._compiler()
+
+
+def test_failing_compiler_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAMNX_CACHE_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"(?s)could not build its CPU kernel.*foreach=True"):
+        _cpu_extension._build("false")  # a "compiler" that always fails
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_optimizer_step_surfaces_a_build_failure(monkeypatch):
+    def fail():
+        raise _cpu_extension.CompilerNotFoundError("no C++ compiler was found")
+
+    monkeypatch.setattr(_cpu_extension, "load", fail)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdamNX([p], fused=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state  # failed before any state was created
