@@ -109,6 +109,23 @@ def fsdp2(rank, world, out):
     _save_params(model, out, rank, {"foreach_param_types": seen})
 
 
+def fsdp2_fused(rank, world, out):
+    """fused=True on FSDP2's DTensor shards: the C++ CPU kernel updates each rank's local shard."""
+    from torch.distributed.fsdp import fully_shard
+
+    from adamnx import AdamNX
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = AdamNX(model.parameters(), lr=LR, fused=True)
+    _train(model, opt, rank, world, STEPS)
+    param_types = sorted({type(p).__name__ for p in model.parameters()})
+    _save_params(model, out, rank, {"param_types": param_types})
+
+
 def zero(rank, world, out):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
@@ -200,7 +217,7 @@ def bench_ddp(rank, world, out):
         raise SystemExit(code)
 
 
-SCENARIOS = {f.__name__: f for f in (ddp, fsdp2, zero, dcp_save, dcp_load, fresh_dcp_probe, bench_ddp)}
+SCENARIOS = {f.__name__: f for f in (ddp, fsdp2, fsdp2_fused, zero, dcp_save, dcp_load, fresh_dcp_probe, bench_ddp)}
 
 
 if __name__ == "__main__":

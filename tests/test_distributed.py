@@ -62,6 +62,12 @@ def test_fsdp2_runs_foreach_on_dtensors_and_matches(tmp_path):
     assert seen and all(types == ["DTensor"] for types in seen)  # the foreach kernel ran on DTensors
 
 
+def test_fsdp2_with_fused_step_matches(tmp_path):
+    torchrun("fsdp2_fused", tmp_path)
+    _assert_matches_reference(tmp_path, 1e-12)  # float64 model: the fused kernel is exact to rounding
+    assert json.loads((tmp_path / "extra.json").read_text())["param_types"] == ["DTensor"]
+
+
 def test_zero_redundancy_optimizer_matches(tmp_path):
     torchrun("zero", tmp_path)
     _assert_matches_reference(tmp_path, 1e-6)

@@ -3,6 +3,7 @@ fallback for layouts it cannot walk, and its build (cache, missing or failing co
 
 from __future__ import annotations
 
+import math
 import subprocess
 
 import pytest
@@ -162,3 +163,36 @@ def test_an_optimizer_step_surfaces_a_build_failure(monkeypatch):
     with pytest.raises(RuntimeError, match=r"no C\+\+ compiler"):
         opt.step()
     assert torch.equal(p.detach(), torch.ones(3)) and not opt.state  # failed before any state was created
+
+
+def test_params_with_different_step_counts_get_their_own_coefficients():
+    """A param without a gradient on some steps counts fewer steps: per-tensor coefficients for the group."""
+    shapes = [(40, 3), (17,), (6, 6)]
+    params0, grads = _sequence(shapes, 30, torch.float64)
+    for t, step_grads in enumerate(grads):
+        if t % 4 == 1:
+            step_grads[1] = None
+
+    def run(**kwargs):
+        params = [p.clone().requires_grad_(True) for p in params0]
+        opt = AdamNX(params, lr=1e-2, **kwargs)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = None if g is None else g.clone()
+            opt.step()
+        return params, opt
+
+    fused, fused_opt = run(fused=True)
+    loop, _ = run(foreach=False)
+    assert fused_opt.state[fused[1]]["step"].item() == 22 and fused_opt.state[fused[0]]["step"].item() == 30
+    for a, b in zip(fused, loop):
+        assert rel_err(a, b.detach().numpy()) <= 1e-13
+
+
+def test_advance_steps_reports_a_shared_count_or_nan():
+    ops = _cpu_extension.load()
+    steps = [torch.tensor(3.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float32)]
+    out = torch.empty(2, dtype=torch.float64)
+    assert ops.advance_steps_(steps, 1.0, out) == 4.0 and out.tolist() == [4.0, 4.0]
+    steps[0] += 1
+    assert math.isnan(ops.advance_steps_(steps, 1.0, out)) and out.tolist() == [6.0, 5.0]

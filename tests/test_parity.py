@@ -181,12 +181,13 @@ def test_first_step_has_m_equal_g_and_v_equal_g_squared():
         np.testing.assert_allclose(q.detach().numpy(), p.detach().numpy() - 0.1 * np.sign(p.grad.numpy()), rtol=1e-15)
 
 
-def test_torch_compile_step_matches_eager():
+@pytest.mark.parametrize("impl", ["for-loop", "fused"])
+def test_torch_compile_step_matches_eager(impl):
     grads = gradient_sequence(30, dtype=torch.float32, seed=8)
     params0 = initial_params(dtype=torch.float32)
     eager, _ = run_torch(params0, grads, lr=1e-2)
     params = [p.clone().requires_grad_(True) for p in params0]
-    opt = AdamNX(params, lr=1e-2)
+    opt = AdamNX(params, lr=1e-2, **IMPLEMENTATIONS[impl])
     compiled_step = torch.compile(opt.step)
     for step_grads in grads:
         for p, gr in zip(params, step_grads):

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import types
 
 import torch
 from torch import Tensor
 
 from adamnx import _cpu_extension
-from adamnx.functional import group_by_device_and_dtype, stochastic_round_to_bf16
+from adamnx.functional import group_by_device_and_dtype, host_coefficients, stochastic_round_to_bf16
 from adamnx.schedule import coefficients
 
 __all__ = ["fused_adamnx"]
@@ -235,6 +236,14 @@ def _real_views(*tensor_lists: list[Tensor]) -> list[list[Tensor]]:
     return [[torch.view_as_real(t) if torch.is_complex(t) else t for t in lst] for lst in tensor_lists]
 
 
+@functools.lru_cache(maxsize=64)
+def _shared_coefficients(step: float, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """One-element float64 tensors of a step's coefficients (read, never written, by the kernel)."""
+    return tuple(torch.tensor([w], dtype=torch.float64) for w in host_coefficients(step, beta1, beta2))
+
+
+# Under torch.compile(opt.step) the C++ kernel runs as it is, outside the graph: tracing into it would gain nothing.
+@torch.compiler.disable
 def _cpu_step(
     params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf,
     *, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, stochastic,
@@ -255,8 +264,11 @@ def _cpu_step(
             [t.to_local() for t in lst] for lst in (params, grads, exp_avgs, exp_avg_sqs)
         )
     counts = torch.empty(len(steps), dtype=torch.float64)
-    ops.advance_steps_(steps, 1.0, counts)
-    w1s, w2s = coefficients(counts, (beta1, beta2))
+    common = ops.advance_steps_(steps, 1.0, counts)
+    if math.isnan(common):  # counters differ (a param that missed steps): coefficients per tensor
+        w1s, w2s = coefficients(counts, (beta1, beta2))
+    else:  # one count for the group, the usual case: one pair of coefficients, computed on the host
+        w1s, w2s = _shared_coefficients(common, beta1, beta2)
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if stochastic else 0
     left = ops.fused_step_(
         params, grads, exp_avgs, exp_avg_sqs, w1s, w2s, lr, weight_decay, eps, grad_factor, stochastic, seed
@@ -266,7 +278,8 @@ def _cpu_step(
         scalars = [
             torch.tensor(x, dtype=torch.float64).to(math_dtype) for x in (-lr, -lr * weight_decay, eps, grad_factor)
         ]
-        coeffs = [c.to(math_dtype) for c in (w1s[i], 1 - w2s[i], w2s[i])]
+        w1, w2 = (w[i if w.numel() > 1 else 0] for w in (w1s, w2s))
+        coeffs = [c.to(math_dtype) for c in (w1, 1 - w2, w2)]
         _adamnx_kernel(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], *coeffs, *scalars, None, stochastic)
 
 

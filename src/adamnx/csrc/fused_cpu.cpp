@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -128,8 +129,9 @@ struct Step {
   const std::vector<Tensor>& exp_avgs;
   const std::vector<Tensor>& exp_avg_sqs;
   std::vector<int64_t> index;  // the tensors this kernel updates (see fused_step_)
-  const double* w1s;           // 1 − β1_t, one per tensor, from adamnx.schedule.coefficients
+  const double* w1s;           // 1 − β1_t, one per tensor (or one for all), from adamnx.schedule.coefficients
   const double* w2s;           // 1 − β̂2_t, likewise
+  int64_t w_stride;            // 1: a value per tensor; 0: one value shared by all tensors
   double lr, weight_decay, eps, grad_factor;
   int64_t seed;  // stochastic rounding's random stream for this step
 };
@@ -147,10 +149,11 @@ void run_step(const Step& step) {
   for (int64_t k = 0; k < n; ++k) {
     const int64_t i = step.index[k];
     offsets[k + 1] = offsets[k] + step.params[i].numel();
-    w1[k] = static_cast<M>(step.w1s[i]);
+    const int64_t j = i * step.w_stride;
+    w1[k] = static_cast<M>(step.w1s[j]);
     // β̂2_t = 1 − w2 is formed in float64 from the stable w2, then rounded once (as the eager paths do)
-    b2[k] = static_cast<M>(1.0 - step.w2s[i]);
-    w2[k] = static_cast<M>(step.w2s[i]);
+    b2[k] = static_cast<M>(1.0 - step.w2s[j]);
+    w2[k] = static_cast<M>(step.w2s[j]);
     // a key per (step, tensor); element j then draws mix32(j ^ key): distinct j, distinct draws
     keys[k] = mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32) + uint32_t(i)));
   }
@@ -203,13 +206,15 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
                   static_cast<int64_t>(exp_avg_sqs.size()) == n,
               "adamnx fused_step_: the four tensor lists must have the same length");
   for (const Tensor* w : {&w1s, &w2s}) {
-    TORCH_CHECK(w->scalar_type() == at::kDouble && w->is_contiguous() && w->numel() == n && w->device().is_cpu(),
-                "adamnx fused_step_: coefficients must be contiguous float64 CPU tensors, one value per tensor");
+    TORCH_CHECK(w->scalar_type() == at::kDouble && w->is_contiguous() && w->device().is_cpu() &&
+                    w->numel() == w1s.numel() && (w->numel() == n || w->numel() == 1),
+                "adamnx fused_step_: coefficients must be contiguous float64 CPU tensors, with one value per "
+                "tensor or one for all");
   }
   std::vector<int64_t> rejected;
   if (n == 0) return rejected;
-  Step step{params, grads, exp_avgs, exp_avg_sqs, {}, w1s.const_data_ptr<double>(), w2s.const_data_ptr<double>(),
-            lr, weight_decay, eps, grad_factor, seed};
+  Step step{params, grads,       exp_avgs,     exp_avg_sqs, {},          w1s.const_data_ptr<double>(),
+            w2s.const_data_ptr<double>(), w1s.numel() == n ? 1 : 0, lr, weight_decay, eps, grad_factor, seed};
   const at::ScalarType param_type = params[0].scalar_type(), state_type = exp_avgs[0].scalar_type();
   step.index.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -242,10 +247,10 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
   return rejected;
 }
 
-// Advance every 0-d step counter by `increment` and return the new counts as one float64 tensor (which
-// adamnx.schedule.coefficients then turns into the step's coefficients): one call instead of a torch op per
-// parameter.
-void advance_steps_(const std::vector<Tensor>& steps, double increment, const Tensor& out) {
+// Advance every 0-d step counter by `increment`, write the new counts to `out` (float64, one per counter), and
+// return the count if all counters agree (the usual case: a group's params step together), else NaN. The caller
+// turns counts into coefficients with adamnx.schedule.coefficients. One call instead of a torch op per counter.
+double advance_steps_(const std::vector<Tensor>& steps, double increment, const Tensor& out) {
   const int64_t n = static_cast<int64_t>(steps.size());
   TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() && out.numel() == n && out.device().is_cpu(),
               "adamnx advance_steps_: out must be a contiguous float64 CPU tensor with one value per step");
@@ -264,6 +269,10 @@ void advance_steps_(const std::vector<Tensor>& steps, double increment, const Te
         TORCH_CHECK(false, "adamnx advance_steps_: steps must be float32 or float64, got ", s.scalar_type());
     }
   }
+  for (int64_t i = 1; i < n; ++i) {
+    if (values[i] != values[0]) return std::numeric_limits<double>::quiet_NaN();
+  }
+  return n > 0 ? values[0] : std::numeric_limits<double>::quiet_NaN();
 }
 
 }  // namespace
@@ -273,7 +282,7 @@ TORCH_LIBRARY(adamnx, m) {
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor w1s, Tensor w2s, float lr, float weight_decay, float eps, float grad_factor, "
       "bool stochastic_rounding, int seed) -> int[]");
-  m.def("advance_steps_(Tensor(a!)[] steps, float increment, Tensor(b!) out) -> ()");
+  m.def("advance_steps_(Tensor(a!)[] steps, float increment, Tensor(b!) out) -> float");
 }
 
 TORCH_LIBRARY_IMPL(adamnx, CPU, m) {
