@@ -151,30 +151,44 @@ def probe(name: str, kind: str, n: int, device: str, cache_dir: str | None = Non
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(sizes, kinds, reps, device, names, memory_size, out_dir: Path, compile_probe: bool = True) -> dict:
+def run(
+    sizes, kinds, reps, device, names, memory_size, out_dir: Path, compile_probe: bool = True, rounds: int = 1
+) -> dict:
+    """Time every candidate at every (shape, size); each of ``rounds`` rounds builds fresh optimizers and steps
+    them ``reps`` times, interleaved. Medians are over all steps of all rounds; the per-round ratios show the spread."""
     dev = torch.device(device)
-    results: dict[str, Any] = {"machine": _machine(dev), "rows": [], "memory": [], "compile": {}}
+    results: dict[str, Any] = {"machine": _machine(dev), "rows": [], "memory": [], "compile": {}, "rounds": rounds}
     for kind in kinds:
         for n in sizes:
             shapes = model_shapes(kind, n)
             n_actual = sum(math.prod(s) for s in shapes)
-            times = time_steps(names, shapes, dev, reps)
+            per_round = [time_steps(names, shapes, dev, reps) for _ in range(rounds)]
+            times = {name: [t for r in per_round for t in r[name]] for name in names}
             base = statistics.median(times["adamw-fused"]) if "adamw-fused" in times else float("nan")
             for name, ts in times.items():
                 med = statistics.median(ts)
-                results["rows"].append(
-                    {
-                        "shape": kind,
-                        "params": n_actual,
-                        "tensors": len(shapes),
-                        "candidate": name,
-                        "median_ms": med,
-                        "q25_ms": statistics.quantiles(ts, n=4)[0] if len(ts) > 1 else med,
-                        "q75_ms": statistics.quantiles(ts, n=4)[2] if len(ts) > 1 else med,
-                        "gb_per_s": BYTES_PER_PARAM * n_actual / (med / 1e3) / 1e9,
-                        "ratio_to_adamw_fused": med / base,
-                    }
-                )
+                row = {
+                    "shape": kind,
+                    "params": n_actual,
+                    "tensors": len(shapes),
+                    "candidate": name,
+                    "median_ms": med,
+                    "q25_ms": statistics.quantiles(ts, n=4)[0] if len(ts) > 1 else med,
+                    "q75_ms": statistics.quantiles(ts, n=4)[2] if len(ts) > 1 else med,
+                    "gb_per_s": BYTES_PER_PARAM * n_actual / (med / 1e3) / 1e9,
+                    "ratio_to_adamw_fused": med / base,
+                    "paired_ratio_to_adamw_same_impl": None,
+                    "round_ratios_to_adamw_same_impl": None,
+                }
+                twin = name.replace("adamnx-", "adamw-")
+                if name.startswith("adamnx-") and twin in times:
+                    # Both stepped in every repetition, so the median of step-by-step ratios shrugs off noise that
+                    # moves whole repetitions; the per-round ratios of medians show how much whole runs move.
+                    row["paired_ratio_to_adamw_same_impl"] = statistics.median(a / b for a, b in zip(ts, times[twin]))
+                    row["round_ratios_to_adamw_same_impl"] = [
+                        statistics.median(r[name]) / statistics.median(r[twin]) for r in per_round
+                    ]
+                results["rows"].append(row)
             print(
                 f"  {kind:5s} {n_actual / 1e6:6.1f}M: "
                 + ", ".join(f"{k} {statistics.median(v):.1f}ms" for k, v in times.items()),
@@ -222,14 +236,20 @@ def write_outputs(results: dict, out_dir: Path) -> None:
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()),
         "",
-        "| shape | params | tensors | candidate | median ms | GB/s | × fused AdamW |",
-        "|---|---|---|---|---|---|---|",
+        f"Medians over {results.get('rounds', 1)} round(s) (fresh optimizers each) of interleaved steps. × fused AdamW:",
+        "ratio of medians. × AdamW same impl: median over repetitions of AdamNX's step time over the same",
+        "implementation of AdamW's, stepped in the same repetition (paired).",
+        "",
+        "| shape | params | tensors | candidate | median ms | GB/s | × fused AdamW | × AdamW same impl |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
+        paired = r.get("paired_ratio_to_adamw_same_impl")
         lines.append(
             f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['candidate']} | {r['median_ms']:.2f} "
-            f"| {r['gb_per_s']:.1f} | {r['ratio_to_adamw_fused']:.2f} |"
+            f"| {r['gb_per_s']:.1f} | {r['ratio_to_adamw_fused']:.2f} | {'' if paired is None else f'{paired:.2f}'} |"
         )
+    lines += _target_lines(results["rows"])
     if results["memory"]:
         lines += [
             "",
@@ -252,6 +272,40 @@ def write_outputs(results: dict, out_dir: Path) -> None:
     (out_dir / "step_speed.md").write_text("\n".join(lines) + "\n")
     with contextlib.suppress(ImportError):  # matplotlib is in the bench extra
         _plot(results, out_dir / "step_speed.png")
+
+
+# The speed targets: AdamNX's step time over the same implementation of AdamW's, at 10M parameters and more.
+TARGETS = {"adamnx-fused": 1.05, "adamnx-foreach": 1.0, "adamnx-forloop": 1.0}
+
+
+def _target_lines(rows: list[dict]) -> list[str]:
+    """The targets, checked against both ratios (ratio of medians and the paired median ratio)."""
+    lines = []
+    for r in rows:
+        if r["candidate"] not in TARGETS or r["params"] < 9_000_000:
+            continue
+        twin_name = r["candidate"].replace("adamnx-", "adamw-")
+        twins = [q for q in rows if (q["candidate"], q["shape"], q["params"]) == (twin_name, r["shape"], r["params"])]
+        if not twins:
+            continue
+        bar = TARGETS[r["candidate"]]
+        of_medians, paired = r["median_ms"] / twins[0]["median_ms"], r["paired_ratio_to_adamw_same_impl"]
+        spread = r["round_ratios_to_adamw_same_impl"]
+        met = "met" if max(of_medians, paired) <= bar else ("met (paired)" if paired <= bar else "NOT met")
+        lines.append(
+            f"| {r['shape']} | {r['params'] / 1e6:.0f}M | {r['candidate']} | ≤ {bar:.2f} | {of_medians:.2f} "
+            f"| {paired:.2f} | {min(spread):.2f}–{max(spread):.2f} | {met} |"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "Targets (AdamNX ÷ AdamW, same implementation, ≥ 10M params):",
+        "",
+        "| shape | params | candidate | target | ratio of medians | paired ratio | range over rounds | |",
+        "|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -281,7 +335,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shapes", default="large,small", help="large (few big matrices) and/or small (many conv blocks)"
     )
-    parser.add_argument("--reps", type=int, default=15, help="timed steps per candidate")
+    parser.add_argument("--reps", type=int, default=15, help="timed steps per candidate and round")
+    parser.add_argument("--rounds", type=int, default=1, help="independent rounds (fresh optimizers each)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--candidates", default=",".join(_candidates()), help="comma-separated subset")
     parser.add_argument("--memory-size", type=float, default=1e7, help="params for the memory probe (0: skip)")
@@ -298,7 +353,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"adamnx: error: {exc}", file=sys.stderr)
         return 2
     unknown = [k for k in kinds if k not in ("large", "small")] + [c for c in names if c not in _candidates()]
-    if unknown or any(s < 1 for s in sizes) or args.reps < 1:
+    if unknown or any(s < 1 for s in sizes) or args.reps < 1 or args.rounds < 1:
         print(
             f"adamnx: error: bad perf arguments {unknown or ''} (shapes: large, small; candidates: {', '.join(_candidates())})",
             file=sys.stderr,
@@ -308,7 +363,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("adamnx: error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
     results = run(
-        sizes, kinds, args.reps, args.device, names, int(args.memory_size), Path(args.out), not args.no_compile_probe
+        sizes,
+        kinds,
+        args.reps,
+        args.device,
+        names,
+        int(args.memory_size),
+        Path(args.out),
+        not args.no_compile_probe,
+        args.rounds,
     )
     print((Path(args.out) / "step_speed.md").read_text())
     return 0 if results["rows"] else 1

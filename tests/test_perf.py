@@ -1,0 +1,60 @@
+"""`adamnx perf` / benchmarks/step_speed.py: a tiny end-to-end run, the paired ratios and the target table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adamnx.bench import perf
+from adamnx.cli import main
+
+
+def test_perf_runs_every_candidate_and_writes_json_markdown_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    argv = ["perf", "--sizes", "2e4", "--shapes", "large,small", "--reps", "2", "--rounds", "2"]
+    assert main([*argv, "--memory-size", "0", "--no-compile-probe", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "step_speed.json").read_text())
+    rows = results["rows"]
+    assert {r["candidate"] for r in rows} == set(perf._candidates())
+    assert {r["shape"] for r in rows} == {"large", "small"} and results["rounds"] == 2
+    for r in rows:
+        assert r["median_ms"] > 0 and r["gb_per_s"] > 0
+        paired = r["paired_ratio_to_adamw_same_impl"]
+        assert (paired is not None) == r["candidate"].startswith("adamnx-")
+        if paired is not None:
+            assert paired > 0 and len(r["round_ratios_to_adamw_same_impl"]) == 2
+    assert (tmp_path / "step_speed.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| large |" in (tmp_path / "step_speed.md").read_text()
+
+
+def test_target_table_uses_the_same_implementation_and_both_ratios():
+    def row(name, ms, paired=None, rounds=None):
+        return {
+            "shape": "large",
+            "params": 10_000_000,
+            "candidate": name,
+            "median_ms": ms,
+            "paired_ratio_to_adamw_same_impl": paired,
+            "round_ratios_to_adamw_same_impl": rounds,
+        }
+
+    rows = [
+        row("adamnx-fused", 10.4, 1.03, [1.0, 1.06]),
+        row("adamw-fused", 10.0),
+        row("adamnx-foreach", 21.0, 0.99, [0.98, 1.1]),
+        row("adamw-foreach", 20.0),
+        row("adamnx-forloop", 25.0, 1.2, [1.2, 1.3]),
+        row("adamw-forloop", 20.0),
+    ]
+    table = "\n".join(perf._target_lines(rows))
+    assert "| adamnx-fused | ≤ 1.05 | 1.04 | 1.03 | 1.00–1.06 | met |" in table
+    assert "| adamnx-foreach | ≤ 1.00 | 1.05 | 0.99 | 0.98–1.10 | met (paired) |" in table
+    assert "| adamnx-forloop | ≤ 1.00 | 1.25 | 1.20 | 1.20–1.30 | NOT met |" in table
+    assert perf._target_lines([{**r, "params": 1_000_000} for r in rows]) == []  # below 10M: no targets
+
+
+def test_first_step_probe_reports_time_and_memory(tmp_path):
+    result = perf.probe("adamnx-fused", "large", 10_000, "cpu", cache_dir=str(tmp_path))
+    assert result["first_step_s"] > 0 and "extra_bytes" in result
+    assert any((tmp_path / "adamnx").glob("fused_cpu-*.so"))  # the cold probe built the kernel in its own cache
