@@ -196,3 +196,14 @@ def test_advance_steps_reports_a_shared_count_or_nan():
     assert ops.advance_steps_(steps, 1.0, out) == 4.0 and out.tolist() == [4.0, 4.0]
     steps[0] += 1
     assert math.isnan(ops.advance_steps_(steps, 1.0, out)) and out.tolist() == [6.0, 5.0]
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [("DEFAULT", []), ("AVX2", ["-mavx2"]), ("AVX512", ["-mavx2", "-mavx512f"])],
+)
+def test_vector_flags_follow_torchs_cpu_capability(capability, expected, monkeypatch):
+    monkeypatch.setattr(_cpu_extension.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    flags = _cpu_extension._isa_flags()
+    assert all(f in flags for f in expected) and (flags == [] or capability != "DEFAULT")

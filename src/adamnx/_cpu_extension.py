@@ -53,15 +53,19 @@ def _compiler() -> str:
 
 
 def _isa_flags() -> list[str]:
-    """Vector instructions the kernel may use: AVX2/FMA where torch itself dispatches to AVX2 or better.
+    """Vector instructions the kernel may use: those torch itself dispatches to on this CPU (AVX2 or AVX-512).
 
     Not -march=native: a cache shared between machines (a home directory on NFS) must not hand a kernel built
-    for one CPU to another. The step is bound by memory bandwidth, so AVX-512 gains nothing over AVX2 here.
+    for one CPU to another; the flags are part of the cache key. ATEN_CPU_CAPABILITY=default (torch's own
+    override) builds a portable kernel.
     """
     capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
-    if platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512"):
-        return ["-mavx2", "-mfma", "-mf16c"]
-    return []
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    if capability == "AVX512":
+        return [*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]
+    return avx2 if capability == "AVX2" else []
 
 
 def _command(compiler: str, output: Path) -> list[str]:
