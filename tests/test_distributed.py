@@ -97,7 +97,7 @@ def test_bench_runs_data_parallel_under_torchrun(tmp_path):
     assert "2 processes" in report and "| adamnx |" in report
 
 
-def test_cli_nproc_relaunches_under_torchrun(tmp_path):
+def test_cli_nproc_relaunches_under_torchrun(tmp_path, capfd):
     from adamnx.cli import main
 
     argv = [
@@ -117,6 +117,11 @@ def test_cli_nproc_relaunches_under_torchrun(tmp_path):
         "--set",
         "steps=20",
     ]
-    assert main(argv) == 0
+    code = main(argv)
+    output = capfd.readouterr()
+    if code != 0 and "SIGABRT" in output.err:  # the rare gloo start-up abort (see torchrun above): once more
+        code = main(argv)
+        output = capfd.readouterr()
+    assert code == 0, output.err[-4000:]
     assert json.loads((tmp_path / "environment.json").read_text())["processes"] == 2
     assert (tmp_path / "report.md").exists()

@@ -116,6 +116,22 @@ def time_steps(names: list[str], shapes, device, reps: int) -> dict[str, list[fl
     return times
 
 
+def copy_bandwidth(n: int, device, reps: int) -> float:
+    """GB/s of a plain copy of n fp32 values (read + write): what this machine's memory actually delivers to a
+    streaming kernel, the yardstick for the optimizers' effective GB/s."""
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 8 * n / statistics.median(times) / 1e9
+
+
 _PROBE = r"""
 import json, sys, time, torch
 sys.path.insert(0, {src!r})
@@ -152,17 +168,35 @@ def probe(name: str, kind: str, n: int, device: str, cache_dir: str | None = Non
 
 
 def run(
-    sizes, kinds, reps, device, names, memory_size, out_dir: Path, compile_probe: bool = True, rounds: int = 1
+    sizes,
+    kinds,
+    reps,
+    device,
+    names,
+    memory_size,
+    out_dir: Path,
+    compile_probe: bool = True,
+    rounds: int = 1,
+    peak_gbps: float | None = None,
 ) -> dict:
     """Time every candidate at every (shape, size); each of ``rounds`` rounds builds fresh optimizers and steps
     them ``reps`` times, interleaved. Medians are over all steps of all rounds; the per-round ratios show the spread."""
     dev = torch.device(device)
-    results: dict[str, Any] = {"machine": _machine(dev), "rows": [], "memory": [], "compile": {}, "rounds": rounds}
+    results: dict[str, Any] = {
+        "machine": _machine(dev),
+        "rows": [],
+        "memory": [],
+        "compile": {},
+        "rounds": rounds,
+        "peak_gbps": peak_gbps,
+        "copy_gb_per_s": {},
+    }
     for kind in kinds:
         for n in sizes:
             shapes = model_shapes(kind, n)
             n_actual = sum(math.prod(s) for s in shapes)
             per_round = [time_steps(names, shapes, dev, reps) for _ in range(rounds)]
+            copy_gbps = results["copy_gb_per_s"].setdefault(n_actual, copy_bandwidth(n_actual, dev, reps))
             times = {name: [t for r in per_round for t in r[name]] for name in names}
             base = statistics.median(times["adamw-fused"]) if "adamw-fused" in times else float("nan")
             for name, ts in times.items():
@@ -176,6 +210,10 @@ def run(
                     "q25_ms": statistics.quantiles(ts, n=4)[0] if len(ts) > 1 else med,
                     "q75_ms": statistics.quantiles(ts, n=4)[2] if len(ts) > 1 else med,
                     "gb_per_s": BYTES_PER_PARAM * n_actual / (med / 1e3) / 1e9,
+                    "fraction_of_copy_bandwidth": BYTES_PER_PARAM * n_actual / (med / 1e3) / 1e9 / copy_gbps,
+                    "fraction_of_peak_bandwidth": (
+                        BYTES_PER_PARAM * n_actual / (med / 1e3) / 1e9 / peak_gbps if peak_gbps else None
+                    ),
                     "ratio_to_adamw_fused": med / base,
                     "paired_ratio_to_adamw_same_impl": None,
                     "round_ratios_to_adamw_same_impl": None,
@@ -240,14 +278,20 @@ def write_outputs(results: dict, out_dir: Path) -> None:
         "ratio of medians. × AdamW same impl: median over repetitions of AdamNX's step time over the same",
         "implementation of AdamW's, stepped in the same repetition (paired).",
         "",
-        "| shape | params | tensors | candidate | median ms | GB/s | × fused AdamW | × AdamW same impl |",
-        "|---|---|---|---|---|---|---|---|",
+        "GB/s: 28 bytes per parameter over the median step; % copy: of a plain tensor copy's GB/s at that size"
+        + (f"; % peak: of the stated {results['peak_gbps']:.0f} GB/s." if results.get("peak_gbps") else "."),
+        "",
+        "| shape | params | tensors | candidate | median ms | GB/s | % copy | × fused AdamW | × AdamW same impl |"
+        + (" % peak |" if results.get("peak_gbps") else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if results.get("peak_gbps") else ""),
     ]
     for r in results["rows"]:
         paired = r.get("paired_ratio_to_adamw_same_impl")
         lines.append(
             f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['candidate']} | {r['median_ms']:.2f} "
-            f"| {r['gb_per_s']:.1f} | {r['ratio_to_adamw_fused']:.2f} | {'' if paired is None else f'{paired:.2f}'} |"
+            f"| {r['gb_per_s']:.1f} | {100 * r['fraction_of_copy_bandwidth']:.0f} | {r['ratio_to_adamw_fused']:.2f} "
+            f"| {'' if paired is None else f'{paired:.2f}'} |"
+            + (f" {100 * r['fraction_of_peak_bandwidth']:.0f} |" if r.get("fraction_of_peak_bandwidth") else "")
         )
     lines += _target_lines(results["rows"])
     if results["memory"]:
@@ -337,6 +381,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--reps", type=int, default=15, help="timed steps per candidate and round")
     parser.add_argument("--rounds", type=int, default=1, help="independent rounds (fresh optimizers each)")
+    parser.add_argument(
+        "--peak-gbps", type=float, default=None, help="the device's rated memory bandwidth, for a %% of peak column"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--candidates", default=",".join(_candidates()), help="comma-separated subset")
     parser.add_argument("--memory-size", type=float, default=1e7, help="params for the memory probe (0: skip)")
@@ -372,6 +419,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         Path(args.out),
         not args.no_compile_probe,
         args.rounds,
+        args.peak_gbps,
     )
     print((Path(args.out) / "step_speed.md").read_text())
     return 0 if results["rows"] else 1
