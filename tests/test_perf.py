@@ -18,7 +18,7 @@ def test_perf_runs_every_candidate_and_writes_json_markdown_and_plot(tmp_path, c
     rows = results["rows"]
     assert {r["candidate"] for r in rows} == set(perf._candidates())
     assert {r["shape"] for r in rows} == {"large", "small"} and results["rounds"] == 2
-    assert all(v > 0 for v in results["copy_gb_per_s"].values())  # the yardstick: a plain copy at that size
+    assert all(v > 0 for v in results["stream_gb_per_s"].values())  # the yardstick: a += b at that size
     for r in rows:
         assert r["median_ms"] > 0 and r["gb_per_s"] > 0
         assert r["fraction_of_peak_bandwidth"] == pytest.approx(r["gb_per_s"] / 100)
