@@ -3,8 +3,8 @@
 The step is memory-bound: it reads p, g, m, v and writes p, m, v, i.e. 28 bytes per fp32 parameter for both
 AdamW and AdamNX. "Effective GB/s" is that traffic divided by the median step time.
 
-Candidates are interleaved (each repetition steps every candidate once, starting from a different one each
-time) so that machine noise and cache effects hit them alike; medians and ratios to torch's fused AdamW are
+Candidates are interleaved (each repetition steps every candidate once, in a new random order each time) so
+that machine noise and cache effects hit them alike; medians and ratios to torch's fused AdamW are
 reported. Peak extra memory of one step and the fused kernel's first step (which builds the C++ kernel on the
 CPU, or compiles the inductor kernel on CUDA) with a cold and a warm cache are measured in fresh subprocesses.
 """
@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -104,9 +105,13 @@ def time_steps(names: list[str], shapes, device, reps: int) -> dict[str, list[fl
         opt.step()  # state allocation and (fused AdamNX) kernel compilation
         optimizers[name] = opt
     times: dict[str, list[float]] = {n: [] for n in names}
+    shuffle = random.Random(0).shuffle
     order = list(optimizers)
-    for rep in range(reps):
-        for name in order[rep % len(order) :] + order[: rep % len(order)]:  # rotate who goes first
+    for _ in range(reps):
+        # A new order every repetition: no candidate always follows the same one (a predecessor that just freed
+        # or dirtied a lot of memory would otherwise bias its successor every time).
+        shuffle(order)
+        for name in order:
             opt = optimizers[name]
             _sync(device)
             t0 = time.perf_counter()
