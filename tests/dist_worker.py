@@ -86,10 +86,8 @@ def ddp(rank, world, out):
 
 
 def fsdp2(rank, world, out):
-    from torch.distributed.fsdp import fully_shard
 
     import adamnx.functional as functional
-    from adamnx import AdamNX
 
     seen = []
     original = functional._multi_tensor_adamnx
@@ -99,28 +97,14 @@ def fsdp2(rank, world, out):
         return original(params, *args, **kwargs)
 
     functional._multi_tensor_adamnx = recording
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    opt = AdamNX(model.parameters(), lr=LR, foreach=True)
+    model, opt = _fsdp_model_and_opt(foreach=True)
     _train(model, opt, rank, world, STEPS)
     _save_params(model, out, rank, {"foreach_param_types": seen})
 
 
 def fsdp2_fused(rank, world, out):
     """fused=True on FSDP2's DTensor shards: the C++ CPU kernel updates each rank's local shard."""
-    from torch.distributed.fsdp import fully_shard
-
-    from adamnx import AdamNX
-
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    opt = AdamNX(model.parameters(), lr=LR, fused=True)
+    model, opt = _fsdp_model_and_opt(fused=True)
     _train(model, opt, rank, world, STEPS)
     param_types = sorted({type(p).__name__ for p in model.parameters()})
     _save_params(model, out, rank, {"param_types": param_types})
@@ -140,7 +124,8 @@ def zero(rank, world, out):
     _save_params(model.module, out, rank, {"steps": steps})
 
 
-def _fsdp_model_and_opt():
+def _fsdp_model_and_opt(**opt_kwargs):
+    """The test MLP with each Linear and the whole model sharded by FSDP2, and AdamNX over its DTensor params."""
     from torch.distributed.fsdp import fully_shard
 
     from adamnx import AdamNX
@@ -150,7 +135,7 @@ def _fsdp_model_and_opt():
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    return model, AdamNX(model.parameters(), lr=LR, foreach=True)
+    return model, AdamNX(model.parameters(), lr=LR, **(opt_kwargs or {"foreach": True}))
 
 
 def dcp_save(rank, world, out):
