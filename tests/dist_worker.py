@@ -86,7 +86,6 @@ def ddp(rank, world, out):
 
 
 def fsdp2(rank, world, out):
-
     import adamnx.functional as functional
 
     seen = []
