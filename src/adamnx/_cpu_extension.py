@@ -68,16 +68,13 @@ def _isa_flags() -> list[str]:
     return avx2 if capability == "AVX2" else []
 
 
-def _command(compiler: str, output: Path) -> list[str]:
+def _flags() -> list[str]:
+    """Everything the compiler is told besides the source and the output file (and part of the cache key)."""
     from torch.utils.cpp_extension import include_paths
 
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     return [
-        compiler,
-        str(_SOURCE),
-        "-o",
-        str(output),
         "-shared",
         "-fPIC",
         "-std=c++17",
@@ -94,24 +91,24 @@ def _command(compiler: str, output: Path) -> list[str]:
     ]
 
 
-def _library_path(command: list[str]) -> Path:
+def _library_path(flags: list[str]) -> Path:
     key = hashlib.sha256()
     key.update(_SOURCE.read_bytes())
-    for part in (torch.__version__, str(torch.version.git_version), sys.platform, platform.machine(), *command[4:]):
+    for part in (torch.__version__, str(torch.version.git_version), sys.platform, platform.machine(), *flags):
         key.update(part.encode() + b"\0")
     return cache_dir() / f"fused_cpu-{key.hexdigest()[:16]}.so"
 
 
 def _build(compiler: str) -> Path:
-    command = _command(compiler, Path("OUTPUT"))
-    target = _library_path(command)
+    flags = _flags()
+    target = _library_path(flags)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:
-        command[3] = tmp
+        command = [compiler, str(_SOURCE), "-o", tmp, *flags]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(
