@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import adamnx._fused
 from adamnx import AdamNX
 from adamnx.reference import AdamNXReference
 
@@ -31,15 +32,39 @@ class ErrorOptimizerInput:
     params: Any = field(default=None)
 
 
+class _InductorOnCPU(AdamNX):
+    """AdamNX whose fused step runs the accelerator (inductor) kernel on the CPU."""
+
+    def step(self, closure=None):
+        with adamnx._fused.inductor_on_cpu():
+            return super().step(closure)
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One row of the implementation table: call it like the AdamNX class to get an optimizer that runs it.
+
+    Deliberately not a mapping of constructor kwargs: ``AdamNX(params, **row)`` cannot run another kernel than the
+    row names, because it is a TypeError.
+    """
+
+    kwargs: dict[str, Any]
+    inductor_on_cpu: bool = False
+
+    def __call__(self, params, **kwargs) -> AdamNX:
+        cls = _InductorOnCPU if self.inductor_on_cpu else AdamNX
+        return cls(params, **self.kwargs, **kwargs)
+
+
 # Every implementation a user can select. "fused" is the C++ kernel on the CPU; "fused-inductor" is the kernel
-# fused=True runs on CUDA, run here on the CPU (conftest.py switches it on for tests parametrized with it).
+# fused=True runs on CUDA, run here on the CPU.
 IMPLEMENTATIONS = {
-    "for-loop": {"foreach": False},
-    "foreach": {"foreach": True},
-    "capturable": {"foreach": False, "capturable": True},
-    "foreach-capturable": {"foreach": True, "capturable": True},
-    "fused": {"fused": True},
-    "fused-inductor": {"fused": True},
+    "for-loop": Implementation({"foreach": False}),
+    "foreach": Implementation({"foreach": True}),
+    "capturable": Implementation({"foreach": False, "capturable": True}),
+    "foreach-capturable": Implementation({"foreach": True, "capturable": True}),
+    "fused": Implementation({"fused": True}),
+    "fused-inductor": Implementation({"fused": True}, inductor_on_cpu=True),
 }
 
 # The hyperparameter grid of the parity tests (the issue's β2 ∈ {0.9, 0.99, 0.999}, wd ∈ {0, 0.01}, maximize).
@@ -68,9 +93,10 @@ def initial_params(shapes=SHAPES, seed: int = 1, dtype=torch.float64) -> list[to
     return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
 
 
-def run_torch(params0, grads_seq, **kwargs) -> tuple[list[torch.Tensor], AdamNX]:
+def run_torch(params0, grads_seq, impl: str | None = None, **kwargs) -> tuple[list[torch.Tensor], AdamNX]:
+    """Run ``grads_seq`` through a fresh optimizer: implementation ``impl`` of the table, or plain AdamNX(**kwargs)."""
     params = [p.clone().requires_grad_(True) for p in params0]
-    opt = AdamNX(params, **kwargs)
+    opt = AdamNX(params, **kwargs) if impl is None else IMPLEMENTATIONS[impl](params, **kwargs)
     for grads in grads_seq:
         for p, gr in zip(params, grads):
             p.grad = None if gr is None else gr.clone()

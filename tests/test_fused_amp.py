@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adamnx import AdamNX
-from helpers import gradient_sequence, initial_params, rel_err, run_torch
+from helpers import IMPLEMENTATIONS, gradient_sequence, initial_params, rel_err, run_torch
 
 
 def _model(seed=0):
@@ -18,7 +18,7 @@ def _model(seed=0):
 def test_fused_with_grad_scaler_matches_unscaled_loop_and_skips_inf_steps(kernel):
     x, y = torch.randn(32, 6), torch.randn(32, 3)
     scaled_model, plain_model = _model(), _model()
-    fused = AdamNX(scaled_model.parameters(), lr=1e-2, fused=True)
+    fused = IMPLEMENTATIONS[kernel](scaled_model.parameters(), lr=1e-2)
     loop = AdamNX(plain_model.parameters(), lr=1e-2, foreach=False)
     assert fused._step_supports_amp_scaling
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
@@ -52,7 +52,7 @@ def test_fused_with_grad_scaler_matches_unscaled_loop_and_skips_inf_steps(kernel
 @pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
 def test_fused_after_unscale_uses_found_inf_only(kernel):
     model = _model()
-    opt = AdamNX(model.parameters(), lr=1e-2, fused=True)
+    opt = IMPLEMENTATIONS[kernel](model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
     scaler.scale(model(torch.randn(4, 6)).sum()).backward()
     scaler.unscale_(opt)  # grads are now true gradients; the optimizer gets grad_scale=None
@@ -76,17 +76,17 @@ def test_fused_low_precision_params_use_float32_math_and_round_once(dtype, kerne
     m, v = (torch.randn(1000, generator=g) * 0.1).to(dtype), torch.rand(1000, generator=g).to(dtype)
     state = {"step": torch.tensor(4.0, dtype=torch.float64), "exp_avg": m, "exp_avg_sq": v}
 
-    def one_step(param, grad, state, **kwargs):
+    def one_step(param, grad, state, impl):
         param = param.clone().requires_grad_(True)
         param.grad = grad.clone()
-        opt = AdamNX([param], lr=1e-2, **kwargs)
+        opt = IMPLEMENTATIONS[impl]([param], lr=1e-2)
         opt.state[param].update({k: t.clone() for k, t in state.items()})
         opt.step()
         return param.detach(), opt.state[param]
 
-    fused, fused_state = one_step(p, grad, state, fused=True)
+    fused, fused_state = one_step(p, grad, state, kernel)
     upcast = {k: (t.float() if k != "step" else t) for k, t in state.items()}
-    exact, exact_state = one_step(p.float(), grad.float(), upcast, foreach=False)
+    exact, exact_state = one_step(p.float(), grad.float(), upcast, "for-loop")
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # one unit in the last place, relative
     assert fused.dtype == dtype and fused_state["exp_avg_sq"].dtype == dtype
     torch.testing.assert_close(fused.float(), exact.to(dtype).float(), rtol=ulp, atol=1e-6)
@@ -102,8 +102,8 @@ def test_fused_handles_channels_last_and_non_contiguous_params(kernel):
     strided = torch.randn(6, 8)[:, ::2]  # not dense: runs the same kernel eagerly
     params0 = [conv, strided, torch.randn(1), torch.randn(0, 3)]
     grads = [[torch.randn_like(p) for p in params0] for _ in range(20)]
-    fused, _ = run_torch(params0, grads, lr=1e-2, fused=True)
-    loop, _ = run_torch(params0, grads, lr=1e-2, foreach=False)
+    fused, _ = run_torch(params0, grads, impl=kernel, lr=1e-2)
+    loop, _ = run_torch(params0, grads, impl="for-loop", lr=1e-2)
     for f, lp in zip(fused, loop):
         assert rel_err(f, lp.detach().double().numpy()) <= 1e-6
 
@@ -115,7 +115,7 @@ def test_fused_does_not_recompile_for_new_steps_lrs_or_shapes(kernel):
     counters.clear()
     for shapes in ([(17,), (3, 4)], [(100,), (2, 50)]):
         params = [torch.randn(s, requires_grad=True) for s in shapes]
-        opt = AdamNX(params, fused=True)
+        opt = IMPLEMENTATIONS[kernel](params)
         for lr in (1e-3, 2e-3, 5e-4):
             opt.param_groups[0]["lr"] = lr
             for p in params:

@@ -4,7 +4,11 @@ fallback for layouts it cannot walk, and its build (cache, missing or failing co
 from __future__ import annotations
 
 import math
+import os
 import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +130,9 @@ def test_build_is_cached_by_source_torch_version_and_flags(tmp_path, monkeypatch
     monkeypatch.setenv("ADAMNX_CACHE_DIR", str(tmp_path))
     first = _cpu_extension._build(_cpu_extension._compiler())
     assert first.parent == tmp_path and first.suffix == ".so"
-    assert [f.name for f in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+    # the library and its checksum, no temporary files left behind; readable by everyone sharing the cache
+    assert sorted(f.name for f in tmp_path.iterdir()) == [first.name, first.name + ".sha256"]
+    assert first.stat().st_mode & 0o777 == 0o755
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("a cached kernel was rebuilt")
@@ -207,3 +213,142 @@ def test_vector_flags_follow_torchs_cpu_capability(capability, expected, monkeyp
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     flags = _cpu_extension._isa_flags()
     assert all(f in flags for f in expected) and (flags == [] or capability != "DEFAULT")
+
+
+# --------------------------------------------------------------------------- a cache that cannot take a process down
+
+
+def _good_library() -> bytes:
+    """The bytes of a correctly built kernel (the one this process loaded)."""
+    return _cpu_extension._build().read_bytes()
+
+
+def _fake_compiler(monkeypatch, calls: list):
+    """Builds by copying a good library: a rebuild takes milliseconds and is counted."""
+    good = _good_library()
+
+    def compile_(compiler, flags, output):
+        calls.append(output)
+        with open(output, "wb") as f:
+            f.write(good)
+
+    monkeypatch.setattr(_cpu_extension, "_compile", compile_)
+    monkeypatch.setattr(_cpu_extension, "_compiler", lambda: "c++")
+    return good
+
+
+CORRUPTIONS = {
+    "truncated": lambda good: good[: len(good) // 3],
+    "empty": lambda good: b"",
+    "garbage": lambda good: bytes(range(256)) * 64,
+    "same-size-flipped": lambda good: good[:-100] + bytes(100),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_corrupt_cached_library_is_rebuilt_not_loaded(corruption, tmp_path, monkeypatch):
+    calls: list = []
+    good = _fake_compiler(monkeypatch, calls)
+    monkeypatch.setenv("ADAMNX_CACHE_DIR", str(tmp_path))
+    target = _cpu_extension._build()  # a valid library and its checksum
+    assert calls and target.read_bytes() == good
+    target.write_bytes(CORRUPTIONS[corruption](good))  # the checksum beside it still names the good bytes
+    calls.clear()
+    assert _cpu_extension._build() == target and len(calls) == 1  # refused, rebuilt
+    assert target.read_bytes() == good and _cpu_extension._is_verified(target)
+
+
+def test_a_cached_library_without_a_checksum_is_rebuilt(tmp_path, monkeypatch):
+    """A cache written before checksums existed (or whose checksum write was lost) is not trusted."""
+    calls: list = []
+    good = _fake_compiler(monkeypatch, calls)
+    monkeypatch.setenv("ADAMNX_CACHE_DIR", str(tmp_path))
+    target = _cpu_extension._library_path(_cpu_extension._flags())
+    target.write_bytes(good[:100])
+    assert _cpu_extension._build() == target and len(calls) == 1 and target.read_bytes() == good
+
+
+def test_a_machine_without_a_compiler_uses_a_valid_cached_kernel(tmp_path, monkeypatch):
+    calls: list = []
+    _fake_compiler(monkeypatch, calls)
+    monkeypatch.setenv("ADAMNX_CACHE_DIR", str(tmp_path))
+    target = _cpu_extension._build()
+
+    def no_compiler():
+        raise _cpu_extension.CompilerNotFoundError("no C++ compiler was found")
+
+    monkeypatch.setattr(_cpu_extension, "_compiler", no_compiler)
+    assert _cpu_extension._build() == target  # loaded from the cache, no compiler asked for
+    target.write_bytes(b"")
+    with pytest.raises(_cpu_extension.CompilerNotFoundError):  # a broken cache and no compiler: a clear error
+        _cpu_extension._build()
+
+
+def test_an_unwritable_cache_directory_falls_back_with_one_warning(tmp_path, monkeypatch):
+    calls: list = []
+    good = _fake_compiler(monkeypatch, calls)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")  # nothing can be created below it, not even by root
+    monkeypatch.setenv("ADAMNX_CACHE_DIR", str(blocked / "cache"))
+    private = tmp_path / "private"
+    monkeypatch.setattr(_cpu_extension, "_private_cache_dir", lambda: private.mkdir(exist_ok=True) or private)
+    with pytest.warns(UserWarning, match="ADAMNX_CACHE_DIR") as record:
+        target = _cpu_extension._build()
+    assert len(record) == 1 and target.parent == private and target.read_bytes() == good
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _cpu_extension._build() == target  # a valid build there: found again, no warning, no rebuild
+    assert len(calls) == 1
+
+
+def test_the_private_fallback_directory_belongs_to_this_user_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(_cpu_extension.tempfile, "gettempdir", lambda: str(tmp_path))
+    first = _cpu_extension._private_cache_dir()
+    assert first.parent == tmp_path and first.stat().st_mode & 0o777 == 0o700
+    assert _cpu_extension._private_cache_dir() == first  # kept between processes of this user
+    first.chmod(0o777)  # someone could plant a library there: not used
+    assert _cpu_extension._private_cache_dir() != first
+
+
+def test_a_read_only_cache_directory_warns_and_builds_elsewhere(tmp_path, monkeypatch):
+    """A permission error on the cache (simulated: the tests run as root, whom file modes do not stop)."""
+    calls: list = []
+    _fake_compiler(monkeypatch, calls)
+    read_only = tmp_path / "shared-cache"
+    read_only.mkdir()
+    real = _cpu_extension.tempfile.NamedTemporaryFile
+
+    def refuse_in_read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == read_only:
+            raise PermissionError(13, "Permission denied", str(read_only))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(_cpu_extension.tempfile, "NamedTemporaryFile", refuse_in_read_only)
+    monkeypatch.setenv("ADAMNX_CACHE_DIR", str(read_only))
+    monkeypatch.setattr(_cpu_extension.tempfile, "gettempdir", lambda: str(tmp_path))
+    with pytest.warns(UserWarning, match=r"Permission denied.*ADAMNX_CACHE_DIR"):
+        target = _cpu_extension._build()
+    assert target.parent == tmp_path / f"adamnx-{os.getuid()}" and list(read_only.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_two_processes_repair_a_truncated_cache_at_once(tmp_path):
+    """Two fresh processes (DDP ranks) meet a truncated library: neither crashes, both rebuild, one file is left."""
+    target_name = _cpu_extension._library_path(_cpu_extension._flags()).name
+    (tmp_path / target_name).write_bytes(_good_library()[:4096])  # would be SIGBUS inside dlopen
+    script = (
+        "import torch; from adamnx import AdamNX\n"
+        "p = torch.nn.Parameter(torch.ones(5)); opt = AdamNX([p], fused=True)\n"
+        "p.grad = torch.ones(5); opt.step(); print(p.detach().sum().item())\n"
+    )
+    env = {**os.environ, "ADAMNX_CACHE_DIR": str(tmp_path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert float(out) == pytest.approx(5 * (1 - 1e-3 * 0.01) - 5e-3, rel=1e-6)
+    assert sorted(f.name for f in tmp_path.iterdir()) == [target_name, target_name + ".sha256"]
+    assert _cpu_extension._is_verified(tmp_path / target_name)

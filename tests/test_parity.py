@@ -31,7 +31,7 @@ def grads64():
 @pytest.mark.parametrize("hp", HYPERPARAMETERS, ids=lambda hp: hp.desc)
 def test_float64_matches_reference(impl, hp, grads64):
     params0 = initial_params()
-    params, opt = run_torch(params0, grads64, **hp.kwargs, **IMPLEMENTATIONS[impl])
+    params, opt = run_torch(params0, grads64, **hp.kwargs, impl=impl)
     ref = run_reference(params0, grads64, **hp.kwargs)
     assert_matches_reference(params, opt, ref, tol=1e-12)
 
@@ -41,7 +41,7 @@ def test_float64_matches_reference(impl, hp, grads64):
 def test_float32_matches_reference(impl, hp):
     grads = gradient_sequence(N_STEPS, dtype=torch.float32)
     params0 = initial_params(dtype=torch.float32)
-    params, opt = run_torch(params0, grads, **hp.kwargs, **IMPLEMENTATIONS[impl])
+    params, opt = run_torch(params0, grads, **hp.kwargs, impl=impl)
     ref = run_reference(params0, grads, **hp.kwargs)
     assert_matches_reference(params, opt, ref, tol=1e-5)
 
@@ -50,8 +50,8 @@ def test_float32_matches_reference(impl, hp):
 def test_fused_float32_matches_for_loop_to_1e6(kernel):
     grads = gradient_sequence(N_STEPS, dtype=torch.float32, seed=3)
     params0 = initial_params(dtype=torch.float32)
-    loop, _ = run_torch(params0, grads, lr=3e-3, foreach=False)
-    fused, _ = run_torch(params0, grads, lr=3e-3, fused=True)
+    loop, _ = run_torch(params0, grads, impl="for-loop", lr=3e-3)
+    fused, _ = run_torch(params0, grads, impl=kernel, lr=3e-3)
     for a, b in zip(fused, loop):
         assert rel_err(a, b.detach().double().numpy()) <= 1e-6
 
@@ -85,8 +85,8 @@ def test_complex_params_equal_their_real_view_bitwise(impl):
     z0 = torch.randn(6, 2, generator=g, dtype=torch.float64)
     complex_p = torch.view_as_complex(z0.clone()).requires_grad_(True)
     real_p = z0.clone().requires_grad_(True)
-    c_opt = AdamNX([complex_p], lr=1e-2, **IMPLEMENTATIONS[impl])
-    r_opt = AdamNX([real_p], lr=1e-2, **IMPLEMENTATIONS[impl])
+    c_opt = IMPLEMENTATIONS[impl]([complex_p], lr=1e-2)
+    r_opt = IMPLEMENTATIONS[impl]([real_p], lr=1e-2)
     for _ in range(20):
         grad = torch.randn(6, 2, generator=g, dtype=torch.float64)
         complex_p.grad = torch.view_as_complex(grad.clone())
@@ -103,8 +103,8 @@ def test_complex_params_equal_their_real_view_bitwise(impl):
 def test_tensor_lr_matches_float_lr(impl):
     grads = gradient_sequence(200, dtype=torch.float32, seed=2)
     params0 = initial_params(dtype=torch.float32)
-    with_float, _ = run_torch(params0, grads, lr=1e-2, **IMPLEMENTATIONS[impl])
-    with_tensor, _ = run_torch(params0, grads, lr=torch.tensor(1e-2), **IMPLEMENTATIONS[impl])
+    with_float, _ = run_torch(params0, grads, lr=1e-2, impl=impl)
+    with_tensor, _ = run_torch(params0, grads, lr=torch.tensor(1e-2), impl=impl)
     for a, b in zip(with_tensor, with_float):
         if impl == "for-loop":
             assert torch.equal(a, b)  # a CPU tensor lr is read once per step: the same floats
@@ -119,10 +119,9 @@ def test_param_groups_keep_their_own_hyperparameters(impl):
     pa, pb = initial_params(shapes_a), initial_params(shapes_b, seed=9)
     a = [p.clone().requires_grad_(True) for p in pa]
     b = [p.clone().requires_grad_(True) for p in pb]
-    opt = AdamNX(
+    opt = IMPLEMENTATIONS[impl](
         [{"params": a}, {"params": b, "lr": 3e-2, "weight_decay": 0.1, "betas": (0.8, 0.9)}],
         lr=1e-3,
-        **IMPLEMENTATIONS[impl],
     )
     for step_grads in grads:
         for p, gr in zip(a + b, step_grads):
@@ -138,7 +137,7 @@ def test_param_groups_keep_their_own_hyperparameters(impl):
 def test_zero_grads_with_zero_lr_leave_params_unchanged(impl):
     params = [p.requires_grad_(True) for p in initial_params()]
     before = [p.detach().clone() for p in params]
-    opt = AdamNX(params, lr=0.0, weight_decay=0.5, **IMPLEMENTATIONS[impl])
+    opt = IMPLEMENTATIONS[impl](params, lr=0.0, weight_decay=0.5)
     for _ in range(5):
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -154,7 +153,7 @@ def test_loss_goes_down_or_up_with_maximize(impl, maximize):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     x, y = torch.randn(64, 8), torch.randn(64, 1)
-    opt = AdamNX(model.parameters(), lr=1e-2, maximize=maximize, **IMPLEMENTATIONS[impl])
+    opt = IMPLEMENTATIONS[impl](model.parameters(), lr=1e-2, maximize=maximize)
 
     def loss_fn():
         return torch.nn.functional.mse_loss(model(x), y)
@@ -174,7 +173,7 @@ def test_first_step_has_m_equal_g_and_v_equal_g_squared():
     for impl in IMPLEMENTATIONS.values():
         q = p.detach().clone().requires_grad_(True)
         q.grad = p.grad.clone()
-        opt = AdamNX([q], lr=0.1, weight_decay=0.0, eps=0.0, **impl)
+        opt = impl([q], lr=0.1, weight_decay=0.0, eps=0.0)
         opt.step()
         assert torch.equal(opt.state[q]["exp_avg"], p.grad)
         assert torch.equal(opt.state[q]["exp_avg_sq"], p.grad**2)
@@ -187,7 +186,7 @@ def test_torch_compile_step_matches_eager(impl):
     params0 = initial_params(dtype=torch.float32)
     eager, _ = run_torch(params0, grads, lr=1e-2)
     params = [p.clone().requires_grad_(True) for p in params0]
-    opt = AdamNX(params, lr=1e-2, **IMPLEMENTATIONS[impl])
+    opt = IMPLEMENTATIONS[impl](params, lr=1e-2)
     compiled_step = torch.compile(opt.step)
     for step_grads in grads:
         for p, gr in zip(params, step_grads):

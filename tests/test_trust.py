@@ -35,8 +35,8 @@ def test_float32_state_for_bf16_params_tracks_the_reference(impl):
     grads = gradient_sequence(200, dtype=torch.bfloat16, seed=1)
     params0 = initial_params(dtype=torch.bfloat16)
     ref = run_reference(params0, grads, lr=1e-2)
-    pure, pure_opt = run_torch(params0, grads, lr=1e-2, **LOOP_FOREACH_FUSED[impl])
-    wide, opt = run_torch(params0, grads, lr=1e-2, state_dtype=torch.float32, **LOOP_FOREACH_FUSED[impl])
+    pure, pure_opt = run_torch(params0, grads, lr=1e-2, impl=impl)
+    wide, opt = run_torch(params0, grads, lr=1e-2, state_dtype=torch.float32, impl=impl)
     for i, p in enumerate(wide):
         assert p.dtype == torch.bfloat16 and opt.state[p]["exp_avg"].dtype == torch.float32
         # m and v depend only on the gradients: in float32 they match the float64 reference to float32 accuracy,
@@ -53,14 +53,14 @@ def test_float32_state_survives_a_checkpoint_exactly(impl):
     import io
 
     p = torch.nn.Parameter(torch.randn(4, 3).bfloat16())
-    opt = AdamNX([p], state_dtype=torch.float32, stochastic_rounding=True, **IMPLEMENTATIONS[impl])
+    opt = IMPLEMENTATIONS[impl]([p], state_dtype=torch.float32, stochastic_rounding=True)
     for _ in range(3):
         p.grad = torch.randn(4, 3).bfloat16()
         opt.step()
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
-    fresh = AdamNX([p], state_dtype=torch.float32, stochastic_rounding=True, **IMPLEMENTATIONS[impl])
+    fresh = IMPLEMENTATIONS[impl]([p], state_dtype=torch.float32, stochastic_rounding=True)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))  # torch.dtype in the groups is allowed
     for key in ("exp_avg", "exp_avg_sq"):
         assert fresh.state[p][key].dtype == torch.float32  # torch's loader would have cast them to bf16
@@ -87,7 +87,7 @@ def test_stochastic_rounding_keeps_updates_smaller_than_half_an_ulp(impl):
     results = {}
     for sr in (False, True):
         p = torch.full((n,), 4.0, dtype=torch.bfloat16, requires_grad=True)
-        opt = AdamNX([p], lr=lr, weight_decay=0.0, stochastic_rounding=sr, **LOOP_FOREACH_FUSED[impl])
+        opt = LOOP_FOREACH_FUSED[impl]([p], lr=lr, weight_decay=0.0, stochastic_rounding=sr)
         for _ in range(steps):
             p.grad = torch.ones(n, dtype=torch.bfloat16)
             opt.step()
@@ -102,7 +102,7 @@ def test_stochastic_rounding_keeps_updates_smaller_than_half_an_ulp(impl):
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 def test_skip_nonfinite_leaves_the_group_untouched_and_counts(impl):
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
-    opt = AdamNX([{"params": [a]}, {"params": [b]}], lr=0.1, skip_nonfinite=True, **IMPLEMENTATIONS[impl])
+    opt = IMPLEMENTATIONS[impl]([{"params": [a]}, {"params": [b]}], lr=0.1, skip_nonfinite=True)
     a.grad, b.grad = torch.ones(3), torch.ones(2)
     opt.step()
     state_a = {k: v.clone() for k, v in opt.state[a].items()}
@@ -156,7 +156,7 @@ def test_no_nan_or_inf_at_huge_step_counts(impl, beta2, step, cold):
     torch.manual_seed(0)
     lr = 1e-3
     p = torch.nn.Parameter(torch.randn(5))
-    opt = AdamNX([p], lr=lr, betas=(0.9, beta2), per_coordinate_steps=cold, **IMPLEMENTATIONS[impl])
+    opt = IMPLEMENTATIONS[impl]([p], lr=lr, betas=(0.9, beta2), per_coordinate_steps=cold)
     p.grad = torch.randn(5)
     opt.step()
     opt.state[p]["step"].fill_(step)
@@ -188,11 +188,11 @@ def test_cold_coordinate_past_the_horizon_gets_lr_over_eps_without_the_mitigatio
 # --------------------------------------------------------------------------- late activation
 
 
-def _late_activation_update(impl: dict, restart: bool, t_late: int = 20_000) -> float:
+def _late_activation_update(impl, restart: bool, t_late: int = 20_000) -> float:
     """Largest |Δθ|/lr of a coordinate whose first gradient arrives at step t_late (β2 = 0.99)."""
     p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
     lr = 1e-3
-    opt = AdamNX([p], lr=lr, weight_decay=0.0, per_coordinate_steps=restart, **impl)
+    opt = impl([p], lr=lr, weight_decay=0.0, per_coordinate_steps=restart)
     p.grad = torch.tensor([1.0, 0.0], dtype=torch.float64)
     opt.step()  # coordinate 0 has a history, coordinate 1 has never had a gradient
     opt.state[p]["step"].fill_(t_late - 1)
@@ -268,7 +268,7 @@ def test_odd_params_and_values_match_the_reference(impl, case):
     if case == "lr-zero":
         kwargs["lr"] = 0.0
     params = [p.clone().requires_grad_(True) for p in params0]
-    opt = AdamNX(params, **kwargs, **IMPLEMENTATIONS[impl])
+    opt = IMPLEMENTATIONS[impl](params, **kwargs)
     for step in grads:
         for p, gr in zip(params, step):
             p.grad = gr.clone()
@@ -292,7 +292,7 @@ class OptimizerSequence(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.impl = {}
+        self.impl = None
         self.params: list[torch.Tensor] = []
         self.refs: list[tuple[AdamNXReference, list[int]]] = []  # one reference per group, with param indices
         self.gen = torch.Generator().manual_seed(0)
@@ -304,7 +304,7 @@ class OptimizerSequence(RuleBasedStateMachine):
         self.impl = IMPLEMENTATIONS[impl]
         p = torch.randn(size, dtype=torch.float64, generator=self.gen).requires_grad_(True)
         self.params = [p]
-        self.opt = AdamNX([p], lr=lr, **self.impl)
+        self.opt = self.impl([p], lr=lr)
         self.refs = [(AdamNXReference([p.detach().numpy()], lr=lr), [0])]
 
     @rule(size=st.integers(1, 4), lr=st.sampled_from([3e-3, 3e-2]), wd=st.sampled_from([0.0, 0.1]))
@@ -351,7 +351,7 @@ class OptimizerSequence(RuleBasedStateMachine):
             {"params": [p], **{k: v for k, v in g.items() if k != "params"}}
             for p, g in zip(self.params, self.opt.param_groups)
         ]
-        fresh = AdamNX(groups, **self.impl)
+        fresh = self.impl(groups)
         fresh.load_state_dict(torch.load(buffer, weights_only=True))
         self.opt = fresh
 

@@ -9,6 +9,12 @@ The source is compiled with the machine's C++ compiler against the headers and l
 keyed by the source, torch's version and the compiler flags, so a new torch or a changed kernel rebuilds and
 nothing stale is ever loaded. Several processes building at once (DDP ranks) each write a private file and rename
 it into place atomically.
+
+A library is loaded only after its SHA-256 matches the checksum written beside it at build time: a truncated,
+empty or overwritten file (a full disk, a killed copy) would otherwise crash the process inside the dynamic loader
+(SIGBUS); it is rebuilt instead. A cache directory that cannot be written falls back, with one warning, to a
+private directory of this user under the system's temporary directory. A machine without a compiler still loads
+a valid cached library.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -99,24 +106,91 @@ def _library_path(flags: list[str]) -> Path:
     return cache_dir() / f"fused_cpu-{key.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str) -> Path:
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _is_verified(library: Path) -> bool:
+    """Whether ``library`` is complete: its checksum file exists and matches its bytes."""
+    try:
+        return _checksum_path(library).read_text().strip() == _digest(library)
+    except OSError:  # either file missing or unreadable
+        return False
+
+
+def _private_cache_dir() -> Path:
+    """A directory only this user can write, under the system's temporary directory."""
+    path = Path(tempfile.gettempdir()) / f"adamnx-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        info = path.lstat()
+        ours = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+        if ours and path.is_dir() and not path.is_symlink() and not info.st_mode & 0o022:
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="adamnx-"))  # someone else's or unusable: a fresh one for this process
+
+
+@functools.cache  # one warning per process and directory
+def _writable_dir(preferred: Path) -> Path:
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=preferred, prefix=".write-test-"):
+            pass  # a directory can exist and still refuse new files (read-only, another user's)
+        return preferred
+    except OSError as exc:
+        fallback = _private_cache_dir()
+        warnings.warn(
+            f"adamnx cannot write its kernel cache {preferred} ({exc.strerror or exc}); building in {fallback} "
+            "instead. Set ADAMNX_CACHE_DIR to a writable directory to keep the build between runs.",
+            stacklevel=4,
+        )
+        return fallback
+
+
+def _compile(compiler: str, flags: list[str], output: str) -> None:
+    command = [compiler, str(_SOURCE), "-o", output, *flags]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            "fused=True could not build its CPU kernel. The compiler said:\n"
+            f"{result.stderr[-4000:]}\nCommand: {' '.join(command)}\n"
+            "Use foreach=True or foreach=False meanwhile (no compiler needed), and please report this."
+        )
+
+
+def _publish(tmp: str, target: Path) -> None:
+    """Move a built library into place with its checksum; readable by everyone (a shared cache), atomic."""
+    os.chmod(tmp, 0o755)
+    fd, tmp_sum = tempfile.mkstemp(prefix=target.name + "-", suffix=".sha256.tmp", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(_digest(Path(tmp)) + "\n")
+    os.chmod(tmp_sum, 0o644)
+    # The checksum first: a reader in between sees a new checksum beside the old library, refuses it, rebuilds.
+    os.replace(tmp_sum, _checksum_path(target))
+    os.replace(tmp, target)
+
+
+def _build(compiler: str | None = None) -> Path:
+    """The path of a verified library: the cached one, else a new build (in a writable cache directory)."""
     flags = _flags()
     target = _library_path(flags)
-    if target.exists():
+    if _is_verified(target):
+        return target  # no compiler needed
+    target = _writable_dir(target.parent) / target.name
+    if _is_verified(target):  # the fallback directory may already hold one
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = compiler or _compiler()
     fd, tmp = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:
-        command = [compiler, str(_SOURCE), "-o", tmp, *flags]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(
-                "fused=True could not build its CPU kernel. The compiler said:\n"
-                f"{result.stderr[-4000:]}\nCommand: {' '.join(command)}\n"
-                "Use foreach=True or foreach=False meanwhile (no compiler needed), and please report this."
-            )
-        os.replace(tmp, target)  # atomic: a concurrent builder's identical file is simply replaced
+        _compile(compiler, flags, tmp)
+        _publish(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -126,6 +200,6 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def load():
     """The ``torch.ops.adamnx`` namespace with the CPU kernels, building them on first use."""
-    library = _build(_compiler())
+    library = _build()
     torch.ops.load_library(str(library))
     return torch.ops.adamnx

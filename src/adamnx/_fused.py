@@ -27,7 +27,13 @@ import torch
 from torch import Tensor
 
 from adamnx import _cpu_extension
-from adamnx.functional import group_by_device_and_dtype, host_coefficients, stochastic_round_to_bf16
+from adamnx.functional import (
+    dense_1d_views,
+    group_by_device_and_dtype,
+    host_coefficients,
+    math_dtype,
+    stochastic_round_to_bf16,
+)
 from adamnx.schedule import coefficients
 
 __all__ = ["fused_adamnx"]
@@ -71,8 +77,20 @@ def _adamnx_kernel(
     exp_avg_sq.copy_(v)
 
 
-# Tests set this to run the accelerator (inductor) kernel on the CPU, where CI can check it.
+# True inside inductor_on_cpu(): the accelerator (inductor) kernel runs on the CPU, where CI can check it.
 INDUCTOR_ON_CPU = False
+
+
+@contextlib.contextmanager
+def inductor_on_cpu():
+    """Run fused=True's accelerator kernel (TorchInductor) for CPU tensors instead of the C++ kernel: for tests."""
+    global INDUCTOR_ON_CPU
+    previous, INDUCTOR_ON_CPU = INDUCTOR_ON_CPU, True
+    try:
+        yield
+    finally:
+        INDUCTOR_ON_CPU = previous
+
 
 CHUNK = 8  # tensors per compiled call: amortises the call's ~50–100 µs of Python and guard overhead
 
@@ -128,26 +146,6 @@ def _no_duck_shapes():
         return fx_config.patch(use_duck_shape=False)
     except (ImportError, AttributeError):  # pragma: no cover - older torch: at worst a few recompilations
         return contextlib.nullcontext()
-
-
-def _dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:
-    """1-D views over the same memory when all tensors are dense blocks with identical strides, else None.
-
-    A dense, non-overlapping tensor (contiguous, channels_last, ...) covers one block of memory; walking that
-    block in order visits corresponding elements of tensors that share strides, so 1-D views stay aligned.
-    """
-    first = tensors[0]
-    if any(t.stride() != first.stride() or t.shape != first.shape for t in tensors):
-        return None
-    if first.is_contiguous():
-        return [t.view(-1) for t in tensors]
-    sizes_strides = sorted((st, sz) for st, sz in zip(first.stride(), first.shape) if sz != 1)
-    expected = 1
-    for stride, size in sizes_strides:
-        if stride != expected:
-            return None
-        expected *= size
-    return [t.as_strided((t.numel(),), (1,)) for t in tensors]
 
 
 def _is_compiler_missing(exc: BaseException) -> bool:
@@ -219,16 +217,11 @@ def fused_adamnx(
         )  # fmt: skip
 
 
+@torch.compiler.disable  # under torch.compile(opt.step): plain Python (the CPU kernel runs outside graphs anyway)
 def ensure_cpu_kernel() -> None:
     """Build or load the CPU kernel (a no-op once loaded, or when tests run the inductor kernel instead)."""
     if not INDUCTOR_ON_CPU:
         _cpu_extension.load()
-
-
-def _math_dtype(param: Tensor, exp_avg: Tensor) -> torch.dtype:
-    """float64 (and complex128, updated through its float64 view) keep float64 math; all else float32."""
-    wide = (torch.float64, torch.complex128)
-    return torch.float64 if param.dtype in wide or exp_avg.dtype in wide else torch.float32
 
 
 def _real_views(*tensor_lists: list[Tensor]) -> list[list[Tensor]]:
@@ -274,12 +267,10 @@ def _cpu_step(
         params, grads, exp_avgs, exp_avg_sqs, w1s, w2s, lr, weight_decay, eps, grad_factor, stochastic, seed
     )
     for i in left:  # layouts or dtype pairs the kernel cannot walk in one pass: the same math, eagerly
-        math_dtype = _math_dtype(params[i], exp_avgs[i])
-        scalars = [
-            torch.tensor(x, dtype=torch.float64).to(math_dtype) for x in (-lr, -lr * weight_decay, eps, grad_factor)
-        ]
+        dtype = math_dtype(params[i], exp_avgs[i])
+        scalars = [torch.tensor(x, dtype=torch.float64).to(dtype) for x in (-lr, -lr * weight_decay, eps, grad_factor)]
         w1, w2 = (w[i if w.numel() > 1 else 0] for w in (w1s, w2s))
-        coeffs = [c.to(math_dtype) for c in (w1, 1 - w2, w2)]
+        coeffs = [c.to(dtype) for c in (w1, 1 - w2, w2)]
         _adamnx_kernel(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], *coeffs, *scalars, None, stochastic)
 
 
@@ -289,37 +280,42 @@ def _compiled_step(
 ) -> None:  # fmt: skip
     """One step of accelerator tensors sharing a device and dtype: the inductor kernel, no host sync."""
     device = params[0].device
-    math_dtype = _math_dtype(params[0], exp_avgs[0])
+    dtype = math_dtype(params[0], exp_avgs[0])
     f64 = {"dtype": torch.float64, "device": device}
     # torch.full launches a fill kernel where torch.tensor would copy from the host: capturable in a CUDA graph
     lr_t = lr.to(**f64) if isinstance(lr, Tensor) else torch.full((), lr, **f64)
     grad_factor = torch.full((), -1.0 if maximize else 1.0, **f64)
     if grad_scale is not None:
         grad_factor = grad_factor / grad_scale.to(**f64)
-    inf_t = None if found_inf is None else found_inf.to(device=device, dtype=math_dtype)
+    inf_t = None if found_inf is None else found_inf.to(device=device, dtype=dtype)
     # Separate tensors, not views of one stack: inputs aliasing each other would make dynamo recompile.
-    shared = [t.to(math_dtype) for t in (-lr_t, lr_t * -weight_decay, torch.full((), eps, **f64), grad_factor)]
+    shared = [t.to(dtype) for t in (-lr_t, lr_t * -weight_decay, torch.full((), eps, **f64), grad_factor)]
 
-    # The counter does not advance on a skipped (inf) step, as in torch's fused Adam.
-    torch._foreach_add_(steps, 1.0 if inf_t is None else 1 - inf_t.to(steps[0].device, steps[0].dtype))
+    # The counter does not advance on a skipped (inf) step, as in torch's fused Adam. It is advanced last, so that
+    # a kernel that fails to compile (no Triton) leaves the counters as they were, like everything else.
+    increment = 1.0 if inf_t is None else 1 - inf_t.to(steps[0].device, steps[0].dtype)
     # One vectorised evaluation of the coefficients for the whole group, on the device, no host sync;
     # β̂2 = 1 − w2 is formed in float64, then everything is rounded to the math dtype once.
-    w1s, w2s = coefficients(torch.stack(steps).to(device), (beta1, beta2))
-    coeffs = [c.to(math_dtype) for c in (w1s, 1 - w2s, w2s)]
+    w1s, w2s = coefficients((torch.stack(steps) + increment).to(device), (beta1, beta2))
+    coeffs = [c.to(dtype) for c in (w1s, 1 - w2s, w2s)]
     scalars = (*shared, inf_t)
 
     compiled: list[list[Tensor]] = [[], [], [], []]
     compiled_idx: list[int] = []
+    eager: list[tuple[int, tuple[Tensor, ...]]] = []
     for i, tensors in enumerate(zip(*_real_views(params, grads, exp_avgs, exp_avg_sqs))):
         numel = tensors[0].numel()
-        flat = _dense_1d_views(list(tensors)) if numel > 1 else None
+        flat = dense_1d_views(list(tensors)) if numel > 1 else None
         if flat is not None:
             compiled_idx.append(i)
             for lst, t in zip(compiled, flat):
                 lst.append(t)
         elif numel:  # 1 element (dynamo would specialise it) or not one dense block: same function, eager
-            _adamnx_kernel(*tensors, *(c[i] for c in coeffs), *scalars, stochastic)
+            eager.append((i, tensors))
     if compiled_idx:
         index = torch.tensor(compiled_idx, device=device) if len(compiled_idx) < len(params) else None
         chunk_coeffs = coeffs if index is None else [c.index_select(0, index) for c in coeffs]
         _run_compiled(compiled, chunk_coeffs, scalars, stochastic)
+    for i, tensors in eager:
+        _adamnx_kernel(*tensors, *(c[i] for c in coeffs), *scalars, stochastic)
+    torch._foreach_add_(steps, increment)

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from adamnx.schedule import coefficients
+from adamnx.schedule import check_betas, coefficients
 
 __all__ = ["adamnx"]
 
@@ -57,6 +57,10 @@ def adamnx(
         raise RuntimeError("`state_steps` must be a list of 0-d step tensors, one per parameter")
     if fused is None and foreach is None:
         foreach = _default_to_foreach(params, differentiable)
+        if foreach and isinstance(lr, Tensor) and not capturable:
+            foreach = False  # torch.optim's rule: the for-loop takes a Tensor lr that foreach would refuse
+    if isinstance(beta1, float) and isinstance(beta2, float):
+        check_betas(beta1, beta2)  # before any counter advances: a step that raises changes nothing
     if coord_steps is not None:
         # Per-element coefficients are computed by the for-loop path only: one implementation of that math.
         fused, foreach = False, False
@@ -102,16 +106,31 @@ def stochastic_round_to_bf16(x: Tensor) -> Tensor:
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # low 16 bits 0: the cast is exact
 
 
-def _master(param: Tensor, state_dtype: torch.dtype, stochastic: bool) -> Tensor:
-    """The tensor the update is computed in: the param itself, or a wider copy (written back by _write_back)."""
-    if param.dtype == state_dtype and not stochastic:
-        return param
-    return param.to(torch.promote_types(state_dtype, torch.float32))
+def math_dtype(param: Tensor, state: Tensor) -> torch.dtype:
+    """The dtype every path computes a tensor's update in: the wider of the param's and the state's, and at least
+    float32 (fp16 would round eps = 1e-8 to 0). Complex tensors are updated through their real views."""
+    dtype = _MATH_DTYPES.get((param.dtype, state.dtype))
+    return dtype if dtype is not None else _wider_real_dtype(param.dtype, state.dtype)
 
 
-def _write_back(param: Tensor, master: Tensor, stochastic: bool) -> None:
-    if master is not param:
-        param.copy_(stochastic_round_to_bf16(master) if stochastic else master)
+def _wider_real_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    dtype = torch.promote_types(torch.promote_types(a, b), torch.float32)
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
+# Precomputed: the step asks for every tensor (a table, not functools.cache, which torch.compile warns about).
+_KNOWN = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+_MATH_DTYPES = {(a, b): _wider_real_dtype(a, b) for a in _KNOWN for b in _KNOWN}
+
+
+def _in_math_dtype(tensor: Tensor, dtype: torch.dtype, always_copy: bool = False) -> Tensor:
+    """``tensor`` itself when it already has the math dtype (updated in place), else a copy to write back."""
+    return tensor if tensor.dtype == dtype and not always_copy else tensor.to(dtype, copy=True)
+
+
+def _write_back(param: Tensor, updated: Tensor, stochastic: bool) -> None:
+    if updated is not param:
+        param.copy_(stochastic_round_to_bf16(updated) if stochastic else updated)
 
 
 def _advance_coord_steps(coord_step: Tensor, grad: Tensor) -> Tensor:
@@ -188,7 +207,7 @@ def _single_tensor_adamnx(
     on_device = capturable or torch.compiler.is_compiling()
     if capturable:
         _check_capturable_devices(params, state_steps)
-    if isinstance(lr, Tensor) and not on_device:
+    if isinstance(lr, Tensor) and not on_device and not differentiable:  # differentiable: a graph to lr too
         lr = lr.item()
     if coord_steps is None:
         coord_steps = [None] * len(params)
@@ -203,39 +222,133 @@ def _single_tensor_adamnx(
             exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
 
         step_t += 1
-        stochastic = stochastic_rounding and param.dtype == torch.bfloat16
-        master = _master(param, exp_avg.dtype, stochastic)
-        if grad.dtype != exp_avg.dtype:
-            grad = grad.to(exp_avg.dtype)  # float32 state for low-precision params: float32 math
-
-        per_element = coord_step is not None
-        if per_element:  # per_coordinate_steps: every coordinate follows the schedule from its own first gradient
-            w1, w2 = _device_coefficients(_advance_coord_steps(coord_step, grad), beta1, beta2, exp_avg.dtype)
+        dtype = math_dtype(param, exp_avg)
+        if coord_step is not None:  # per_coordinate_steps: every coordinate follows the schedule from its own start
+            w1, w2 = _device_coefficients(_advance_coord_steps(coord_step, grad), beta1, beta2, dtype)
         elif on_device:
-            w1, w2 = _device_coefficients(step_t, beta1, beta2, exp_avg.dtype)
+            w1, w2 = _device_coefficients(step_t, beta1, beta2, dtype)
         else:
             w1, w2 = host_coefficients(step_t.item(), beta1, beta2)
+        step_lr = lr.to(dtype) if isinstance(lr, Tensor) else lr  # lr·λ formed in the math dtype, not lr's
+        if differentiable:
+            _differentiable_update(param, grad, exp_avg, exp_avg_sq, w1, w2, step_lr, weight_decay, eps, dtype)
+            continue
 
-        if weight_decay != 0:
-            # θ ← θ(1 − ηλ) written as θ + (−ηλ)θ: the small factor −ηλ keeps its digits in float32, 1 − ηλ doesn't.
-            if isinstance(lr, Tensor):
-                master.addcmul_(master, lr * -weight_decay)
-            else:
-                master.add_(master, alpha=-lr * weight_decay)
-        exp_avg.lerp_(grad, w1)
-        # β̂2_t = 1 − w2 is formed from the stable w2; w2 itself multiplies g² at full relative accuracy.
-        exp_avg_sq.mul_(1 - w2)
-        if on_device or per_element:
-            exp_avg_sq.addcmul_(grad, grad * w2)
+        stochastic = stochastic_rounding and param.dtype == torch.bfloat16
+        if stochastic or param.dtype != dtype or exp_avg.dtype != dtype:  # wider math than the tensors hold
+            for tensors, (w1_piece, w2_piece) in _in_pieces((param, grad, exp_avg, exp_avg_sq), (w1, w2)):
+                _update_copies(*tensors, w1_piece, w2_piece, dtype, step_lr, weight_decay, eps, stochastic)
         else:
-            exp_avg_sq.addcmul_(grad, grad, value=w2)
-        # autograd saves sqrt's output, so the differentiable step must not add eps in place
-        denom = exp_avg_sq.sqrt() + eps if differentiable else exp_avg_sq.sqrt().add_(eps)
+            _update_in_place(param, grad, exp_avg, exp_avg_sq, w1, w2, step_lr, weight_decay, eps)
+
+
+def _update_in_place(param, grad, exp_avg, exp_avg_sq, w1, w2, lr, weight_decay, eps) -> None:
+    """The update of one tensor whose param, grad and moments all have the math dtype."""
+    if weight_decay != 0:
+        # θ ← θ(1 − ηλ) written as θ + (−ηλ)θ: the small factor −ηλ keeps its digits in float32, 1 − ηλ doesn't.
         if isinstance(lr, Tensor):
-            master.addcdiv_(exp_avg, denom.div_(-lr))
+            param.addcmul_(param, lr * -weight_decay)
         else:
-            master.addcdiv_(exp_avg, denom, value=-lr)
-        _write_back(param, master, stochastic)
+            param.add_(param, alpha=-lr * weight_decay)
+    exp_avg.lerp_(grad, w1)
+    # β̂2_t = 1 − w2 is formed from the stable w2; w2 itself multiplies g² at full relative accuracy.
+    exp_avg_sq.mul_(1 - w2)
+    if isinstance(w2, Tensor):
+        exp_avg_sq.addcmul_(grad, grad * w2)
+    else:
+        exp_avg_sq.addcmul_(grad, grad, value=w2)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    if isinstance(lr, Tensor):
+        param.addcdiv_(exp_avg, denom.div_(-lr))
+    else:
+        param.addcdiv_(exp_avg, denom, value=-lr)
+
+
+def _update_copies(param, grad, exp_avg, exp_avg_sq, w1, w2, dtype, lr, weight_decay, eps, stochastic) -> None:
+    """The same update computed on copies in the wider math ``dtype`` and rounded once into the tensors.
+
+    The moments are rounded and stored before the param's copy exists, and √v + ε reuses v's copy: three
+    temporaries of the math dtype at a time (callers pass pieces of at most _PIECE elements)."""
+    g = grad.to(dtype)
+    m, v = _in_math_dtype(exp_avg, dtype), _in_math_dtype(exp_avg_sq, dtype)  # float32 state: in place
+    m.lerp_(g, w1)
+    v.mul_(1 - w2)
+    if isinstance(w2, Tensor):
+        v.addcmul_(g, g * w2)
+    else:
+        v.addcmul_(g, g, value=w2)
+    del g
+    _write_back(exp_avg, m, False)
+    _write_back(exp_avg_sq, v, False)
+    denom = (v.sqrt_() if v is not exp_avg_sq else v.sqrt()).add_(eps)
+    theta = param.to(dtype, copy=True)
+    if weight_decay != 0:
+        if isinstance(lr, Tensor):
+            theta.addcmul_(theta, lr * -weight_decay)
+        else:
+            theta.add_(theta, alpha=-lr * weight_decay)
+    if isinstance(lr, Tensor):
+        theta.addcdiv_(m, denom.div_(-lr))
+    else:
+        theta.addcdiv_(m, denom, value=-lr)
+    param.copy_(stochastic_round_to_bf16(theta) if stochastic else theta)
+
+
+_PIECE = 1 << 20  # elements: the pieces a wider-math update is computed in (3 float32 copies = 12 MB at most)
+
+
+def _in_pieces(tensors: tuple[Tensor, ...], coefficients: tuple) -> list[tuple[tuple[Tensor, ...], tuple]]:
+    """Aligned 1-D pieces of at most _PIECE elements of ``tensors`` (which share a layout) and of the coefficients
+    shaped like them (per-coordinate steps); the tensors whole when they are small or not one dense block."""
+    shaped = [i for i, c in enumerate(coefficients) if isinstance(c, Tensor) and c.dim()]
+    views = dense_1d_views([*tensors, *(coefficients[i] for i in shaped)]) if tensors[0].numel() > _PIECE else None
+    if views is None:
+        return [(tensors, coefficients)]
+    pieces = []
+    for start in range(0, tensors[0].numel(), _PIECE):
+        sliced = [view[start : start + _PIECE] for view in views]
+        coeffs = list(coefficients)
+        for i, piece in zip(shaped, sliced[len(tensors) :]):
+            coeffs[i] = piece
+        pieces.append((tuple(sliced[: len(tensors)]), tuple(coeffs)))
+    return pieces
+
+
+def dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:
+    """1-D views over the same memory when all tensors are dense blocks with identical strides, else None.
+
+    A dense, non-overlapping tensor (contiguous, channels_last, ...) covers one block of memory; walking that
+    block in order visits corresponding elements of tensors that share strides, so 1-D views stay aligned.
+    """
+    first = tensors[0]
+    if any(t.stride() != first.stride() or t.shape != first.shape for t in tensors):
+        return None
+    if first.is_contiguous():
+        return [t.view(-1) for t in tensors]
+    sizes_strides = sorted((st, sz) for st, sz in zip(first.stride(), first.shape) if sz != 1)
+    expected = 1
+    for stride, size in sizes_strides:
+        if stride != expected:
+            return None
+        expected *= size
+    return [t.as_strided((t.numel(),), (1,)) for t in tensors]
+
+
+def _differentiable_update(param, grad, exp_avg, exp_avg_sq, w1, w2, lr, weight_decay, eps, dtype) -> None:
+    """The same update, out of place, so that autograd can run back through many steps.
+
+    In-place updates would overwrite values that an earlier step saved for backward ("modified by an inplace
+    operation"): every quantity is computed from clones and written back with copy_, which saves nothing.
+    """
+    theta, m, v, g = (t.to(dtype, copy=True) for t in (param, exp_avg, exp_avg_sq, grad))
+    if weight_decay != 0:
+        theta = theta + (lr * -weight_decay) * theta
+    m = torch.lerp(m, g, w1)
+    v = v * (1 - w2) + (g * g) * w2
+    theta = theta - lr * (m / (v.sqrt() + eps))
+    param.copy_(theta)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
 
 
 def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> list[tuple[list[Tensor], ...]]:
@@ -286,43 +399,95 @@ def _multi_tensor_adamnx(
         if maximize:
             d_grads = torch._foreach_neg(d_grads)
 
+        dtype = math_dtype(d_params[0], d_exp_avgs[0])
         torch._foreach_add_(d_steps, 1.0)
         if on_device:
             # One vectorised evaluation for the whole group: N 0-d weights, no host sync.
-            w1, w2 = _device_coefficients(torch.stack(d_steps), beta1, beta2, d_exp_avgs[0].dtype)
+            w1, w2 = _device_coefficients(torch.stack(d_steps), beta1, beta2, dtype)
             w1, beta2_hat, w2 = list(w1.unbind()), list((1 - w2).unbind()), list(w2.unbind())
         else:
             pairs = [host_coefficients(s.item(), beta1, beta2) for s in d_steps]
             w1, w2 = [p[0] for p in pairs], [p[1] for p in pairs]
             beta2_hat = [1 - x for x in w2]
 
-        state_dtype = d_exp_avgs[0].dtype
         stochastic = stochastic_rounding and d_params[0].dtype == torch.bfloat16
-        masters = [_master(p, state_dtype, stochastic) for p in d_params]
-        if d_grads[0].dtype != state_dtype:
-            d_grads = [g.to(state_dtype) for g in d_grads]
-
-        if weight_decay != 0:
-            if isinstance(lr, Tensor):
-                torch._foreach_add_(masters, torch._foreach_mul(masters, lr * -weight_decay))
-            else:
-                torch._foreach_add_(masters, masters, alpha=-lr * weight_decay)
-        torch._foreach_lerp_(d_exp_avgs, d_grads, w1)
-        torch._foreach_mul_(d_exp_avg_sqs, beta2_hat)
-        if on_device:
-            scaled_grads = torch._foreach_mul(d_grads, w2)
-            torch._foreach_addcmul_(d_exp_avg_sqs, d_grads, scaled_grads)
-            del scaled_grads  # one temporary at a time
+        group_lr = lr.to(dtype) if isinstance(lr, Tensor) else lr  # lr·λ formed in the math dtype, not lr's
+        tensors = (d_params, d_grads, d_exp_avgs, d_exp_avg_sqs)
+        if stochastic or d_params[0].dtype != dtype or d_exp_avgs[0].dtype != dtype:  # wider math than stored
+            for bucket in _buckets_of_pieces(tensors, (w1, beta2_hat, w2)):
+                _foreach_update_copies(*bucket, dtype, group_lr, weight_decay, eps, stochastic)
         else:
-            torch._foreach_addcmul_(d_exp_avg_sqs, d_grads, d_grads, w2)
-        del d_grads
+            _foreach_update_in_place(*tensors, w1, beta2_hat, w2, group_lr, weight_decay, eps)
 
-        denom = torch._foreach_sqrt(d_exp_avg_sqs)
-        torch._foreach_add_(denom, eps)
+
+def _foreach_update_in_place(params, grads, exp_avgs, exp_avg_sqs, w1, beta2_hat, w2, lr, weight_decay, eps):
+    """_update_in_place for lists of tensors that all have the math dtype."""
+    if weight_decay != 0:
         if isinstance(lr, Tensor):
-            torch._foreach_div_(denom, -lr)
-            torch._foreach_addcdiv_(masters, d_exp_avgs, denom)
+            torch._foreach_add_(params, torch._foreach_mul(params, lr * -weight_decay))
         else:
-            torch._foreach_addcdiv_(masters, d_exp_avgs, denom, -lr)
-        for p, master in zip(d_params, masters):
-            _write_back(p, master, stochastic)
+            torch._foreach_add_(params, params, alpha=-lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, w1)
+    _foreach_second_moment_(exp_avg_sqs, grads, beta2_hat, w2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    if isinstance(lr, Tensor):
+        torch._foreach_div_(denom, -lr)
+        torch._foreach_addcdiv_(params, exp_avgs, denom)
+    else:
+        torch._foreach_addcdiv_(params, exp_avgs, denom, -lr)
+
+
+def _foreach_second_moment_(exp_avg_sqs, grads, beta2_hat, w2) -> None:
+    """v ← v·β̂2_t + (1 − β̂2_t)·g², with per-tensor weights (floats, or 0-d tensors on the device)."""
+    torch._foreach_mul_(exp_avg_sqs, beta2_hat)
+    if isinstance(w2[0], Tensor):
+        scaled_grads = torch._foreach_mul(grads, w2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, scaled_grads)
+    else:
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, w2)
+
+
+def _foreach_update_copies(
+    params, grads, exp_avgs, exp_avg_sqs, w1, beta2_hat, w2, dtype, lr, weight_decay, eps, stochastic
+):
+    """_update_copies for lists of tensors (pieces of at most _PIECE elements in all): the same order, so the
+    same three temporaries of the math dtype at a time."""
+    gs = [g.to(dtype) for g in grads]
+    ms, vs = [_in_math_dtype(m, dtype) for m in exp_avgs], [_in_math_dtype(v, dtype) for v in exp_avg_sqs]
+    torch._foreach_lerp_(ms, gs, w1)
+    _foreach_second_moment_(vs, gs, beta2_hat, w2)
+    del gs
+    for targets, values in ((exp_avgs, ms), (exp_avg_sqs, vs)):
+        for target, value in zip(targets, values):
+            _write_back(target, value, False)
+    denom = [v.sqrt_() if v is not stored else v.sqrt() for v, stored in zip(vs, exp_avg_sqs)]
+    torch._foreach_add_(denom, eps)
+    thetas = [p.to(dtype, copy=True) for p in params]
+    if weight_decay != 0:
+        if isinstance(lr, Tensor):
+            torch._foreach_add_(thetas, torch._foreach_mul(thetas, lr * -weight_decay))
+        else:
+            torch._foreach_add_(thetas, thetas, alpha=-lr * weight_decay)
+    if isinstance(lr, Tensor):
+        torch._foreach_div_(denom, -lr)
+        torch._foreach_addcdiv_(thetas, ms, denom)
+    else:
+        torch._foreach_addcdiv_(thetas, ms, denom, -lr)
+    for param, theta in zip(params, thetas):
+        param.copy_(stochastic_round_to_bf16(theta) if stochastic else theta)
+
+
+def _buckets_of_pieces(tensors: tuple[list[Tensor], ...], coefficients: tuple[list, ...]):
+    """Lists of pieces (see _in_pieces) with their per-tensor coefficients, at most _PIECE elements per list."""
+    bucket: list[tuple] = []
+    size = 0
+    for i in range(len(tensors[0])):
+        for piece, coeffs in _in_pieces(tuple(lst[i] for lst in tensors), tuple(c[i] for c in coefficients)):
+            if bucket and size + piece[0].numel() > _PIECE:
+                yield tuple(map(list, zip(*bucket)))
+                bucket, size = [], 0
+            bucket.append((*piece, *coeffs))
+            size += piece[0].numel()
+    if bucket:
+        yield tuple(map(list, zip(*bucket)))

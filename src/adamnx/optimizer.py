@@ -2,31 +2,38 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from adamnx._validation import (
+    FLOATING_DTYPES,
+    MAX_COORD_STEP,
+    OPTION_DEFAULTS,
+    as_float,
+    check_hyperparameters,
+    check_state_dict,
+)
 from adamnx.functional import adamnx
 
 __all__ = ["AdamNX"]
 
 _FUSED_DEVICES = ("cpu", "cuda")
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
-def _as_float(value: Any, name: str) -> float:
-    """Accept a Python number or a 1-element tensor (as torch.optim does) and return a float."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element")
-        return float(value.item())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
+def _normalised(group: dict[str, Any]) -> dict[str, Any]:
+    """betas, eps and weight_decay as Python floats (a tensor weight_decay would be formed in its own precision)."""
+    out = dict(group)
+    if "betas" in out:
+        out["betas"] = tuple(as_float(b, f"betas[{i}]") for i, b in enumerate(out["betas"]))
+    for key in ("eps", "weight_decay"):
+        if isinstance(out.get(key), Tensor):
+            out[key] = as_float(out[key], key)
+    if isinstance(out.get("lr"), Tensor) and out["lr"].dim():
+        out["lr"] = out["lr"].view(())  # a view: a scheduler filling the user's tensor still sets this lr
+    return out
 
 
 def _step_dtype(device: torch.device) -> torch.dtype:
@@ -124,76 +131,30 @@ class AdamNX(torch.optim.Optimizer):
             "skip_nonfinite": skip_nonfinite,
             "per_coordinate_steps": per_coordinate_steps,
         }
-        self._validate_group(defaults)  # before the base class builds any group or state
-        defaults["betas"] = tuple(_as_float(b, f"betas[{i}]") for i, b in enumerate(betas))
-        super().__init__(params, defaults)
-        if fused:
-            # GradScaler hands the fused step its grad_scale/found_inf instead of unscaling grads itself.
-            self._step_supports_amp_scaling = True
+        check_hyperparameters(defaults)  # before the base class builds any group or state
+        self._fused_groups: set[int] = set()  # ids of groups whose params passed fused's checks (see _check_params)
+        super().__init__(params, _normalised(defaults))
 
-    @staticmethod
-    def _validate_group(group: dict[str, Any]) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-            if group.get("foreach") and not group.get("capturable"):
-                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        lr_value = _as_float(lr, "lr")
-        if not 0.0 <= lr_value < math.inf:
-            raise ValueError(f"Invalid learning rate: {lr_value}")
-        eps = _as_float(group["eps"], "eps")
-        if not 0.0 <= eps < math.inf:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        weight_decay = _as_float(group["weight_decay"], "weight_decay")
-        if not 0.0 <= weight_decay < math.inf:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        beta1, beta2 = _as_float(betas[0], "betas[0]"), _as_float(betas[1], "betas[1]")
-        if not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
-        if beta2 == 0.0:
-            raise ValueError(
-                "Invalid beta parameter at index 1: 0.0 (with beta2 = 0, v freezes at g_1^2 forever; use 0 < beta2 < 1)"
-            )
-        if group.get("fused"):
-            if group.get("foreach"):
-                raise ValueError("`fused` and `foreach` cannot both be True")
-            if group.get("differentiable"):
-                raise ValueError("`fused` does not support `differentiable=True`")
-        if group.get("foreach") and group.get("differentiable"):
-            raise ValueError("`foreach` does not support `differentiable=True`")
-        state_dtype = group.get("state_dtype")
-        if state_dtype is not None and state_dtype not in _FUSED_DTYPES:
-            raise ValueError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
-        if group.get("differentiable") and (state_dtype is not None or group.get("stochastic_rounding")):
-            raise ValueError("`differentiable=True` does not support state_dtype or stochastic_rounding")
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler hands the step its grad_scale/found_inf (instead of unscaling the grads itself and skipping
+        # inf steps) only when every group runs a path that honours them: fused, without per-coordinate counts.
+        return all(g["fused"] and not g["per_coordinate_steps"] for g in self.param_groups)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check a new group's own hyperparameters before the base class stores it.
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        self._validate_group(merged)
-        if "betas" in param_group:
-            param_group = {**param_group, "betas": tuple(_as_float(b, "betas") for b in param_group["betas"])}
-        super().add_param_group(param_group)
+        check_hyperparameters(merged)
+        super().add_param_group(_normalised(param_group))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._fused_groups = set()  # new group objects (a copy, a pickle, a load): check them again
         # Fill options that older checkpoints (including the authors' implementation) do not have.
         for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            group.setdefault("state_dtype", None)
-            group.setdefault("stochastic_rounding", False)
-            group.setdefault("skip_nonfinite", False)
-            group.setdefault("per_coordinate_steps", False)
+            for key, value in OPTION_DEFAULTS.items():
+                group.setdefault(key, value)
+            group.update(_normalised({k: group[k] for k in ("betas", "eps", "weight_decay")}))
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state:
@@ -203,55 +164,63 @@ class AdamNX(torch.optim.Optimizer):
     def _exact_step(step: Any, param: Tensor, group: dict[str, Any]) -> Tensor:
         """A step counter in our format: float64 0-d tensor, on the param's device if capturable or fused."""
         device = param.device if group["capturable"] or group["fused"] else torch.device("cpu")
-        value = step.detach() if isinstance(step, Tensor) else torch.tensor(float(step))
-        return value.to(device=device, dtype=_step_dtype(device)).reshape(())
+        value = step.detach() if isinstance(step, Tensor) else torch.tensor(float(step), dtype=torch.float64)
+        return value.to(device=device, dtype=_step_dtype(device), copy=True).reshape(())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict (ours, torch's AdamW-style, or the authors'); reject a mismatched one untouched."""
-        saved_groups = state_dict.get("param_groups")
-        saved_state = state_dict.get("state")
-        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
-            raise ValueError("state_dict must have a 'state' dict and a 'param_groups' list")
-        if len(saved_groups) != len(self.param_groups):
+        """Load a state dict (ours, torch's AdamW-style, or the authors').
+
+        Everything is checked first (see :mod:`adamnx._validation`), after any load pre-hooks ran: a refused state
+        dict raises a ValueError that names the group or parameter and the field, and leaves the optimizer exactly
+        as it was. The loaded
+        state is the optimizer's own copy, with exact values: step counts as float64, moments in the group's
+        ``state_dtype``, per-coordinate counts as int32 (torch's loader would cast them all to the param's dtype).
+        """
+        if not isinstance(state_dict, Mapping):  # torch's loader would fail on it before any hook runs
             raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(self.param_groups)}"
+                f"state_dict must be a dict with 'state' and 'param_groups', got {type(state_dict).__name__}"
             )
-        saved_ids = [pid for g in saved_groups for pid in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError(
-                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
-            )
-        for pid, p in zip(saved_ids, params):
-            p_state = saved_state.get(pid)
-            if not p_state:
-                continue
-            missing = [k for k in _STATE_KEYS if k not in p_state]
-            if missing:
-                raise ValueError(f"state of parameter {pid} is missing {missing}")
-            for key in ("exp_avg", "exp_avg_sq"):
-                value = p_state[key]
-                if not isinstance(value, Tensor) or value.shape != p.shape:
-                    shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                    raise ValueError(
-                        f"state '{key}' of parameter {pid} has shape {shape}, the parameter {tuple(p.shape)}"
-                    )
-                if value.is_complex() != p.is_complex():
-                    raise ValueError(f"state '{key}' of parameter {pid} is {value.dtype}, the parameter {p.dtype}")
-        # torch's loader casts 'step' to float32 for capturable/fused groups; keep the exact saved counts.
-        exact_steps = {pid: saved_state[pid]["step"] for pid in saved_ids if saved_state.get(pid)}
-        super().load_state_dict(state_dict)
-        id_of = {id(p): pid for pid, p in zip(saved_ids, params)}
+        loaded: dict[str, Any] = {}
+
+        def check(optimizer: AdamNX, hooked: dict[str, Any]) -> None:  # after every user pre-hook, as they see it
+            check_state_dict(hooked, self.param_groups)
+            loaded["state_dict"] = hooked
+
+        def restore(optimizer: AdamNX) -> None:  # before every user post-hook, which may change the state again
+            self._restore_exact_state(loaded["state_dict"])
+
+        before = self.state, self.param_groups
+        handles = [
+            self.register_load_state_dict_pre_hook(check),
+            self.register_load_state_dict_post_hook(restore, prepend=True),
+        ]
+        try:
+            super().load_state_dict(state_dict)  # replaces self.state and self.param_groups with new objects
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _restore_exact_state(self, state_dict: dict[str, Any]) -> None:
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        saved_of = {id(p): state_dict["state"].get(pid) for pid, p in zip(saved_ids, self._all_params())}
         for group in self.param_groups:
             for p in group["params"]:
-                pid = id_of[id(p)]
-                if pid in exact_steps:
-                    self.state[p]["step"] = self._exact_step(exact_steps[pid], p, group)
-                    # ... and casts the moments to the param's dtype: keep them in state_dtype, from the saved values
-                    state_dtype = self._state_dtype(p, group)
-                    if state_dtype != p.dtype:
-                        for key in ("exp_avg", "exp_avg_sq"):
-                            self.state[p][key] = saved_state[pid][key].to(device=p.device, dtype=state_dtype)
+                saved = saved_of[id(p)]
+                if not saved:
+                    continue
+                state = self.state[p]
+                state["step"] = self._exact_step(saved["step"], p, group)
+                state_dtype = self._state_dtype(p, group)
+                for key in ("exp_avg", "exp_avg_sq"):  # a copy: never alias the caller's (or another optimizer's)
+                    state[key] = saved[key].detach().to(device=p.device, dtype=state_dtype, copy=True)
+                if "coord_step" in saved:
+                    state["coord_step"] = saved["coord_step"].detach().to(p.device, torch.int32, copy=True)
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _init_group(
         self,
@@ -262,22 +231,11 @@ class AdamNX(torch.optim.Optimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
+        if torch.compiler.is_compiling():
+            # Traced apart from state creation, dynamo's analysis of these checks diverges when it restarts (they
+            # read the state that creation writes); traced here, in the same pass, they compile (fullgraph too).
+            self._check_params(group)
         with_grad = [p for p in group["params"] if p.grad is not None]
-        for p in with_grad:  # every check before any state is created
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamNX does not support sparse gradients")
-            state = self.state.get(p)
-            if not state:
-                if group["fused"]:
-                    self._check_fused_support(p)
-                if group["state_dtype"] is not None and p.is_complex():
-                    raise RuntimeError("state_dtype is not supported for complex parameters")
-            elif state["exp_avg"].device != p.device or state["exp_avg"].dtype != self._state_dtype(p, group):
-                raise RuntimeError(
-                    f"a parameter is now {p.dtype} on {p.device} but its optimizer state is "
-                    f"{state['exp_avg'].dtype} on {state['exp_avg'].device}: it was moved or cast after the state "
-                    "was created. Call opt.load_state_dict(opt.state_dict()) to move the state along with it."
-                )
         has_complex = False
         for p in with_grad:
             if not self.state.get(p):
@@ -292,8 +250,6 @@ class AdamNX(torch.optim.Optimizer):
                 if probe:
                     continue  # state created, nothing stepped: t = 1 stays the first real step
             state = self.state[p]
-            if group["differentiable"] and state["step"].requires_grad:
-                raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
             has_complex |= torch.is_complex(p)
             params.append(p)
             grads.append(p.grad)
@@ -301,6 +257,59 @@ class AdamNX(torch.optim.Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
         return has_complex
+
+    def _check_group(self, index: int, group: dict[str, Any]) -> None:
+        """Everything that can make a group's step fail, checked before any group changes: a step that raises
+        leaves every param, moment and counter as it was. Python checks only: no host sync, nothing per element."""
+        try:
+            check_hyperparameters(group, read_tensors=False)  # a user may have edited the group since
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"param group {index}: {exc}") from None
+        if not torch.compiler.is_compiling():
+            self._check_params(group)
+
+    def _check_params(self, group: dict[str, Any]) -> None:
+        """The gradients and state of a group's params: sparse, moved or cast params, fused support, counters."""
+        fused, state_dtype, differentiable = group["fused"], group["state_dtype"], group["differentiable"]
+        capturable = group["capturable"]
+        # Params that have state are checked for fused support once per group (fused may have been switched on
+        # since their state was created, or by a checkpoint); their device and dtype cannot change unnoticed since.
+        fused_checked = id(group) in self._fused_groups
+        cpu_kernel = False
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("AdamNX does not support sparse gradients")
+            state = self.state.get(p)
+            if fused and not (fused_checked and state):
+                cpu_kernel |= self._check_fused_support(p)
+            if not state:
+                if state_dtype is not None and p.is_complex():
+                    raise RuntimeError("state_dtype is not supported for complex parameters")
+                continue
+            exp_avg = state["exp_avg"]
+            wanted = p.dtype if state_dtype is None or p.is_complex() else state_dtype
+            if exp_avg.dtype != wanted or exp_avg.device != p.device:
+                raise RuntimeError(
+                    f"a parameter is now {p.dtype} on {p.device} but its optimizer state is "
+                    f"{exp_avg.dtype} on {exp_avg.device}: it was moved or cast after the state "
+                    "was created. Call opt.load_state_dict(opt.state_dict()) to move the state along with it."
+                )
+            if differentiable and state["step"].requires_grad:
+                raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+            if capturable and state["step"].device != p.device:
+                raise RuntimeError(
+                    f"capturable=True needs the step counter on the param's device ({p.device}), it is on "
+                    f"{state['step'].device}: call opt.load_state_dict(opt.state_dict()) after switching capturable on"
+                )
+        if cpu_kernel:
+            from adamnx._fused import ensure_cpu_kernel
+
+            ensure_cpu_kernel()  # build (or load) it now (then cached): no compiler fails before anything changes
+        if fused:
+            self._fused_groups.add(id(group))
 
     @staticmethod
     def _is_state_init_probe(group: dict[str, Any], p: Tensor) -> bool:
@@ -326,10 +335,8 @@ class AdamNX(torch.optim.Optimizer):
             state = self.state[p]
             v = torch.view_as_real(state["exp_avg_sq"]) if p.is_complex() else state["exp_avg_sq"]
             if "coord_step" not in state:
-                start = int(state["step"].item())  # the tensor's count (0 before its first step)
+                start = min(int(state["step"].item()), MAX_COORD_STEP)  # the tensor's count (0 before its first step)
                 state["coord_step"] = torch.where(v > 0, start, 0).to(torch.int32)
-            elif state["coord_step"].dtype != torch.int32:  # torch's loader casts state to the param's dtype
-                state["coord_step"] = state["coord_step"].to(torch.int32)
             counters.append(state["coord_step"])
         return counters
 
@@ -342,15 +349,13 @@ class AdamNX(torch.optim.Optimizer):
         return bool(torch.stack([t.to(per_tensor[0].device) for t in per_tensor]).all())
 
     @staticmethod
-    def _check_fused_support(p: Tensor) -> None:
-        if p.device.type not in _FUSED_DEVICES or not (p.dtype in _FUSED_DTYPES or p.is_complex()):
+    def _check_fused_support(p: Tensor) -> bool:
+        """Refuse a param fused=True cannot step; whether it needs the CPU kernel."""
+        if p.device.type not in _FUSED_DEVICES or not (p.dtype in FLOATING_DTYPES or p.is_complex()):
             raise RuntimeError(
                 f"fused=True supports floating-point params on {_FUSED_DEVICES}; got {p.dtype} on {p.device.type}"
             )
-        if p.device.type == "cpu":
-            from adamnx._fused import ensure_cpu_kernel
-
-            ensure_cpu_kernel()  # build (or load) it now: a machine without a compiler fails before any state exists
+        return p.device.type == "cpu"
 
     def _check_graph_capture(self) -> None:
         if torch.compiler.is_compiling() or not torch.cuda.is_available():
@@ -368,6 +373,8 @@ class AdamNX(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.set_grad_enabled(self.defaults["differentiable"]):
+            for index, group in enumerate(self.param_groups):
+                self._check_group(index, group)
             for group in self.param_groups:
                 params: list[Tensor] = []
                 grads: list[Tensor] = []

@@ -84,7 +84,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float))
 
 
-def _check_betas(beta1: float, beta2: float) -> None:
+def check_betas(beta1: float, beta2: float) -> None:
     if not 0.0 <= beta1 < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
     if not 0.0 < beta2 < 1.0:
@@ -132,7 +132,7 @@ def first_moment_weight(step: Any, beta1: Any) -> Any:
     """``1 − β1_t = (1 − β1)/(1 − β1^t)``: m_t is then exactly Adam's bias-corrected m̂_t."""
     step = _as_float_step(step)
     if _is_number(beta1):
-        _check_betas(beta1, 0.5)
+        check_betas(beta1, 0.5)
         if beta1 == 0.0:  # m_t = g_t (and log(0) would warn)
             return step * 0 + 1.0
         log_beta1 = math.log(beta1)
@@ -149,7 +149,7 @@ def second_moment_weight(step: Any, beta2: Any) -> Any:
     """``1 − β̂2_t = c^(t−1)(1−c)/(1−c^t)``, ``c = β2^(1−β2)``, evaluated with exp/expm1 of (t−1)·log c and t·log c."""
     step = _as_float_step(step)
     if _is_number(beta2):
-        _check_betas(0.0, beta2)
+        check_betas(0.0, beta2)
     lc = log_c(beta2) + step * 0  # in the step's precision: at t = 1 the ratio is exactly x/x = 1 (see above)
     ops = _ops(step, beta2)
     return ops.exp((step - 1) * lc) * ops.expm1(lc) / ops.expm1(step * lc)
@@ -161,7 +161,7 @@ def horizon(beta2: float) -> float:
     >>> round(horizon(0.99))
     9950
     """
-    _check_betas(0.0, beta2)
+    check_betas(0.0, beta2)
     return -1.0 / math.expm1(log_c(beta2))
 
 

@@ -1,0 +1,258 @@
+"""Checks on what a user hands the optimizer: hyperparameters and state dicts. Nothing here changes anything.
+
+Every check raises before the optimizer is touched, so a refused input leaves it bitwise as it was. The
+hyperparameter rules are the constructor's, applied again to every param group a state dict brings and, cheaply
+(no host sync), to every group at each step; the state-dict rules run once per load, never in ``step``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["FLOATING_DTYPES", "as_float", "check_hyperparameters", "check_state_dict"]
+
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Options a group may lack (older checkpoints, the authors' implementation) and the value it then gets.
+OPTION_DEFAULTS = {
+    "maximize": False,
+    "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+    "fused": None,
+    "state_dtype": None,
+    "stochastic_rounding": False,
+    "skip_nonfinite": False,
+    "per_coordinate_steps": False,
+}
+_BOOL_OPTIONS = ("maximize", "capturable", "differentiable", "stochastic_rounding", "skip_nonfinite")
+_BOOL_OPTIONS += ("per_coordinate_steps",)
+_OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
+_MOMENT_DTYPES = (*FLOATING_DTYPES, torch.complex64, torch.complex128)
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+OPTIONAL_STATE_KEYS = ("coord_step",)
+MAX_STEP = 2**53  # float64 counts every integer up to here exactly
+MAX_COORD_STEP = 2**31 - 1  # coord_step is int32
+
+
+def as_float(value: Any, name: str) -> float:
+    """Accept a Python number or a 1-element tensor (as torch.optim does) and return a float."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def _checked_number(value: Any, name: str, read_tensors: bool) -> float | None:
+    """``value`` as a float; None for a tensor when ``read_tensors`` is False (reading it would sync the host)."""
+    if isinstance(value, Tensor) and not read_tensors:
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"Tensor {name} must be a real number, got {value.dtype}")
+        return None
+    return as_float(value, name)
+
+
+def check_hyperparameters(group: Mapping[str, Any], *, read_tensors: bool = True) -> None:
+    """The constructor's rules for one param group: ranges, types and flag combinations.
+
+    ``read_tensors=False`` (at each step) checks tensor hyperparameters' shape and type but not their value, so
+    that a capturable step on a device never waits for the host. Flag combinations raise RuntimeError, as
+    torch.optim.AdamW does, so code written for AdamW catches them.
+    """
+    for key in _BOOL_OPTIONS:
+        if not isinstance(group.get(key, False), bool):
+            raise TypeError(f"{key} must be True or False, got {group[key]!r}")
+    for key in _OPTIONAL_BOOL_OPTIONS:
+        if group.get(key) is not None and not isinstance(group[key], bool):
+            raise TypeError(f"{key} must be True, False or None, got {group[key]!r}")
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and group.get("foreach") and not group.get("capturable"):
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    if isinstance(lr, Tensor) and lr.dim() and not read_tensors:  # the constructor makes it a 0-d view
+        raise ValueError(f"Tensor lr must be 0-d when the step runs, got shape {tuple(lr.shape)}")
+    for key, label in (("lr", "learning rate"), ("eps", "epsilon value"), ("weight_decay", "weight_decay value")):
+        value = _checked_number(group[key], key, read_tensors)
+        if value is not None and not 0.0 <= value < math.inf:
+            raise ValueError(f"Invalid {label}: {value}")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    if not read_tensors and any(isinstance(b, Tensor) for b in betas):  # the constructor makes them floats
+        raise TypeError(f"betas must be Python floats when the step runs, got {betas!r}")
+    beta1, beta2 = (_checked_number(b, f"betas[{i}]", read_tensors) for i, b in enumerate(betas))
+    if beta1 is not None and not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+    if beta2 is not None and not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+    if beta2 == 0.0:
+        raise ValueError(
+            "Invalid beta parameter at index 1: 0.0 (with beta2 = 0, v freezes at g_1^2 forever; use 0 < beta2 < 1)"
+        )
+    if group.get("fused"):
+        if group.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot both be True")
+        if group.get("differentiable"):
+            raise RuntimeError("`fused` does not support `differentiable=True`")
+    if group.get("foreach") and group.get("differentiable"):
+        raise RuntimeError("`foreach` does not support `differentiable=True`")
+    state_dtype = group.get("state_dtype")
+    if state_dtype is not None and state_dtype not in FLOATING_DTYPES:
+        raise ValueError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
+    if group.get("differentiable") and (state_dtype is not None or group.get("stochastic_rounding")):
+        raise RuntimeError("`differentiable=True` does not support state_dtype or stochastic_rounding")
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def check_state_dict(state_dict: Any, param_groups: list[dict[str, Any]]) -> None:
+    """Refuse, with a ValueError naming the group or parameter and the field, any state dict that would not load
+    into ``param_groups`` as a valid AdamNX state: every check runs before the caller changes anything."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict must be a dict with 'state' and 'param_groups', got {type(state_dict).__name__}")
+    saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping):
+        raise ValueError("state_dict must have a 'state' dict and a 'param_groups' list")
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(
+            f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(param_groups)}"
+        )
+    ids: list[Any] = []
+    for i, (saved, group) in enumerate(zip(saved_groups, param_groups)):
+        _check_saved_group(i, saved, group)
+        ids.extend(saved["params"])
+    for pid in ids:  # ints from state_dict(), names (str) from torch.distributed.checkpoint
+        if isinstance(pid, bool) or not isinstance(pid, (int, str)):
+            raise ValueError(f"loaded param_groups name parameter {pid!r}: parameter ids must be ints or names")
+    if len(set(ids)) != len(ids):
+        raise ValueError("loaded param_groups name a parameter id more than once")
+    known = set(ids)
+    # (True == 1 and 1.0 == 1 as dict keys: only ints and strs are ids)
+    unknown = [
+        key for key in saved_state if not isinstance(key, (int, str)) or isinstance(key, bool) or key not in known
+    ]
+    if unknown:
+        json = any(isinstance(k, str) for k in unknown) and all(isinstance(i, int) for i in ids)
+        hint = " (string keys for int ids: was it converted to JSON and back?)" if json else ""
+        raise ValueError(
+            f"loaded state has entries {unknown[:5]!r} that are not parameter ids of its param_groups{hint}; "
+            "loading it would silently drop those moments and restart their training at t = 1"
+        )
+    for saved, group in zip(saved_groups, param_groups):
+        state_dtype = saved.get("state_dtype")
+        for pid, param in zip(saved["params"], group["params"]):
+            p_state = saved_state.get(pid)
+            if p_state is None:
+                continue
+            if not isinstance(p_state, Mapping):
+                raise ValueError(f"state of parameter {pid} must be a dict, got {type(p_state).__name__}")
+            if p_state:
+                target = param.dtype if state_dtype is None or param.is_complex() else state_dtype
+                _check_param_state(pid, param, p_state, target)
+
+
+def _check_saved_group(index: int, saved: Any, group: dict[str, Any]) -> None:
+    where = f"param group {index} of the loaded state dict"
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+        raise ValueError(f"{where} must be a dict with a 'params' list of parameter ids")
+    if len(saved["params"]) != len(group["params"]):
+        raise ValueError(
+            f"loaded state dict contains a parameter group that doesn't match the size of optimizer's group: "
+            f"{where} has {len(saved['params'])} parameters, the optimizer's {len(group['params'])}"
+        )
+    missing = [key for key in ("lr", "betas", "eps", "weight_decay") if key not in saved]
+    if missing:
+        raise ValueError(f"{where} is missing {missing}")
+    try:
+        check_hyperparameters({**OPTION_DEFAULTS, **saved})
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    # The same names in another order: the parameters were reordered, and each state would land on another one.
+    # (Other names are no evidence: wrappers such as DDP's "module." or torch.compile's "_orig_mod." rename them.)
+    saved_names, names = saved.get("param_names"), group.get("param_names")
+    reordered = saved_names is not None and names is not None and list(saved_names) != list(names)
+    if reordered and sorted(map(str, saved_names)) == sorted(map(str, names)):
+        raise ValueError(f"{where} holds the parameters {list(saved_names)}, the optimizer's group {list(names)}")
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (checks are elementwise), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], target: torch.dtype) -> None:
+    """One parameter's saved state; ``target``: the dtype its moments will be loaded in (and must be finite in).
+
+    Moments that share memory are accepted: the load copies them, so they never alias afterwards."""
+    where = f"state of parameter {pid}"
+    missing = [key for key in STATE_KEYS if key not in p_state]
+    if missing:
+        raise ValueError(f"{where} is missing {missing}")
+    unknown = [key for key in p_state if key not in STATE_KEYS + OPTIONAL_STATE_KEYS]
+    if unknown:
+        raise ValueError(f"{where} has unknown entries {unknown} (AdamNX keeps {list(STATE_KEYS)} and 'coord_step')")
+    step = _check_step(p_state["step"], where)
+    for key in ("exp_avg", "exp_avg_sq"):
+        value = p_state[key]
+        if not isinstance(value, Tensor) or value.shape != param.shape:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{where}: '{key}' has shape {shape}, the parameter {tuple(param.shape)}")
+        if value.is_complex() != param.is_complex() or value.dtype not in _MOMENT_DTYPES:
+            raise ValueError(f"{where}: '{key}' is {value.dtype}, the parameter {param.dtype}")
+        local = _local(value)
+        if local.layout != torch.strided or local.device.type == "meta":
+            raise ValueError(
+                f"{where}: '{key}' must be a dense tensor with values, got {local.layout} on {local.device}"
+            )
+        local = local.to(target)  # finite in the dtype it is loaded in: 1e5 is inf in float16
+        real = torch.view_as_real(local) if local.is_complex() else local
+        if not bool(torch.isfinite(real).all()):
+            raise ValueError(f"{where}: '{key}' holds inf or NaN (as {target})")
+        if key == "exp_avg_sq" and bool((real < 0).any()):
+            raise ValueError(f"{where}: 'exp_avg_sq' holds negative values (it is an average of squares)")
+    if "coord_step" in p_state:
+        _check_coord_step(p_state["coord_step"], param, step, where)
+
+
+def _check_step(step: Any, where: str) -> float:
+    """A step count: a number or 1-element tensor, finite, integral, 0 ≤ step ≤ 2^53; returns it as a float."""
+    if isinstance(step, Tensor):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+            raise ValueError(
+                f"{where}: 'step' must be a number or a 0-d real tensor, got {step.dtype} {tuple(step.shape)}"
+            )
+        value = float(_local(step).item())
+    elif isinstance(step, numbers.Real) and not isinstance(step, bool):
+        value = float(step)
+    else:
+        raise ValueError(f"{where}: 'step' must be a number or a 0-d tensor, got {type(step).__name__}")
+    if not (math.isfinite(value) and value.is_integer() and 0 <= value <= MAX_STEP):
+        raise ValueError(f"{where}: 'step' must be a whole number in [0, 2^53], got {value}")
+    return value
+
+
+def _check_coord_step(counts: Any, param: Tensor, step: float, where: str) -> None:
+    shape = (*param.shape, 2) if param.is_complex() else tuple(param.shape)  # one count per real coordinate
+    if not isinstance(counts, Tensor) or tuple(counts.shape) != shape:
+        got = tuple(counts.shape) if isinstance(counts, Tensor) else type(counts).__name__
+        raise ValueError(f"{where}: 'coord_step' has shape {got}, expected {shape}")
+    if counts.is_complex() or counts.dtype == torch.bool:
+        raise ValueError(f"{where}: 'coord_step' must hold integer counts, got {counts.dtype}")
+    local = _local(counts)
+    if local.numel() == 0:
+        return
+    if local.is_floating_point() and not bool((torch.isfinite(local) & (local == local.round())).all()):
+        raise ValueError(f"{where}: 'coord_step' must hold whole numbers")
+    low, high = local.min().item(), local.max().item()
+    if low < 0 or high > min(step, MAX_COORD_STEP):
+        raise ValueError(f"{where}: 'coord_step' must lie in [0, step = {step:.0f}], got [{low}, {high}]")
