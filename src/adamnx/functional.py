@@ -244,24 +244,9 @@ def _single_tensor_adamnx(
 
 def _update_in_place(param, grad, exp_avg, exp_avg_sq, w1, w2, lr, weight_decay, eps) -> None:
     """The update of one tensor whose param, grad and moments all have the math dtype."""
-    if weight_decay != 0:
-        # θ ← θ(1 − ηλ) written as θ + (−ηλ)θ: the small factor −ηλ keeps its digits in float32, 1 − ηλ doesn't.
-        if isinstance(lr, Tensor):
-            param.addcmul_(param, lr * -weight_decay)
-        else:
-            param.add_(param, alpha=-lr * weight_decay)
-    exp_avg.lerp_(grad, w1)
-    # β̂2_t = 1 − w2 is formed from the stable w2; w2 itself multiplies g² at full relative accuracy.
-    exp_avg_sq.mul_(1 - w2)
-    if isinstance(w2, Tensor):
-        exp_avg_sq.addcmul_(grad, grad * w2)
-    else:
-        exp_avg_sq.addcmul_(grad, grad, value=w2)
-    denom = exp_avg_sq.sqrt().add_(eps)
-    if isinstance(lr, Tensor):
-        param.addcdiv_(exp_avg, denom.div_(-lr))
-    else:
-        param.addcdiv_(exp_avg, denom, value=-lr)
+    _decay_(param, lr, weight_decay)
+    _update_moments_(exp_avg, exp_avg_sq, grad, w1, w2)
+    _descend_(param, exp_avg, exp_avg_sq.sqrt().add_(eps), lr)
 
 
 def _update_copies(param, grad, exp_avg, exp_avg_sq, w1, w2, dtype, lr, weight_decay, eps, stochastic) -> None:
@@ -271,27 +256,44 @@ def _update_copies(param, grad, exp_avg, exp_avg_sq, w1, w2, dtype, lr, weight_d
     temporaries of the math dtype at a time (callers pass pieces of at most _PIECE elements)."""
     g = grad.to(dtype)
     m, v = _in_math_dtype(exp_avg, dtype), _in_math_dtype(exp_avg_sq, dtype)  # float32 state: in place
-    m.lerp_(g, w1)
-    v.mul_(1 - w2)
-    if isinstance(w2, Tensor):
-        v.addcmul_(g, g * w2)
-    else:
-        v.addcmul_(g, g, value=w2)
+    _update_moments_(m, v, g, w1, w2)
     del g
     _write_back(exp_avg, m, False)
     _write_back(exp_avg_sq, v, False)
     denom = (v.sqrt_() if v is not exp_avg_sq else v.sqrt()).add_(eps)
     theta = param.to(dtype, copy=True)
-    if weight_decay != 0:
-        if isinstance(lr, Tensor):
-            theta.addcmul_(theta, lr * -weight_decay)
-        else:
-            theta.add_(theta, alpha=-lr * weight_decay)
-    if isinstance(lr, Tensor):
-        theta.addcdiv_(m, denom.div_(-lr))
-    else:
-        theta.addcdiv_(m, denom, value=-lr)
+    _decay_(theta, lr, weight_decay)
+    _descend_(theta, m, denom, lr)
     param.copy_(stochastic_round_to_bf16(theta) if stochastic else theta)
+
+
+def _decay_(theta: Tensor, lr, weight_decay: float) -> None:
+    """θ ← θ(1 − ηλ), written as θ + (−ηλ)θ: the small factor −ηλ keeps its digits in float32, 1 − ηλ doesn't."""
+    if weight_decay == 0:
+        return
+    if isinstance(lr, Tensor):
+        theta.addcmul_(theta, lr * -weight_decay)
+    else:
+        theta.add_(theta, alpha=-lr * weight_decay)
+
+
+def _update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, w1, w2) -> None:
+    """m ← lerp(m, g, 1 − β1_t); v ← v·β̂2_t + (1 − β̂2_t)·g², with w1 = 1 − β1_t and w2 = 1 − β̂2_t."""
+    exp_avg.lerp_(grad, w1)
+    # β̂2_t = 1 − w2 is formed from the stable w2; w2 itself multiplies g² at full relative accuracy.
+    exp_avg_sq.mul_(1 - w2)
+    if isinstance(w2, Tensor):
+        exp_avg_sq.addcmul_(grad, grad * w2)
+    else:
+        exp_avg_sq.addcmul_(grad, grad, value=w2)
+
+
+def _descend_(theta: Tensor, exp_avg: Tensor, denom: Tensor, lr) -> None:
+    """θ ← θ − η·m/(√v + ε), given denom = √v + ε (overwritten when lr is a Tensor)."""
+    if isinstance(lr, Tensor):
+        theta.addcdiv_(exp_avg, denom.div_(-lr))
+    else:
+        theta.addcdiv_(exp_avg, denom, value=-lr)
 
 
 _PIECE = 1 << 20  # elements: the pieces a wider-math update is computed in (3 float32 copies = 12 MB at most)
@@ -422,35 +424,17 @@ def _multi_tensor_adamnx(
 
 def _foreach_update_in_place(params, grads, exp_avgs, exp_avg_sqs, w1, beta2_hat, w2, lr, weight_decay, eps):
     """_update_in_place for lists of tensors that all have the math dtype."""
-    if weight_decay != 0:
-        if isinstance(lr, Tensor):
-            torch._foreach_add_(params, torch._foreach_mul(params, lr * -weight_decay))
-        else:
-            torch._foreach_add_(params, params, alpha=-lr * weight_decay)
+    _foreach_decay_(params, lr, weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, w1)
     _foreach_second_moment_(exp_avg_sqs, grads, beta2_hat, w2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, eps)
-    if isinstance(lr, Tensor):
-        torch._foreach_div_(denom, -lr)
-        torch._foreach_addcdiv_(params, exp_avgs, denom)
-    else:
-        torch._foreach_addcdiv_(params, exp_avgs, denom, -lr)
-
-
-def _foreach_second_moment_(exp_avg_sqs, grads, beta2_hat, w2) -> None:
-    """v ← v·β̂2_t + (1 − β̂2_t)·g², with per-tensor weights (floats, or 0-d tensors on the device)."""
-    torch._foreach_mul_(exp_avg_sqs, beta2_hat)
-    if isinstance(w2[0], Tensor):
-        scaled_grads = torch._foreach_mul(grads, w2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, scaled_grads)
-    else:
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, w2)
+    _foreach_descend_(params, exp_avgs, denom, lr)
 
 
 def _foreach_update_copies(
     params, grads, exp_avgs, exp_avg_sqs, w1, beta2_hat, w2, dtype, lr, weight_decay, eps, stochastic
-):
+) -> None:
     """_update_copies for lists of tensors (pieces of at most _PIECE elements in all): the same order, so the
     same three temporaries of the math dtype at a time."""
     gs = [g.to(dtype) for g in grads]
@@ -464,18 +448,37 @@ def _foreach_update_copies(
     denom = [v.sqrt_() if v is not stored else v.sqrt() for v, stored in zip(vs, exp_avg_sqs)]
     torch._foreach_add_(denom, eps)
     thetas = [p.to(dtype, copy=True) for p in params]
-    if weight_decay != 0:
-        if isinstance(lr, Tensor):
-            torch._foreach_add_(thetas, torch._foreach_mul(thetas, lr * -weight_decay))
-        else:
-            torch._foreach_add_(thetas, thetas, alpha=-lr * weight_decay)
-    if isinstance(lr, Tensor):
-        torch._foreach_div_(denom, -lr)
-        torch._foreach_addcdiv_(thetas, ms, denom)
-    else:
-        torch._foreach_addcdiv_(thetas, ms, denom, -lr)
+    _foreach_decay_(thetas, lr, weight_decay)
+    _foreach_descend_(thetas, ms, denom, lr)
     for param, theta in zip(params, thetas):
         param.copy_(stochastic_round_to_bf16(theta) if stochastic else theta)
+
+
+def _foreach_decay_(thetas, lr, weight_decay: float) -> None:
+    if weight_decay == 0:
+        return
+    if isinstance(lr, Tensor):
+        torch._foreach_add_(thetas, torch._foreach_mul(thetas, lr * -weight_decay))
+    else:
+        torch._foreach_add_(thetas, thetas, alpha=-lr * weight_decay)
+
+
+def _foreach_second_moment_(exp_avg_sqs, grads, beta2_hat, w2) -> None:
+    """v ← v·β̂2_t + (1 − β̂2_t)·g², with per-tensor weights (floats, or 0-d tensors on the device)."""
+    torch._foreach_mul_(exp_avg_sqs, beta2_hat)
+    if isinstance(w2[0], Tensor):
+        scaled_grads = torch._foreach_mul(grads, w2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, scaled_grads)
+    else:
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, w2)
+
+
+def _foreach_descend_(thetas, exp_avgs, denom, lr) -> None:
+    if isinstance(lr, Tensor):
+        torch._foreach_div_(denom, -lr)
+        torch._foreach_addcdiv_(thetas, exp_avgs, denom)
+    else:
+        torch._foreach_addcdiv_(thetas, exp_avgs, denom, -lr)
 
 
 def _buckets_of_pieces(tensors: tuple[list[Tensor], ...], coefficients: tuple[list, ...]):
