@@ -187,6 +187,12 @@ BAD_STATE_DICTS = [
     BadStateDict("step-negative", _set(_state, step=torch.tensor(-1.0)), "'step' must be a whole number"),
     BadStateDict("step-fraction", _set(_state, step=2.5), "'step' must be a whole number"),
     BadStateDict("step-past-2-pow-53", _set(_state, step=2.0**53 + 2), "'step' must be a whole number"),
+    BadStateDict("int-step-past-2-pow-53", _set(_state, step=2**53 + 1), "'step' must be a whole number"),
+    BadStateDict("step-meta", _set(_state, step=torch.tensor(2.0, device="meta")), "'step' must be a dense tensor"),
+    BadStateDict("step-sparse", _set(_state, step=torch.tensor([2.0]).to_sparse()), "'step' must be a dense tensor"),
+    BadStateDict(
+        "lr-bool-tensor", _set(_group, lr=torch.tensor(True)), "group 0 .*(must hold a real number|lr as a Tensor)"
+    ),
     # the moments
     BadStateDict("exp-avg-shape", _set(_state, exp_avg=torch.zeros(3, 2)), r"'exp_avg' has shape \(3, 2\)"),
     BadStateDict("exp-avg-flat", _set(_state, exp_avg=torch.zeros(6)), r"'exp_avg' has shape \(6,\)"),
@@ -309,6 +315,9 @@ BAD_COORD_STEPS = [
     ("nan", lambda c: torch.full(c.shape, math.nan), "'coord_step' must hold whole numbers"),
     ("bool", lambda c: c > 0, "'coord_step' must hold integer counts"),
     ("list", lambda c: c.tolist(), "'coord_step' has shape list"),
+    ("sparse", lambda c: c.to_sparse(), "'coord_step' must be a dense tensor"),
+    ("meta", lambda c: c.to("meta"), "'coord_step' must be a dense tensor"),
+    ("float8", lambda c: c.float().to(torch.float8_e5m2), "'coord_step' must be a dense tensor"),
 ]
 
 
@@ -361,6 +370,9 @@ BAD_GROUP_EDITS = [
      "lr as a Tensor is not supported"),
     ("tensor-betas", {"betas": (torch.tensor(0.9), torch.tensor(0.99))}, TypeError, "betas must be Python floats"),
     ("lr-shape-1", {"lr": torch.tensor([0.1])}, ValueError, "param group 1: (Tensor lr must be 0-d|lr as a Tensor)"),
+    ("weight-decay-shape-1", {"weight_decay": torch.tensor([0.01])}, ValueError, "Tensor weight_decay must be 0-d"),
+    ("eps-shape-1", {"eps": torch.tensor([1e-8])}, ValueError, "param group 1: Tensor eps must be 0-d"),
+    ("lr-bool", {"lr": torch.tensor(True), "foreach": False, "fused": None}, TypeError, "Tensor lr must be a real"),
 ]  # fmt: skip
 
 
@@ -752,3 +764,47 @@ def test_wider_math_in_pieces_equals_the_whole_tensor_update(impl, dtype, monkey
     for whole, pieces in zip(results[:half], results[half:]):
         for a, b in zip(whole, pieces):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_one_element_lr_from_a_checkpoint_becomes_0_d():
+    """torch's AdamW accepts lr = tensor([0.01]); a checkpoint with it loads into a group that can step."""
+    opt, params = _trained("capturable")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = torch.tensor([0.01], dtype=torch.float64)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"].dim() == 0
+    _steps(opt, params, 2, seed=3)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_differentiable_with_leaf_params_is_refused_before_anything_changes():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = AdamNX([a, b], differentiable=True)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    with pytest.raises(RuntimeError, match="non-leaf params"):
+        opt.step()
+    assert not opt.state and torch.equal(a.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+def test_bf16_params_with_float64_state_and_stochastic_rounding(impl):
+    """float64 math, then stochastic rounding to bf16 (through float32): every path steps, unbiased."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.full((20_000,), 4.0, dtype=torch.bfloat16))
+    opt = IMPLEMENTATIONS[impl]([p], lr=1e-3, weight_decay=0.0, state_dtype=torch.float64, stochastic_rounding=True)
+    for _ in range(10):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float64
+    assert p.detach().float().mean().item() == pytest.approx(4.0 - 10 * 1e-3, abs=2e-3)  # nearest would stay at 4
+
+
+def test_a_param_appended_to_a_checked_fused_group_is_checked_too():
+    a, m = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, device="meta"))
+    opt = AdamNX([{"params": [a], "fused": True}, {"params": [m], "foreach": False}])
+    a.grad, m.grad = torch.ones(3), torch.ones(3, device="meta")
+    opt.step()  # m gets state in a non-fused group; group 0 passes fused's checks
+    opt.param_groups[0]["params"].append(m)
+    del opt.param_groups[1]
+    with pytest.raises(RuntimeError, match="fused=True supports"):
+        opt.step()

@@ -34,6 +34,7 @@ _BOOL_OPTIONS = ("maximize", "capturable", "differentiable", "stochastic_roundin
 _BOOL_OPTIONS += ("per_coordinate_steps",)
 _OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
 _MOMENT_DTYPES = (*FLOATING_DTYPES, torch.complex64, torch.complex128)
+_FLOAT8 = tuple(getattr(torch, name) for name in dir(torch) if name.startswith("float8_"))
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 OPTIONAL_STATE_KEYS = ("coord_step",)
 MAX_STEP = 2**53  # float64 counts every integer up to here exactly
@@ -45,6 +46,8 @@ def as_float(value: Any, name: str) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"Tensor {name} must hold a real number, got {value.dtype}")
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -54,8 +57,8 @@ def as_float(value: Any, name: str) -> float:
 def _checked_number(value: Any, name: str, read_tensors: bool) -> float | None:
     """``value`` as a float; None for a tensor when ``read_tensors`` is False (reading it would sync the host)."""
     if isinstance(value, Tensor) and not read_tensors:
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element")
+        if value.dim() != 0:  # the constructor makes a 1-element lr 0-d, and eps and weight_decay floats
+            raise ValueError(f"Tensor {name} must be 0-d when the step runs, got shape {tuple(value.shape)}")
         if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"Tensor {name} must be a real number, got {value.dtype}")
         return None
@@ -78,8 +81,6 @@ def check_hyperparameters(group: Mapping[str, Any], *, read_tensors: bool = True
     lr = group["lr"]
     if isinstance(lr, Tensor) and group.get("foreach") and not group.get("capturable"):
         raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-    if isinstance(lr, Tensor) and lr.dim() and not read_tensors:  # the constructor makes it a 0-d view
-        raise ValueError(f"Tensor lr must be 0-d when the step runs, got shape {tuple(lr.shape)}")
     for key, label in (("lr", "learning rate"), ("eps", "epsilon value"), ("weight_decay", "weight_decay value")):
         value = _checked_number(group[key], key, read_tensors)
         if value is not None and not 0.0 <= value < math.inf:
@@ -224,14 +225,28 @@ def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], targ
         _check_coord_step(p_state["coord_step"], param, step, where)
 
 
+def _check_dense(value: Tensor, where: str, key: str) -> None:
+    """A tensor that holds its values in ordinary memory (not sparse, nested or meta), of a dtype with arithmetic."""
+    local = _local(value)
+    if local.layout != torch.strided or local.is_nested or local.device.type == "meta" or local.dtype in _FLOAT8:
+        raise ValueError(
+            f"{where}: '{key}' must be a dense tensor with values, got {local.layout} {local.dtype} on {local.device}"
+        )
+
+
 def _check_step(step: Any, where: str) -> float:
     """A step count: a number or 1-element tensor, finite, integral, 0 ≤ step ≤ 2^53; returns it as a float."""
     if isinstance(step, Tensor):
+        _check_dense(step, where, "step")
         if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
             raise ValueError(
                 f"{where}: 'step' must be a number or a 0-d real tensor, got {step.dtype} {tuple(step.shape)}"
             )
         value = float(_local(step).item())
+    elif isinstance(step, numbers.Integral) and not isinstance(step, bool):
+        if not 0 <= step <= MAX_STEP:  # exactly: float(2**53 + 1) would round into range
+            raise ValueError(f"{where}: 'step' must be a whole number in [0, 2^53], got {step}")
+        value = float(step)
     elif isinstance(step, numbers.Real) and not isinstance(step, bool):
         value = float(step)
     else:
@@ -246,6 +261,7 @@ def _check_coord_step(counts: Any, param: Tensor, step: float, where: str) -> No
     if not isinstance(counts, Tensor) or tuple(counts.shape) != shape:
         got = tuple(counts.shape) if isinstance(counts, Tensor) else type(counts).__name__
         raise ValueError(f"{where}: 'coord_step' has shape {got}, expected {shape}")
+    _check_dense(counts, where, "coord_step")
     if counts.is_complex() or counts.dtype == torch.bool:
         raise ValueError(f"{where}: 'coord_step' must hold integer counts, got {counts.dtype}")
     local = _local(counts)

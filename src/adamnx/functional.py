@@ -101,7 +101,7 @@ def stochastic_round_to_bf16(x: Tensor) -> Tensor:
     Adds 16 random bits below bf16's last mantissa bit, then truncates; unbiased (E[round(x)] = x), so updates
     smaller than half a bf16 ulp still move the parameter on average instead of being rounded away.
     """
-    bits = x.view(torch.int32)
+    bits = x.to(torch.float32).view(torch.int32)  # float64 math (a float64 state): to float32 first (nearest)
     noise = torch.randint_like(bits, 0, 1 << 16)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # low 16 bits 0: the cast is exact
 

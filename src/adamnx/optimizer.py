@@ -132,7 +132,7 @@ class AdamNX(torch.optim.Optimizer):
             "per_coordinate_steps": per_coordinate_steps,
         }
         check_hyperparameters(defaults)  # before the base class builds any group or state
-        self._fused_groups: set[int] = set()  # ids of groups whose params passed fused's checks (see _check_params)
+        self._fused_groups: dict[int, tuple] = {}  # group id → ids of its params that passed fused's checks
         super().__init__(params, _normalised(defaults))
 
     @property
@@ -149,12 +149,12 @@ class AdamNX(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._fused_groups = set()  # new group objects (a copy, a pickle, a load): check them again
+        self._fused_groups = {}  # new group objects (a copy, a pickle, a load): check them again
         # Fill options that older checkpoints (including the authors' implementation) do not have.
         for group in self.param_groups:
             for key, value in OPTION_DEFAULTS.items():
                 group.setdefault(key, value)
-            group.update(_normalised({k: group[k] for k in ("betas", "eps", "weight_decay")}))
+            group.update(_normalised({k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}))
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state:
@@ -272,9 +272,11 @@ class AdamNX(torch.optim.Optimizer):
         """The gradients and state of a group's params: sparse, moved or cast params, fused support, counters."""
         fused, state_dtype, differentiable = group["fused"], group["state_dtype"], group["differentiable"]
         capturable = group["capturable"]
-        # Params that have state are checked for fused support once per group (fused may have been switched on
-        # since their state was created, or by a checkpoint); their device and dtype cannot change unnoticed since.
-        fused_checked = id(group) in self._fused_groups
+        # Params that have state are checked for fused support once per group and list of params (fused may have
+        # been switched on since their state was created, or by a checkpoint); their device and dtype cannot
+        # change unnoticed since (the moved-or-cast check below).
+        param_ids = tuple(map(id, group["params"])) if fused else ()
+        fused_checked = self._fused_groups.get(id(group)) == param_ids
         cpu_kernel = False
         for p in group["params"]:
             grad = p.grad
@@ -282,6 +284,11 @@ class AdamNX(torch.optim.Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError("AdamNX does not support sparse gradients")
+            if differentiable and p.is_leaf and p.requires_grad:
+                raise RuntimeError(
+                    "differentiable=True updates the params in place under autograd, which a leaf that requires grad "
+                    "does not allow: step non-leaf params (p = p0.clone()), as with torch.optim"
+                )
             state = self.state.get(p)
             if fused and not (fused_checked and state):
                 cpu_kernel |= self._check_fused_support(p)
@@ -309,7 +316,7 @@ class AdamNX(torch.optim.Optimizer):
 
             ensure_cpu_kernel()  # build (or load) it now (then cached): no compiler fails before anything changes
         if fused:
-            self._fused_groups.add(id(group))
+            self._fused_groups[id(group)] = param_ids
 
     @staticmethod
     def _is_state_init_probe(group: dict[str, Any], p: Tensor) -> bool:
