@@ -67,7 +67,7 @@ IMPLEMENTATIONS = {
     "fused-inductor": Implementation({"fused": True}, inductor_on_cpu=True),
 }
 
-# The hyperparameter grid of the parity tests (the β2 ∈ {0.9, 0.99, 0.999}, wd ∈ {0, 0.01}, maximize).
+# The hyperparameter grid of the parity tests: β2 ∈ {0.9, 0.99, 0.999}, wd ∈ {0, 0.01}, maximize on/off.
 HYPERPARAMETERS = [
     OptimizerInput({"lr": 1e-2, "betas": (0.9, b2), "weight_decay": wd, "maximize": mx}, f"b2={b2},wd={wd},max={mx}")
     for b2 in (0.9, 0.99, 0.999)

@@ -124,3 +124,13 @@ def test_lightning_closure_step_matches_a_plain_loop():
     expected = _manual(12, 1e-2)
     for p, q in zip(module.model.parameters(), expected.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_the_readme_spelling_works_after_a_bare_import():
+    """`import adamnx` then `adamnx.integrations.param_groups(...)`, in a fresh process (no earlier import)."""
+    import subprocess
+    import sys
+
+    code = "import adamnx, torch; print(len(adamnx.integrations.param_groups(torch.nn.Linear(2, 2), 0.01)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "2", result.stderr[-2000:]

@@ -6,7 +6,7 @@ Two kernels apply the same math, in the for-loop path's order of operations, wit
 * CPU: a C++ kernel (``csrc/fused_cpu.cpp``, built on first use by :mod:`adamnx._cpu_extension`), called once per
   step for every tensor of a dtype: one parallel region, no Python or dispatch per tensor. This is what makes it
   as fast as torch's fused AdamW on models with many small tensors.
-* CUDA (and other accelerators): a TorchInductor-generated kernel (:func:`_adamnx_kernel` → Triton), CHUNK
+* CUDA: a TorchInductor-generated kernel (:func:`_adamnx_kernel` → Triton), CHUNK
   tensors per compiled call. Every scalar (coefficients, lr, the maximize sign, GradScaler's scale and found_inf)
   enters as a 0-d tensor on the device and tensors as 1-D views with a dynamic length, so it compiles once per
   (device, dtype[, GradScaler][, stochastic rounding]) and never again for a new step, learning rate or shape;
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from adamnx import _cpu_extension
-from adamnx.functional import (
+from adamnx._tensors import (
     dense_1d_views,
     group_by_device_and_dtype,
     host_coefficients,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adamnx._fused import ensure_cpu_kernel
 from adamnx._validation import (
     FLOATING_DTYPES,
     MAX_COORD_STEP,
@@ -312,8 +313,6 @@ class AdamNX(torch.optim.Optimizer):
                     f"{state['step'].device}: call opt.load_state_dict(opt.state_dict()) after switching capturable on"
                 )
         if cpu_kernel:
-            from adamnx._fused import ensure_cpu_kernel
-
             ensure_cpu_kernel()  # build (or load) it now (then cached): no compiler fails before anything changes
         if fused:
             self._fused_groups[id(group)] = param_ids

@@ -3,7 +3,7 @@
     python tests/golden/make_golden.py
 
 Each file holds the hyperparameters, the gradient sequence (exact binary floats written as decimals with 17
-significant digits), and θ_t, m_t, v_t after every step, computed straight from PAPER.md's formulas.
+significant digits), and θ_t, m_t, v_t after every step, computed straight from the paper's formulas (the README's *The algorithm*).
 """
 
 import json
