@@ -110,9 +110,10 @@ def test_fused_handles_channels_last_and_non_contiguous_params(kernel):
 
 @pytest.mark.parametrize("kernel", ["fused-inductor"])
 def test_fused_does_not_recompile_for_new_steps_lrs_or_shapes(kernel):
+    """After the first step (which compiles, or finds the kernel an earlier test compiled), no step compiles again."""
     from torch._dynamo.utils import counters
 
-    counters.clear()
+    compiled_after_first_step = None
     for shapes in ([(17,), (3, 4)], [(100,), (2, 50)]):
         params = [torch.randn(s, requires_grad=True) for s in shapes]
         opt = IMPLEMENTATIONS[kernel](params)
@@ -121,7 +122,9 @@ def test_fused_does_not_recompile_for_new_steps_lrs_or_shapes(kernel):
             for p in params:
                 p.grad = torch.randn_like(p)
             opt.step()
-    assert counters["stats"]["unique_graphs"] <= 1  # compiled once for float32 (or cached from an earlier test)
+            if compiled_after_first_step is None:
+                compiled_after_first_step = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == compiled_after_first_step  # new steps, lrs, shapes: no graph
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

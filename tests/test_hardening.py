@@ -749,7 +749,7 @@ def test_wider_math_in_pieces_equals_the_whole_tensor_update(impl, dtype, monkey
     grads = [[torch.randn(s, generator=g).to(dtype) for s in shapes] for _ in range(5)]
     results = []
     for piece in (1 << 20, 4):
-        monkeypatch.setattr(adamnx.functional, "_PIECE", piece)
+        monkeypatch.setattr(adamnx.functional, "_PIECE", {"cpu": piece})
         for coords in (False, True):
             if coords and impl != "for-loop":
                 continue

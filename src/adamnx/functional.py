@@ -226,7 +226,7 @@ def _update_copies(param, grad, exp_avg, exp_avg_sq, w1, w2, dtype, lr, weight_d
     """The same update computed on copies in the wider math ``dtype`` and rounded once into the tensors.
 
     The moments are rounded and stored before the param's copy exists, and √v + ε reuses v's copy: three
-    temporaries of the math dtype at a time (callers pass pieces of at most _PIECE elements)."""
+    temporaries of the math dtype at a time (callers pass pieces, see _piece_size)."""
     g = grad.to(dtype)
     m, v = _in_math_dtype(exp_avg, dtype), _in_math_dtype(exp_avg_sq, dtype)  # float32 state: in place
     _update_moments_(m, v, g, w1, w2)
@@ -269,22 +269,31 @@ def _descend_(theta: Tensor, exp_avg: Tensor, denom: Tensor, lr) -> None:
         theta.addcdiv_(exp_avg, denom, value=-lr)
 
 
-_PIECE = 1 << 20  # elements: the pieces a wider-math update is computed in (3 float32 copies = 12 MB at most)
+# Elements per piece of a wider-math update (three float32 copies of a piece exist at a time). On the CPU small
+# pieces stay in cache (12 MB) and are faster than whole tensors; an accelerator pays ~12 launches per piece, so
+# its pieces are larger (768 MB of temporaries at most).
+_PIECE = {"cpu": 1 << 20}
+_ACCELERATOR_PIECE = 1 << 26
+
+
+def _piece_size(tensor: Tensor) -> int:
+    return _PIECE.get(tensor.device.type, _ACCELERATOR_PIECE)
 
 
 def _in_pieces(tensors: tuple[Tensor, ...], coefficients: tuple) -> list[tuple[tuple[Tensor, ...], tuple]]:
     """Aligned 1-D pieces of at most _PIECE elements of ``tensors`` (which share a layout) and of the coefficients
     shaped like them (per-coordinate steps); the tensors whole when they are small or not one dense block."""
     shaped = [i for i, c in enumerate(coefficients) if isinstance(c, Tensor) and c.dim()]
-    views = dense_1d_views([*tensors, *(coefficients[i] for i in shaped)]) if tensors[0].numel() > _PIECE else None
+    piece = _piece_size(tensors[0])
+    views = dense_1d_views([*tensors, *(coefficients[i] for i in shaped)]) if tensors[0].numel() > piece else None
     if views is None:
         return [(tensors, coefficients)]
     pieces = []
-    for start in range(0, tensors[0].numel(), _PIECE):
-        sliced = [view[start : start + _PIECE] for view in views]
+    for start in range(0, tensors[0].numel(), piece):
+        sliced = [view[start : start + piece] for view in views]
         coeffs = list(coefficients)
-        for i, piece in zip(shaped, sliced[len(tensors) :]):
-            coeffs[i] = piece
+        for i, coefficient_piece in zip(shaped, sliced[len(tensors) :]):
+            coeffs[i] = coefficient_piece
         pieces.append((tuple(sliced[: len(tensors)]), tuple(coeffs)))
     return pieces
 
@@ -380,7 +389,7 @@ def _foreach_update_in_place(params, grads, exp_avgs, exp_avg_sqs, w1, beta2_hat
 def _foreach_update_copies(
     params, grads, exp_avgs, exp_avg_sqs, w1, beta2_hat, w2, dtype, lr, weight_decay, eps, stochastic
 ) -> None:
-    """_update_copies for lists of tensors (pieces of at most _PIECE elements in all): the same order, so the
+    """_update_copies for lists of tensors (pieces of at most a piece's elements in all): the same order, so the
     same three temporaries of the math dtype at a time."""
     gs = [g.to(dtype) for g in grads]
     ms, vs = [_in_math_dtype(m, dtype) for m in exp_avgs], [_in_math_dtype(v, dtype) for v in exp_avg_sqs]
@@ -427,12 +436,12 @@ def _foreach_descend_(thetas, exp_avgs, denom, lr) -> None:
 
 
 def _buckets_of_pieces(tensors: tuple[list[Tensor], ...], coefficients: tuple[list, ...]):
-    """Lists of pieces (see _in_pieces) with their per-tensor coefficients, at most _PIECE elements per list."""
+    """Lists of pieces (see _in_pieces) with their per-tensor coefficients, at most a piece's elements per list."""
     bucket: list[tuple] = []
-    size = 0
+    size, budget = 0, _piece_size(tensors[0][0])
     for i in range(len(tensors[0])):
         for piece, coeffs in _in_pieces(tuple(lst[i] for lst in tensors), tuple(c[i] for c in coefficients)):
-            if bucket and size + piece[0].numel() > _PIECE:
+            if bucket and size + piece[0].numel() > budget:
                 yield tuple(map(list, zip(*bucket)))
                 bucket, size = [], 0
             bucket.append((*piece, *coeffs))
