@@ -205,6 +205,11 @@ BAD_STATE_DICTS = [
     BadStateDict("exp-avg-sparse", lambda sd: _state(sd, 1).update(exp_avg=torch.zeros(4).to_sparse()), "dense"),
     BadStateDict("exp-avg-meta", lambda sd: _state(sd, 1).update(exp_avg=torch.zeros(4, device="meta")), "dense"),
     BadStateDict(
+        "exp-avg-nested",
+        lambda sd: _state(sd, 1).update(exp_avg=torch.nested.nested_tensor([torch.zeros(2), torch.zeros(2)])),
+        "parameter 1: 'exp_avg' must be a dense tensor",
+    ),
+    BadStateDict(
         "exp-avg-float8", lambda sd: _state(sd, 1).update(exp_avg=torch.zeros(4).to(torch.float8_e4m3fn)), "float8"
     ),
     BadStateDict(
@@ -271,6 +276,21 @@ def test_an_empty_state_entry_means_no_state():
     fresh, fresh_params = _trained("for-loop", seed=1)
     fresh.load_state_dict(sd)
     assert not fresh.state.get(fresh_params[2]) and fresh.state[fresh_params[0]]["step"].item() == 2
+
+
+def test_a_bad_value_far_into_a_large_moment_is_found(monkeypatch):
+    """The moments are scanned in pieces (no full-size mask at load); a NaN in the last piece still counts."""
+    import adamnx._validation
+
+    monkeypatch.setattr(adamnx._validation, "_SCAN_ELEMENTS", 4)
+    opt, _ = _trained("for-loop")
+    for key, value in (("exp_avg", math.nan), ("exp_avg_sq", -1.0)):
+        sd = copy.deepcopy(opt.state_dict())
+        sd["state"][0][key][1, 2] = value  # element 5 of 6: the second piece
+        before = _snapshot(opt)
+        with pytest.raises(ValueError, match=f"'{key}' holds"):
+            opt.load_state_dict(sd)
+        _assert_same(before, _snapshot(opt))
 
 
 def test_moments_that_share_memory_load_as_separate_copies():

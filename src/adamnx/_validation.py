@@ -205,24 +205,32 @@ def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], targ
     step = _check_step(p_state["step"], where)
     for key in ("exp_avg", "exp_avg_sq"):
         value = p_state[key]
+        if isinstance(value, Tensor) and value.is_nested:  # has no single shape to compare
+            raise ValueError(f"{where}: '{key}' must be a dense tensor with values, got a nested tensor")
         if not isinstance(value, Tensor) or value.shape != param.shape:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"{where}: '{key}' has shape {shape}, the parameter {tuple(param.shape)}")
         if value.is_complex() != param.is_complex() or value.dtype not in _MOMENT_DTYPES:
             raise ValueError(f"{where}: '{key}' is {value.dtype}, the parameter {param.dtype}")
-        local = _local(value)
-        if local.layout != torch.strided or local.device.type == "meta":
-            raise ValueError(
-                f"{where}: '{key}' must be a dense tensor with values, got {local.layout} on {local.device}"
-            )
-        local = local.to(target)  # finite in the dtype it is loaded in: 1e5 is inf in float16
-        real = torch.view_as_real(local) if local.is_complex() else local
-        if not bool(torch.isfinite(real).all()):
-            raise ValueError(f"{where}: '{key}' holds inf or NaN (as {target})")
-        if key == "exp_avg_sq" and bool((real < 0).any()):
-            raise ValueError(f"{where}: 'exp_avg_sq' holds negative values (it is an average of squares)")
+        _check_dense(value, where, key)
+        _check_values(_local(value), target, nonnegative=key == "exp_avg_sq", where=f"{where}: '{key}'")
     if "coord_step" in p_state:
         _check_coord_step(p_state["coord_step"], param, step, where)
+
+
+_SCAN_ELEMENTS = 1 << 24  # elements checked at a time: a load needs no full-size copy or mask of a moment
+
+
+def _check_values(tensor: Tensor, target: torch.dtype, nonnegative: bool, where: str) -> None:
+    """Finite in ``target``, the dtype the values are loaded in (1e5 is inf in float16), and ≥ 0 if asked."""
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), _SCAN_ELEMENTS):
+        piece = flat[start : start + _SCAN_ELEMENTS].to(target)
+        real = torch.view_as_real(piece) if piece.is_complex() else piece
+        if not bool(torch.isfinite(real).all()):
+            raise ValueError(f"{where} holds inf or NaN (as {target})")
+        if nonnegative and bool((real < 0).any()):
+            raise ValueError(f"{where} holds negative values (it is an average of squares)")
 
 
 def _check_dense(value: Tensor, where: str, key: str) -> None:
