@@ -14,7 +14,7 @@ import torch
 
 import adamnx.functional
 from adamnx import AdamNX
-from helpers import IMPLEMENTATIONS, rel_err
+from helpers import IMPLEMENTATIONS, rel_err, run_torch
 
 # --------------------------------------------------------------------------- bad state dicts
 
@@ -676,24 +676,30 @@ def test_switching_fused_on_without_a_compiler_changes_nothing(monkeypatch):
     _assert_same(before, _snapshot(opt))
 
 
-def test_a_fused_kernel_that_cannot_compile_changes_nothing(monkeypatch):
-    """fused=True on an accelerator without Triton: the counters advance only after every kernel ran."""
+def test_a_fused_kernel_that_cannot_compile_finishes_the_step_eagerly(monkeypatch):
+    """fused=True on an accelerator without Triton: raising would leave earlier tensors, dtypes and groups stepped
+    and later ones not; the step finishes with the same function run eagerly, with one warning."""
     import adamnx._fused
 
-    def no_triton(*args, **kwargs):
-        raise RuntimeError("Cannot find a working triton installation")
+    def no_triton(device_type, dtype, amp, stochastic):
+        def kernel(*args):
+            raise RuntimeError("Cannot find a working triton installation")
 
-    params = [torch.randn(6, requires_grad=True), torch.randn(1, requires_grad=True)]  # the 1-element one runs eagerly
-    opt = IMPLEMENTATIONS["fused-inductor"](params, lr=1e-2)
-    _steps(opt, params, 1, seed=0)
-    monkeypatch.setattr(adamnx._fused, "_run_compiled", no_triton)
-    before, values = _snapshot(opt), [p.detach().clone() for p in params]
-    for p in params:
-        p.grad = torch.ones_like(p)
-    with pytest.raises(RuntimeError, match="triton"):
-        opt.step()
-    _assert_same(before, _snapshot(opt))
-    assert all(torch.equal(p, v) for p, v in zip(params, values))
+        return kernel
+
+    monkeypatch.setattr(adamnx._fused, "_compiled_chunk", no_triton)
+    adamnx._fused._warn_eager_fallback_once.cache_clear()
+    shapes = [(6,), (1,), (3, 4)]  # the 1-element one runs eagerly anyway
+    g = torch.Generator().manual_seed(0)
+    params0 = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(3)]
+    with pytest.warns(UserWarning, match="could not compile.*triton.*runs eagerly") as record:
+        fused, opt = run_torch(params0, grads, impl="fused-inductor", lr=1e-2)
+    assert len(record) == 1  # once, not once per step
+    loop, _ = run_torch(params0, grads, impl="for-loop", lr=1e-2)
+    for p, q in zip(fused, loop):
+        assert rel_err(p, q.detach().numpy()) <= 1e-12
+    assert all(opt.state[p]["step"].item() == 3 for p in fused)
 
 
 def test_a_one_element_lr_tensor_becomes_0_d_and_steps_on_every_path():

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import math
 import types
+import warnings
 
 import torch
 from torch import Tensor
@@ -167,17 +168,35 @@ def _run_compiled(chunks: list[list[Tensor]], coeffs: list[Tensor], scalars: tup
         chunks = [lst + dummy[:pad] for lst, dummy in zip(chunks, dummies)]
         coeffs = [torch.cat([c, c.new_zeros(pad)]) for c in coeffs]
     kernel = _compiled_chunk(first.device.type, first.dtype, scalars[-1] is not None, stochastic)
-    try:
-        with _no_duck_shapes():
-            for c in range(0, n + pad, CHUNK):
+    with _no_duck_shapes():
+        for c in range(0, n + pad, CHUNK):
+            try:
                 kernel(*(lst[c : c + CHUNK] for lst in chunks), *(w[c : c + CHUNK] for w in coeffs), *scalars)
-    except Exception as exc:
-        if _is_compiler_missing(exc):
-            raise RuntimeError(
-                "fused=True on this device compiles its kernel with TorchInductor, which needs Triton (CUDA) or "
-                "a C++ compiler on this machine. Install it, or use foreach=True / foreach=False."
-            ) from exc
-        raise
+            except Exception as exc:
+                if not _is_compiler_missing(exc):
+                    raise
+                # Raising now would leave the chunks (and the groups and dtypes) before this one stepped: finish
+                # the step with the same function, eagerly, and say so once.
+                _warn_eager_fallback(first, exc)
+                for i in range(c, n):
+                    _adamnx_kernel(*(lst[i] for lst in chunks), *(w[i] for w in coeffs), *scalars, stochastic)
+                return
+
+
+@functools.cache  # once per device type and dtype
+def _warn_eager_fallback_once(device_type: str, dtype: torch.dtype, reason: str) -> None:
+    warnings.warn(
+        f"fused=True could not compile its {dtype} kernel for {device_type} with TorchInductor (which needs Triton "
+        f"on CUDA, a C++ compiler on the CPU): {reason}. The same math runs eagerly instead, correct but slow: "
+        "install Triton, or use foreach=True.",
+        stacklevel=6,
+    )
+
+
+def _warn_eager_fallback(tensor: Tensor, exc: BaseException) -> None:
+    _warn_eager_fallback_once(
+        tensor.device.type, tensor.dtype, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    )
 
 
 def fused_adamnx(
