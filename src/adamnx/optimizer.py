@@ -173,9 +173,9 @@ class AdamNX(torch.optim.Optimizer):
 
         Everything is checked first (see :mod:`adamnx._validation`), after any load pre-hooks ran: a refused state
         dict raises a ValueError that names the group or parameter and the field, and leaves the optimizer exactly
-        as it was. The loaded
-        state is the optimizer's own copy, with exact values: step counts as float64, moments in the group's
-        ``state_dtype``, per-coordinate counts as int32 (torch's loader would cast them all to the param's dtype).
+        as it was. The loaded state is the optimizer's own copy, with exact values: step counts as float64, moments
+        in the group's ``state_dtype``, per-coordinate counts as int32 (torch's loader would cast them all to the
+        param's dtype).
         """
         if not isinstance(state_dict, Mapping):  # torch's loader would fail on it before any hook runs
             raise ValueError(
@@ -276,8 +276,10 @@ class AdamNX(torch.optim.Optimizer):
         # Params that have state are checked for fused support once per group and list of params (fused may have
         # been switched on since their state was created, or by a checkpoint); their device and dtype cannot
         # change unnoticed since (the moved-or-cast check below).
-        param_ids = tuple(map(id, group["params"])) if fused else ()
-        fused_checked = self._fused_groups.get(id(group)) == param_ids
+        # (Under torch.compile the checks are traced, as constants and guards: nothing to remember.)
+        remember = fused and not torch.compiler.is_compiling()
+        param_ids = tuple(map(id, group["params"])) if remember else ()
+        fused_checked = remember and self._fused_groups.get(id(group)) == param_ids
         cpu_kernel = False
         for p in group["params"]:
             grad = p.grad
@@ -314,7 +316,7 @@ class AdamNX(torch.optim.Optimizer):
                 )
         if cpu_kernel:
             ensure_cpu_kernel()  # build (or load) it now (then cached): no compiler fails before anything changes
-        if fused:
+        if remember:
             self._fused_groups[id(group)] = param_ids
 
     @staticmethod
