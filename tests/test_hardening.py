@@ -687,7 +687,9 @@ def test_a_fused_kernel_that_cannot_compile_finishes_the_step_eagerly(monkeypatc
 
         return kernel
 
-    monkeypatch.setattr(adamnx._fused, "_compiled_chunk", no_triton)
+    calls = []
+    monkeypatch.setattr(adamnx._fused, "_compiled_chunk", lambda *key: calls.append(key) or no_triton(*key))
+    monkeypatch.setattr(adamnx._fused, "_UNCOMPILABLE", set())
     adamnx._fused._warn_eager_fallback_once.cache_clear()
     shapes = [(6,), (1,), (3, 4)]  # the 1-element one runs eagerly anyway
     g = torch.Generator().manual_seed(0)
@@ -695,7 +697,7 @@ def test_a_fused_kernel_that_cannot_compile_finishes_the_step_eagerly(monkeypatc
     grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(3)]
     with pytest.warns(UserWarning, match="could not compile.*triton.*runs eagerly") as record:
         fused, opt = run_torch(params0, grads, impl="fused-inductor", lr=1e-2)
-    assert len(record) == 1  # once, not once per step
+    assert len(record) == 1 and len(calls) == 1  # once, not once per step: no second attempt to compile
     loop, _ = run_torch(params0, grads, impl="for-loop", lr=1e-2)
     for p, q in zip(fused, loop):
         assert rel_err(p, q.detach().numpy()) <= 1e-12

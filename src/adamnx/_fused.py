@@ -167,20 +167,29 @@ def _run_compiled(chunks: list[list[Tensor]], coeffs: list[Tensor], scalars: tup
         dummies = _padding(first.device, tuple(lst[0].dtype for lst in chunks))
         chunks = [lst + dummy[:pad] for lst, dummy in zip(chunks, dummies)]
         coeffs = [torch.cat([c, c.new_zeros(pad)]) for c in coeffs]
-    kernel = _compiled_chunk(first.device.type, first.dtype, scalars[-1] is not None, stochastic)
-    with _no_duck_shapes():
-        for c in range(0, n + pad, CHUNK):
-            try:
-                kernel(*(lst[c : c + CHUNK] for lst in chunks), *(w[c : c + CHUNK] for w in coeffs), *scalars)
-            except Exception as exc:
-                if not _is_compiler_missing(exc):
-                    raise
-                # Raising now would leave the chunks (and the groups and dtypes) before this one stepped: finish
-                # the step with the same function, eagerly, and say so once.
-                _warn_eager_fallback(first, exc)
-                for i in range(c, n):
-                    _adamnx_kernel(*(lst[i] for lst in chunks), *(w[i] for w in coeffs), *scalars, stochastic)
-                return
+    key = (first.device.type, first.dtype, scalars[-1] is not None, stochastic)
+    start = 0 if key in _UNCOMPILABLE else None
+    if start is None:
+        kernel = _compiled_chunk(*key)
+        with _no_duck_shapes():
+            for c in range(0, n + pad, CHUNK):
+                try:
+                    kernel(*(lst[c : c + CHUNK] for lst in chunks), *(w[c : c + CHUNK] for w in coeffs), *scalars)
+                except Exception as exc:
+                    if not _is_compiler_missing(exc):
+                        raise
+                    # Raising now would leave the chunks (and the groups and dtypes) before this one stepped:
+                    # finish the step with the same function, eagerly, say so once, and not try again.
+                    _warn_eager_fallback(first, exc)
+                    _UNCOMPILABLE.add(key)
+                    start = c
+                    break
+    if start is not None:
+        for i in range(start, n):
+            _adamnx_kernel(*(lst[i] for lst in chunks), *(w[i] for w in coeffs), *scalars, stochastic)
+
+
+_UNCOMPILABLE: set[tuple] = set()  # kernels inductor could not build on this machine: run eagerly
 
 
 @functools.cache  # once per device type and dtype
