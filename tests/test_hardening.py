@@ -206,7 +206,9 @@ BAD_STATE_DICTS = [
     BadStateDict("exp-avg-meta", lambda sd: _state(sd, 1).update(exp_avg=torch.zeros(4, device="meta")), "dense"),
     BadStateDict(
         "exp-avg-nested",
-        lambda sd: _state(sd, 1).update(exp_avg=torch.nested.nested_tensor([torch.zeros(2), torch.zeros(2)])),
+        lambda sd: _state(sd, 1).update(
+            exp_avg=torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)], layout=torch.jagged)
+        ),
         "parameter 1: 'exp_avg' must be a dense tensor",
     ),
     BadStateDict(
