@@ -102,14 +102,15 @@ def adamnx(
     )
 
 
-def _in_math_dtype(tensor: Tensor, dtype: torch.dtype, always_copy: bool = False) -> Tensor:
+def _in_math_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """``tensor`` itself when it already has the math dtype (updated in place), else a copy to write back."""
-    return tensor if tensor.dtype == dtype and not always_copy else tensor.to(dtype, copy=True)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype, copy=True)
 
 
-def _write_back(param: Tensor, updated: Tensor, stochastic: bool) -> None:
-    if updated is not param:
-        param.copy_(stochastic_round_to_bf16(updated) if stochastic else updated)
+def _write_back(target: Tensor, updated: Tensor) -> None:
+    """Round an updated copy into the state tensor it came from (nothing to do when it was updated in place)."""
+    if updated is not target:
+        target.copy_(updated)
 
 
 def _advance_coord_steps(coord_step: Tensor, grad: Tensor) -> Tensor:
@@ -231,8 +232,8 @@ def _update_copies(param, grad, exp_avg, exp_avg_sq, w1, w2, dtype, lr, weight_d
     m, v = _in_math_dtype(exp_avg, dtype), _in_math_dtype(exp_avg_sq, dtype)  # float32 state: in place
     _update_moments_(m, v, g, w1, w2)
     del g
-    _write_back(exp_avg, m, False)
-    _write_back(exp_avg_sq, v, False)
+    _write_back(exp_avg, m)
+    _write_back(exp_avg_sq, v)
     denom = (v.sqrt_() if v is not exp_avg_sq else v.sqrt()).add_(eps)
     theta = param.to(dtype, copy=True)
     _decay_(theta, lr, weight_decay)
@@ -398,7 +399,7 @@ def _foreach_update_copies(
     del gs
     for targets, values in ((exp_avgs, ms), (exp_avg_sqs, vs)):
         for target, value in zip(targets, values):
-            _write_back(target, value, False)
+            _write_back(target, value)
     denom = [v.sqrt_() if v is not stored else v.sqrt() for v, stored in zip(vs, exp_avg_sqs)]
     torch._foreach_add_(denom, eps)
     thetas = [p.to(dtype, copy=True) for p in params]
