@@ -14,9 +14,9 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 from adamnx import AdamNX  # noqa: E402
-from adamnx.optax import ScaleByAdamNXState, adamnx, scale_by_adamnx  # noqa: E402
+from adamnx.optax import ScaleByAdamNXPerCoordinateState, ScaleByAdamNXState, adamnx, scale_by_adamnx  # noqa: E402
 from adamnx.reference import AdamNXReference  # noqa: E402
-from helpers import gradient_sequence, initial_params  # noqa: E402
+from helpers import gradient_sequence, initial_params, run_torch  # noqa: E402
 
 SHAPES = [(5, 3), (7,), ()]
 
@@ -28,6 +28,20 @@ def _run_optax(tx, params0, grads_seq, dtype):
     for grads in grads_seq:
         updates, state = update([jnp.asarray(g.numpy(), dtype=dtype) for g in grads], state, params)
         params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _run_optax_scanned(tx, params0, grads_seq, dtype):
+    """``_run_optax`` as one ``lax.scan`` (one compile, no per-step dispatch: 1,000 steps in milliseconds)."""
+    params = [jnp.asarray(p.numpy(), dtype=dtype) for p in params0]
+    stacked = [jnp.asarray(np.stack([g[i].numpy() for g in grads_seq]), dtype=dtype) for i in range(len(params))]
+
+    def step(carry, grads):
+        params, state = carry
+        updates, state = tx.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    (params, state), _ = jax.jit(lambda c, g: jax.lax.scan(step, c, g))((params, tx.init(params)), stacked)
     return params, state
 
 
@@ -222,6 +236,152 @@ def test_weight_decay_mask():
 def test_invalid_betas_are_rejected_eagerly():
     with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
         scale_by_adamnx(b2=1.0)
+
+
+# --------------------------------------------------------------------------- per_coordinate_steps
+
+
+def _late_starting_gradients(n_steps: int, dtype=torch.float64, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Random gradients, zero for each coordinate until its start step (1 to ~1,100: some never start), and also
+    zero for every coordinate at every 7th step (a coordinate that has started keeps counting through them)."""
+    grads = gradient_sequence(n_steps, shapes=SHAPES, seed=seed)
+    starts = [
+        1 + (np.arange(int(np.prod(s, dtype=int))).reshape(s) * 211 + 37 * i) % 1_100 for i, s in enumerate(SHAPES)
+    ]
+    starts[0].flat[0] = 1  # a coordinate with a history from the first step
+    for t, step_grads in enumerate(grads, start=1):
+        for g, start in zip(step_grads, starts):
+            g[torch.as_tensor(start > t)] = 0.0
+            if t % 7 == 0:
+                g.zero_()
+    return [[g.to(dtype) for g in step_grads] for step_grads in grads]
+
+
+def _per_coordinate_reference(params0, grads_seq, lr, betas, weight_decay):
+    """Each coordinate alone: decoupled weight decay only (m = v = 0, update 0) until its first non-zero gradient,
+    then the paper's AdamNX (the float64 reference) from its own t = 1. Returns theta, m, v and counts, per tensor."""
+    out = []
+    for i, p0 in enumerate(params0):
+        g = np.stack([step_grads[i].double().numpy() for step_grads in grads_seq]).reshape(len(grads_seq), -1)
+        theta, m, v, count = (np.zeros(g.shape[1]) for _ in range(4))
+        for k in range(g.shape[1]):
+            nonzero = np.flatnonzero(g[:, k])
+            start = int(nonzero[0]) if nonzero.size else len(grads_seq)  # 0-based index of its first step
+            ref = AdamNXReference(
+                [p0.double().numpy().reshape(-1)[k : k + 1]], lr=lr, betas=betas, weight_decay=weight_decay
+            )
+            ref.theta[0] *= (1.0 - lr * weight_decay) ** start
+            for gk in g[start:, k]:
+                ref.step([np.array([gk])])
+            theta[k], m[k], v[k], count[k] = ref.theta[0][0], ref.m[0][0], ref.v[0][0], ref.t[0]
+        out.append(tuple(x.reshape(p0.shape) for x in (theta, m, v, count)))
+    return out
+
+
+@pytest.mark.parametrize("b2", [0.9, 0.999])
+def test_per_coordinate_float64_parity_with_reference_and_torch(b2):
+    hp = {"learning_rate": 1e-2, "b1": 0.9, "b2": b2, "weight_decay": 0.1}
+    grads = _late_starting_gradients(1_000)
+    params0 = initial_params(SHAPES)
+    with jax.enable_x64(True):
+        params, state = _run_optax_scanned(adamnx(**hp, per_coordinate_steps=True), params0, grads, jnp.float64)
+        inner = state[0]
+        params = [np.asarray(p) for p in params]
+        mu, nu, counts = ([np.asarray(x) for x in tree] for tree in (inner.mu, inner.nu, inner.coord_count))
+    ref = _per_coordinate_reference(params0, grads, 1e-2, (0.9, b2), 0.1)
+    tparams, topt = run_torch(
+        params0, grads, lr=1e-2, betas=(0.9, b2), weight_decay=0.1, foreach=False, per_coordinate_steps=True
+    )
+    assert isinstance(inner, ScaleByAdamNXPerCoordinateState) and int(inner.count) == 1_000
+    for i, (theta, m, v, count) in enumerate(ref):
+        assert counts[i].dtype == np.int32
+        np.testing.assert_array_equal(counts[i], count)
+        np.testing.assert_array_equal(counts[i], topt.state[tparams[i]]["coord_step"].numpy())
+        # float64 against float64 through the same coefficient function: rounding only (seen: ≤ 4e-15)
+        assert _rel(params[i], theta) <= 1e-12 and _rel(params[i], tparams[i].detach().numpy()) <= 1e-12
+        assert _rel(mu[i], m) <= 1e-12 and _rel(nu[i], v) <= 1e-12
+    assert any((c == 0).any() for c in counts) and max(c.max() for c in counts) == 1_000  # never / always started
+
+
+def test_per_coordinate_float32_parity_with_reference_and_torch():
+    grads = _late_starting_gradients(1_000, dtype=torch.float32, seed=3)
+    params0 = initial_params(SHAPES, dtype=torch.float32)
+    params, _ = _run_optax_scanned(
+        adamnx(1e-2, weight_decay=0.1, per_coordinate_steps=True), params0, grads, jnp.float32
+    )
+    ref = _per_coordinate_reference(params0, grads, 1e-2, (0.9, 0.99), 0.1)
+    tparams, _ = run_torch(params0, grads, lr=1e-2, weight_decay=0.1, foreach=False, per_coordinate_steps=True)
+    for i, (theta, *_) in enumerate(ref):
+        # 1,000 float32 steps, each rounding θ, m, v and the coefficients (here per element, in float32; torch's
+        # in float64): a few ulp (6e-8) per step that mostly cancel (seen: ≤ 3e-6, for β2 ∈ {0.9, 0.99, 0.999});
+        # the same 1e-5 as the shared-count float32 test. Using the shared count instead errs by 1e-3 to 40.
+        assert params[i].dtype == jnp.float32
+        assert _rel(params[i], theta) <= 1e-5 and _rel(params[i], tparams[i].detach().numpy()) <= 1e-5
+
+
+def test_per_coordinate_counts_saturate():
+    big = 2**31 - 1
+    tx = scale_by_adamnx(b2=0.99, per_coordinate_steps=True)
+    state = ScaleByAdamNXPerCoordinateState(
+        count=jnp.asarray(big - 1, jnp.int32),
+        mu=jnp.ones(5),
+        nu=jnp.ones(5),
+        coord_count=jnp.array([big - 1, big, big, 0, 0], jnp.int32),
+    )
+    for expected in ([big, big, big, 0, 1], [big, big, big, 0, 2]):
+        updates, state = tx.update(jnp.array([1.0, -2.0, 0.0, 0.0, 3.0]), state)
+        np.testing.assert_array_equal(np.asarray(state.coord_count), expected)  # never wraps to negative
+        assert int(state.count) == big
+        assert bool(jnp.all(jnp.isfinite(updates))) and bool(jnp.all(jnp.isfinite(state.nu)))
+    assert float(updates[3]) == 0.0 and float(state.mu[3]) == 0.0 and float(state.nu[3]) == 0.0  # not started
+
+
+def test_per_coordinate_steps_does_not_change_coordinates_with_history():
+    grads = gradient_sequence(300, shapes=SHAPES, seed=11, dtype=torch.float32)  # Gaussian: no exact zeros
+    params0 = initial_params(SHAPES, dtype=torch.float32)
+    plain, plain_state = _run_optax_scanned(adamnx(1e-2), params0, grads, jnp.float32)
+    per_coord, state = _run_optax_scanned(adamnx(1e-2, per_coordinate_steps=True), params0, grads, jnp.float32)
+    for a, b, c in zip(plain, per_coord, state[0].coord_count):
+        assert bool(jnp.all(c == 300))
+        # the same counts and formulas; only the coefficients' evaluation differs (per element vs one scalar)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=0)
+    assert isinstance(plain_state[0], ScaleByAdamNXState) and len(plain_state[0]) == 3
+
+
+def test_per_coordinate_jit_compiles_once_and_inject_hyperparams_is_equivalent():
+    grads = _late_starting_gradients(40, dtype=torch.float32, seed=5)
+    params0 = initial_params(SHAPES, dtype=torch.float32)
+    hp = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.95, "weight_decay": 0.05, "per_coordinate_steps": True}
+    params = [jnp.asarray(p.numpy()) for p in params0]
+    tx = optax.inject_hyperparams(adamnx)(**hp)  # a bool is a static argument of inject_hyperparams
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for step_grads in grads:
+        updates, state = update([jnp.asarray(g.numpy()) for g in step_grads], state, params)
+        params = optax.apply_updates(params, updates)
+    assert update._cache_size() == 1
+    plain, _ = _run_optax(adamnx(**hp), params0, grads, jnp.float32)
+    for a, b in zip(plain, params):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5)
+    assert isinstance(state.inner_state[0], ScaleByAdamNXPerCoordinateState)
+
+
+def test_per_coordinate_multisteps_none_leaves_and_mu_dtype():
+    k = 4
+    grads = [[g[1]] for g in _late_starting_gradients(4 * k, dtype=torch.float32, seed=6)]
+    params0 = initial_params([(7,)], dtype=torch.float32)
+    tx = adamnx(1e-2, per_coordinate_steps=True)
+    multi, _ = _run_optax(optax.MultiSteps(tx, every_k_schedule=k), params0, grads, jnp.float32)
+    averaged = [[sum(g[0] for g in grads[i : i + k]) / k] for i in range(0, len(grads), k)]
+    single, _ = _run_optax(tx, params0, averaged, jnp.float32)
+    np.testing.assert_allclose(np.asarray(multi[0]), np.asarray(single[0]), rtol=1e-5, atol=1e-7)
+
+    tx = scale_by_adamnx(mu_dtype=jnp.bfloat16, per_coordinate_steps=True)
+    state = tx.init({"w": jnp.ones(3), "frozen": None})
+    updates, state = jax.jit(tx.update)({"w": jnp.array([0.0, 1.0, 2.0]), "frozen": None}, state)
+    assert updates["frozen"] is None and state.coord_count["frozen"] is None
+    np.testing.assert_array_equal(np.asarray(state.coord_count["w"]), [0, 1, 1])
+    assert state.mu["w"].dtype == jnp.bfloat16 and state.nu["w"].dtype == jnp.float32
 
 
 def test_importing_adamnx_does_not_import_jax():

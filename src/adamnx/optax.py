@@ -3,15 +3,19 @@ r"""AdamNX for JAX: an optax ``GradientTransformation`` twin of :class:`adamnx.A
 Same algorithm, same coefficients (:func:`adamnx.schedule.coefficients`), same decoupled weight decay scaled
 by the scheduled learning rate; tested against :mod:`adamnx.reference` and the torch optimizer.
 
-=====================  ===================
-paper                  optax state / arg
-=====================  ===================
-:math:`t`              ``count`` (int32, saturating)
-:math:`m_t`            ``mu``
-:math:`v_t`            ``nu``
-:math:`\beta_1,\beta_2`  ``b1``, ``b2``
-:math:`\lambda`        ``weight_decay``
-=====================  ===================
+========================  ==============================================================================
+paper                     optax state / arg
+========================  ==============================================================================
+:math:`t`                 ``count`` (int32, saturating)
+:math:`m_t`               ``mu``
+:math:`v_t`               ``nu``
+:math:`\beta_1,\beta_2`   ``b1``, ``b2``
+:math:`\lambda`           ``weight_decay``
+per-coordinate :math:`t`  ``coord_count`` (``per_coordinate_steps=True``; int32 per element, saturating)
+========================  ==============================================================================
+
+With ``per_coordinate_steps=True`` the state is a :class:`ScaleByAdamNXPerCoordinateState` (the three fields of
+:class:`ScaleByAdamNXState`, then ``coord_count``), as ``AdamNX(..., per_coordinate_steps=True)``'s ``coord_step``.
 
 Importing :mod:`adamnx` never imports JAX; this module needs ``pip install "adamnx[jax]"``.
 """
@@ -30,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without JAX
 
 from adamnx.schedule import coefficients
 
-__all__ = ["ScaleByAdamNXState", "adamnx", "scale_by_adamnx"]
+__all__ = ["ScaleByAdamNXPerCoordinateState", "ScaleByAdamNXState", "adamnx", "scale_by_adamnx"]
 
 
 class ScaleByAdamNXState(NamedTuple):
@@ -41,8 +45,46 @@ class ScaleByAdamNXState(NamedTuple):
     nu: optax.Updates  # v_t, the normalised second moment
 
 
+class ScaleByAdamNXPerCoordinateState(NamedTuple):
+    """State of :func:`scale_by_adamnx` with ``per_coordinate_steps=True``: :class:`ScaleByAdamNXState`'s fields,
+    then the per-coordinate step counts."""
+
+    count: jax.Array  # int32 steps taken by the transformation, saturating at 2^31 − 1
+    mu: optax.Updates
+    nu: optax.Updates
+    coord_count: optax.Updates  # int32 per element: steps since its first non-zero gradient (0 before), saturating
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _advance_coord_count(count: jax.Array | None, g: jax.Array | None) -> jax.Array | None:
+    """A coordinate starts counting at its first non-zero gradient, as torch's ``coord_step``."""
+    if g is None:
+        return None
+    started = (count > 0) | (g != 0)
+    return jnp.where(started, optax.safe_int32_increment(count), jnp.zeros_like(count))
+
+
+def _new_mu(m, g, w):
+    return None if g is None else (m + w.one_minus_beta1_t.astype(m.dtype) * (g.astype(m.dtype) - m))
+
+
+def _new_nu(v, g, w):
+    if g is None:
+        return None
+    w2 = w.one_minus_beta2_hat
+    return v * (1 - w2).astype(v.dtype) + w2.astype(v.dtype) * jnp.square(g)
+
+
 def scale_by_adamnx(
-    b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8, *, mu_dtype: Any | None = None
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    *,
+    mu_dtype: Any | None = None,
+    per_coordinate_steps: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescale updates by AdamNX's moments: :math:`u_t = m_t / (\sqrt{v_t} + \epsilon)`.
 
@@ -59,9 +101,19 @@ def scale_by_adamnx(
         b2: :math:`\beta_2`, ``0 < b2 < 1``; sets the horizon :math:`H = 1/(1-c)` (0.99 → ~9,950 steps).
         eps: added to :math:`\sqrt{v_t}`.
         mu_dtype: dtype of the first moment (``None``: the params').
+        per_coordinate_steps: count steps per element, from its first non-zero gradient (``coord_count``, int32
+            shaped like each param), so that a coordinate whose gradient is zero until a late step follows the
+            schedule from its own t = 1 (m = g, v = g², then v the mean of its g²), as
+            ``AdamNX(..., per_coordinate_steps=True)``. Before its first non-zero gradient a coordinate keeps
+            m = v = 0 and gets a zero update. The coefficients are evaluated per element in the default float
+            dtype (float32 unless ``jax_enable_x64``), as for the shared ``count``: a float32 count is exact below
+            2^24 steps; beyond, t is rounded by a relative 2^-24 at most, which moves a coefficient by about one
+            float32 ulp.
+            Off by default: the paper's algorithm.
 
     Returns:
-        A :class:`optax.GradientTransformationExtraArgs`.
+        A :class:`optax.GradientTransformationExtraArgs`. Its state is a :class:`ScaleByAdamNXState`, or with
+        ``per_coordinate_steps`` a :class:`ScaleByAdamNXPerCoordinateState`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -72,6 +124,17 @@ def scale_by_adamnx(
         >>> updates["w"]  # the first step is sign(g) (up to eps)
         Array([ 1., -1.], dtype=float32)
 
+        With ``per_coordinate_steps``, a coordinate's first non-zero gradient is its own step 1:
+
+        >>> tx = scale_by_adamnx(per_coordinate_steps=True)
+        >>> state = tx.init(params)
+        >>> for g in ([0.5, 0.0], [0.5, 0.0], [0.5, -4.0]):
+        ...     updates, state = tx.update({"w": jnp.array(g)}, state)
+        >>> state.coord_count["w"]
+        Array([3, 1], dtype=int32)
+        >>> updates["w"]  # for w[1], sign(g) as at step 1
+        Array([ 1., -1.], dtype=float32)
+
     References:
         Zhu, Xiao and Min, "AdamNX: An Adam improvement algorithm based on a novel exponential decay
         mechanism for the second-order moment estimate", arXiv:2511.13465.
@@ -80,35 +143,41 @@ def scale_by_adamnx(
     if isinstance(b1, (int, float)) and isinstance(b2, (int, float)):
         coefficients(1, (b1, b2))  # validates the betas eagerly, with torch's messages
 
-    def init_fn(params: optax.Params) -> ScaleByAdamNXState:
-        return ScaleByAdamNXState(
-            count=jnp.zeros([], jnp.int32),
-            mu=otu.tree_zeros_like(params, dtype=mu_dtype),
-            nu=otu.tree_zeros_like(params),
-        )
+    def init_fn(params: optax.Params) -> ScaleByAdamNXState | ScaleByAdamNXPerCoordinateState:
+        count = jnp.zeros([], jnp.int32)
+        mu, nu = otu.tree_zeros_like(params, dtype=mu_dtype), otu.tree_zeros_like(params)
+        if per_coordinate_steps:
+            return ScaleByAdamNXPerCoordinateState(count, mu, nu, otu.tree_zeros_like(params, dtype=jnp.int32))
+        return ScaleByAdamNXState(count=count, mu=mu, nu=nu)
 
-    def update_fn(updates: optax.Updates, state: ScaleByAdamNXState, params: optax.Params | None = None, **extra_args):
+    def update_fn(updates: optax.Updates, state, params: optax.Params | None = None, **extra_args):
         del params, extra_args
         count = optax.safe_int32_increment(state.count)
         # Python-float betas keep their float64 logs; the step enters in the compute dtype.
-        w1, w2 = coefficients(count.astype(jnp.result_type(float)), (b1, b2))
-
-        def new_mu(m, g):
-            return None if g is None else (m + w1.astype(m.dtype) * (g.astype(m.dtype) - m))
-
-        def new_nu(v, g):
-            return None if g is None else (v * (1 - w2).astype(v.dtype) + w2.astype(v.dtype) * jnp.square(g))
-
-        mu = jax.tree.map(new_mu, state.mu, updates, is_leaf=lambda x: x is None)
-        nu = jax.tree.map(new_nu, state.nu, updates, is_leaf=lambda x: x is None)
+        step_dtype = jnp.result_type(float)
+        if per_coordinate_steps:
+            coord_count = jax.tree.map(_advance_coord_count, state.coord_count, updates, is_leaf=_is_none)
+            weights = jax.tree.map(  # a Coefficients of arrays shaped like the leaf, t = max(count, 1)
+                lambda c: None if c is None else coefficients(jnp.maximum(c, 1).astype(step_dtype), (b1, b2)),
+                coord_count,
+                is_leaf=_is_none,
+            )
+        else:
+            shared = coefficients(count.astype(step_dtype), (b1, b2))
+            weights = jax.tree.map(lambda _: shared, state.nu, is_leaf=_is_none)
+        mu = jax.tree.map(_new_mu, state.mu, updates, weights, is_leaf=_is_none)
+        nu = jax.tree.map(_new_nu, state.nu, updates, weights, is_leaf=_is_none)
         scaled = jax.tree.map(
             lambda m, v, g: None if g is None else (m / (jnp.sqrt(v) + eps)).astype(g.dtype),
             mu,
             nu,
             updates,
-            is_leaf=lambda x: x is None,
+            is_leaf=_is_none,
         )
-        return scaled, ScaleByAdamNXState(count=count, mu=otu.tree_cast(mu, mu_dtype), nu=nu)
+        mu = otu.tree_cast(mu, mu_dtype)
+        if per_coordinate_steps:
+            return scaled, ScaleByAdamNXPerCoordinateState(count, mu, nu, coord_count)
+        return scaled, ScaleByAdamNXState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -122,6 +191,7 @@ def adamnx(
     *,
     mask: Any | None = None,
     mu_dtype: Any | None = None,
+    per_coordinate_steps: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamNX with decoupled weight decay, exactly as :class:`adamnx.AdamNX` (same defaults).
 
@@ -138,6 +208,8 @@ def adamnx(
         mask: a pytree of booleans (or a function of the params returning one) selecting the leaves that
             get weight decay, as in :func:`optax.adamw`.
         mu_dtype: dtype of the first moment.
+        per_coordinate_steps: per-element step counts from each coordinate's first non-zero gradient; see
+            :func:`scale_by_adamnx`. The weight decay still applies to every coordinate from step 1.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -153,7 +225,7 @@ def adamnx(
         True
     """
     return optax.chain(
-        scale_by_adamnx(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        scale_by_adamnx(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, per_coordinate_steps=per_coordinate_steps),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
