@@ -132,3 +132,42 @@ def assert_matches_reference(params, opt: AdamNX, ref: AdamNXReference, tol: flo
         ):
             err = rel_err(actual, expected)
             assert err <= tol, f"{name} {i}: relative error {err:.3e} > {tol:.0e}"
+
+
+def late_starting_gradients(
+    n_steps: int, shapes=SHAPES, dtype=torch.float64, seed: int = 0
+) -> list[list[torch.Tensor]]:
+    """Random gradients, zero for each coordinate until its start step (1 to ~1,100: some never start), and also
+    zero for every coordinate at every 7th step (a coordinate that has started keeps counting through them)."""
+    grads = gradient_sequence(n_steps, shapes=shapes, seed=seed)
+    starts = [
+        1 + (np.arange(int(np.prod(s, dtype=int))).reshape(s) * 211 + 37 * i) % 1_100 for i, s in enumerate(shapes)
+    ]
+    starts[0].flat[0] = 1  # a coordinate with a history from the first step
+    for t, step_grads in enumerate(grads, start=1):
+        for g, start in zip(step_grads, starts):
+            g[torch.as_tensor(start > t)] = 0.0
+            if t % 7 == 0:
+                g.zero_()
+    return [[g.to(dtype) for g in step_grads] for step_grads in grads]
+
+
+def per_coordinate_reference(params0, grads_seq, lr, betas, weight_decay):
+    """Each coordinate alone: decoupled weight decay only (m = v = 0, update 0) until its first non-zero gradient,
+    then the paper's AdamNX (the float64 reference) from its own t = 1. Returns theta, m, v and counts, per tensor."""
+    out = []
+    for i, p0 in enumerate(params0):
+        g = np.stack([step_grads[i].double().numpy() for step_grads in grads_seq]).reshape(len(grads_seq), -1)
+        theta, m, v, count = (np.zeros(g.shape[1]) for _ in range(4))
+        for k in range(g.shape[1]):
+            nonzero = np.flatnonzero(g[:, k])
+            start = int(nonzero[0]) if nonzero.size else len(grads_seq)  # 0-based index of its first step
+            ref = AdamNXReference(
+                [p0.double().numpy().reshape(-1)[k : k + 1]], lr=lr, betas=betas, weight_decay=weight_decay
+            )
+            ref.theta[0] *= (1.0 - lr * weight_decay) ** start
+            for gk in g[start:, k]:
+                ref.step([np.array([gk])])
+            theta[k], m[k], v[k], count[k] = ref.theta[0][0], ref.m[0][0], ref.v[0][0], ref.t[0]
+        out.append(tuple(x.reshape(p0.shape) for x in (theta, m, v, count)))
+    return out

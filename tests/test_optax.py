@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 from adamnx import AdamNX  # noqa: E402
 from adamnx.optax import ScaleByAdamNXPerCoordinateState, ScaleByAdamNXState, adamnx, scale_by_adamnx  # noqa: E402
 from adamnx.reference import AdamNXReference  # noqa: E402
-from helpers import gradient_sequence, initial_params, run_torch  # noqa: E402
+from helpers import gradient_sequence, initial_params, late_starting_gradients, per_coordinate_reference, run_torch  # noqa: E402
 
 SHAPES = [(5, 3), (7,), ()]
 
@@ -241,54 +241,17 @@ def test_invalid_betas_are_rejected_eagerly():
 # --------------------------------------------------------------------------- per_coordinate_steps
 
 
-def _late_starting_gradients(n_steps: int, dtype=torch.float64, seed: int = 0) -> list[list[torch.Tensor]]:
-    """Random gradients, zero for each coordinate until its start step (1 to ~1,100: some never start), and also
-    zero for every coordinate at every 7th step (a coordinate that has started keeps counting through them)."""
-    grads = gradient_sequence(n_steps, shapes=SHAPES, seed=seed)
-    starts = [
-        1 + (np.arange(int(np.prod(s, dtype=int))).reshape(s) * 211 + 37 * i) % 1_100 for i, s in enumerate(SHAPES)
-    ]
-    starts[0].flat[0] = 1  # a coordinate with a history from the first step
-    for t, step_grads in enumerate(grads, start=1):
-        for g, start in zip(step_grads, starts):
-            g[torch.as_tensor(start > t)] = 0.0
-            if t % 7 == 0:
-                g.zero_()
-    return [[g.to(dtype) for g in step_grads] for step_grads in grads]
-
-
-def _per_coordinate_reference(params0, grads_seq, lr, betas, weight_decay):
-    """Each coordinate alone: decoupled weight decay only (m = v = 0, update 0) until its first non-zero gradient,
-    then the paper's AdamNX (the float64 reference) from its own t = 1. Returns theta, m, v and counts, per tensor."""
-    out = []
-    for i, p0 in enumerate(params0):
-        g = np.stack([step_grads[i].double().numpy() for step_grads in grads_seq]).reshape(len(grads_seq), -1)
-        theta, m, v, count = (np.zeros(g.shape[1]) for _ in range(4))
-        for k in range(g.shape[1]):
-            nonzero = np.flatnonzero(g[:, k])
-            start = int(nonzero[0]) if nonzero.size else len(grads_seq)  # 0-based index of its first step
-            ref = AdamNXReference(
-                [p0.double().numpy().reshape(-1)[k : k + 1]], lr=lr, betas=betas, weight_decay=weight_decay
-            )
-            ref.theta[0] *= (1.0 - lr * weight_decay) ** start
-            for gk in g[start:, k]:
-                ref.step([np.array([gk])])
-            theta[k], m[k], v[k], count[k] = ref.theta[0][0], ref.m[0][0], ref.v[0][0], ref.t[0]
-        out.append(tuple(x.reshape(p0.shape) for x in (theta, m, v, count)))
-    return out
-
-
 @pytest.mark.parametrize("b2", [0.9, 0.999])
 def test_per_coordinate_float64_parity_with_reference_and_torch(b2):
     hp = {"learning_rate": 1e-2, "b1": 0.9, "b2": b2, "weight_decay": 0.1}
-    grads = _late_starting_gradients(1_000)
+    grads = late_starting_gradients(1_000, SHAPES)
     params0 = initial_params(SHAPES)
     with jax.enable_x64(True):
         params, state = _run_optax_scanned(adamnx(**hp, per_coordinate_steps=True), params0, grads, jnp.float64)
         inner = state[0]
         params = [np.asarray(p) for p in params]
         mu, nu, counts = ([np.asarray(x) for x in tree] for tree in (inner.mu, inner.nu, inner.coord_count))
-    ref = _per_coordinate_reference(params0, grads, 1e-2, (0.9, b2), 0.1)
+    ref = per_coordinate_reference(params0, grads, 1e-2, (0.9, b2), 0.1)
     tparams, topt = run_torch(
         params0, grads, lr=1e-2, betas=(0.9, b2), weight_decay=0.1, foreach=False, per_coordinate_steps=True
     )
@@ -304,12 +267,12 @@ def test_per_coordinate_float64_parity_with_reference_and_torch(b2):
 
 
 def test_per_coordinate_float32_parity_with_reference_and_torch():
-    grads = _late_starting_gradients(1_000, dtype=torch.float32, seed=3)
+    grads = late_starting_gradients(1_000, SHAPES, dtype=torch.float32, seed=3)
     params0 = initial_params(SHAPES, dtype=torch.float32)
     params, _ = _run_optax_scanned(
         adamnx(1e-2, weight_decay=0.1, per_coordinate_steps=True), params0, grads, jnp.float32
     )
-    ref = _per_coordinate_reference(params0, grads, 1e-2, (0.9, 0.99), 0.1)
+    ref = per_coordinate_reference(params0, grads, 1e-2, (0.9, 0.99), 0.1)
     tparams, _ = run_torch(params0, grads, lr=1e-2, weight_decay=0.1, foreach=False, per_coordinate_steps=True)
     for i, (theta, *_) in enumerate(ref):
         # 1,000 float32 steps, each rounding θ, m, v and the coefficients (here per element, in float32; torch's
@@ -349,7 +312,7 @@ def test_per_coordinate_steps_does_not_change_coordinates_with_history():
 
 
 def test_per_coordinate_jit_compiles_once_and_inject_hyperparams_is_equivalent():
-    grads = _late_starting_gradients(40, dtype=torch.float32, seed=5)
+    grads = late_starting_gradients(40, SHAPES, dtype=torch.float32, seed=5)
     params0 = initial_params(SHAPES, dtype=torch.float32)
     hp = {"learning_rate": 3e-3, "b1": 0.8, "b2": 0.95, "weight_decay": 0.05, "per_coordinate_steps": True}
     params = [jnp.asarray(p.numpy()) for p in params0]
@@ -368,7 +331,7 @@ def test_per_coordinate_jit_compiles_once_and_inject_hyperparams_is_equivalent()
 
 def test_per_coordinate_multisteps_none_leaves_and_mu_dtype():
     k = 4
-    grads = [[g[1]] for g in _late_starting_gradients(4 * k, dtype=torch.float32, seed=6)]
+    grads = [[g[1]] for g in late_starting_gradients(4 * k, SHAPES, dtype=torch.float32, seed=6)]
     params0 = initial_params([(7,)], dtype=torch.float32)
     tx = adamnx(1e-2, per_coordinate_steps=True)
     multi, _ = _run_optax(optax.MultiSteps(tx, every_k_schedule=k), params0, grads, jnp.float32)

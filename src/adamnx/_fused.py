@@ -29,7 +29,10 @@ from torch import Tensor
 
 from adamnx import _cpu_extension
 from adamnx._tensors import (
+    advance_counts,
+    coordinate_table,
     dense_1d_views,
+    gather_coefficients,
     group_by_device_and_dtype,
     host_coefficients,
     math_dtype,
@@ -54,14 +57,21 @@ def _adamnx_kernel(
     grad_factor: Tensor,
     found_inf: Tensor | None,
     stochastic: bool = False,
+    count: Tensor | None = None,
+    table: Tensor | None = None,
 ) -> None:
     """One AdamNX step on one tensor; the operations of the for-loop path, in its order, in registers.
 
     The scalars arrive already rounded to the math dtype (float64 for float64 params, else float32), as the
-    other paths' kernels round their Python floats.
+    other paths' kernels round their Python floats. With per_coordinate_steps, ``count`` (int32, shaped like the
+    param) advances here and the coefficients are gathered from ``table`` by count (the three coefficient
+    arguments are then unused): see :func:`adamnx._tensors.coordinate_table`.
     """
-    math_dtype = one_minus_beta1_t.dtype
+    math_dtype = neg_lr.dtype
     g = grad.to(math_dtype) * grad_factor  # ±1/grad_scale: maximize and GradScaler's unscale in one factor
+    if count is not None:
+        new_count = advance_counts(count, g)
+        one_minus_beta1_t, beta2_hat, one_minus_beta2_hat = gather_coefficients(table, new_count)
     p = param.to(math_dtype)
     p = p + neg_lr_wd * p
     m = torch.lerp(exp_avg.to(math_dtype), g, one_minus_beta1_t)
@@ -73,9 +83,13 @@ def _adamnx_kernel(
         # it found inf/NaN: keep everything as it was (torch's fused optimizers do the same)
         skip = found_inf != 0
         p, m, v = torch.where(skip, param, p), torch.where(skip, exp_avg, m), torch.where(skip, exp_avg_sq, v)
+        if count is not None:
+            new_count = torch.where(skip, count, new_count)
     param.copy_(p)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
+    if count is not None:
+        count.copy_(new_count)
 
 
 # True inside inductor_on_cpu(): the accelerator (inductor) kernel runs on the CPU, where CI can check it.
@@ -109,6 +123,8 @@ def _adamnx_chunk(
     eps,
     grad_factor,
     found_inf,
+    counts=None,
+    table=None,
     stochastic=False,
 ):
     """CHUNK tensors in one compiled call: the per-tensor kernel, unrolled (one fused loop per tensor)."""
@@ -116,17 +132,19 @@ def _adamnx_chunk(
         _adamnx_kernel(
             params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], w1s[i], b2s[i], w2s[i],
             neg_lr, neg_lr_wd, eps, grad_factor, found_inf, stochastic,
+            None if counts is None else counts[i], table,
         )  # fmt: skip
 
 
 @functools.cache
-def _compiled_chunk(device_type: str, dtype: torch.dtype, amp: bool, stochastic: bool):
-    """The compiled chunk kernel for one (device type, dtype, GradScaler or not, stochastic rounding or not).
+def _compiled_chunk(device_type: str, dtype: torch.dtype, amp: bool, stochastic: bool, per_coordinate: bool):
+    """The compiled chunk kernel for one (device type, dtype, GradScaler or not, stochastic rounding or not,
+    per-coordinate counts or not).
 
     Each key gets its own copy of the code object, because dynamo keeps one cache (of at most 8 graphs) per
     code object: dtypes × devices × AMP would otherwise overflow it and fall back to eager.
     """
-    flags = "".join(name for name, on in (("_amp", amp), ("_sr", stochastic)) if on)
+    flags = "".join(name for name, on in (("_amp", amp), ("_sr", stochastic), ("_pc", per_coordinate)) if on)
     code = _adamnx_chunk.__code__.replace(co_name=f"_adamnx_chunk_{device_type}_{str(dtype)[6:]}{flags}")
     # The flag becomes this copy's default (a functools.partial would share one dynamo wrapper between keys).
     kernel = types.FunctionType(code, _adamnx_chunk.__globals__, code.co_name, (stochastic,))
@@ -135,7 +153,7 @@ def _compiled_chunk(device_type: str, dtype: torch.dtype, amp: bool, stochastic:
 
 @functools.cache
 def _padding(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> tuple[list[Tensor], ...]:
-    """Dummy (p, g, m, v) tensors of 2 elements that fill the last chunk (their updates are discarded)."""
+    """Dummy (p, g, m, v[, counts]) tensors of 2 elements that fill the last chunk (their updates are discarded)."""
     return tuple([torch.zeros(2, dtype=dtype, device=device) for _ in range(CHUNK)] for dtype in dtypes)
 
 
@@ -158,8 +176,11 @@ def _is_compiler_missing(exc: BaseException) -> bool:
     return False
 
 
-def _run_compiled(chunks: list[list[Tensor]], coeffs: list[Tensor], scalars: tuple, stochastic: bool) -> None:
-    """Run the compiled kernel over ``chunks`` = [params, grads, exp_avgs, exp_avg_sqs] (1-D views), CHUNK at a time."""
+def _run_compiled(
+    chunks: list[list[Tensor]], coeffs: list[Tensor], scalars: tuple, stochastic: bool, table: Tensor | None = None
+) -> None:
+    """Run the compiled kernel over ``chunks`` = [params, grads, exp_avgs, exp_avg_sqs(, counts)] (1-D views),
+    CHUNK at a time."""
     first = chunks[0][0]
     n = len(chunks[0])
     pad = (-n) % CHUNK
@@ -167,14 +188,19 @@ def _run_compiled(chunks: list[list[Tensor]], coeffs: list[Tensor], scalars: tup
         dummies = _padding(first.device, tuple(lst[0].dtype for lst in chunks))
         chunks = [lst + dummy[:pad] for lst, dummy in zip(chunks, dummies)]
         coeffs = [torch.cat([c, c.new_zeros(pad)]) for c in coeffs]
-    key = (first.device.type, first.dtype, scalars[-1] is not None, stochastic)
+    per_coordinate = table is not None
+    tensors, counts = chunks[:4], (chunks[4] if per_coordinate else None)
+    key = (first.device.type, first.dtype, scalars[-1] is not None, stochastic, per_coordinate)
     start = 0 if key in _UNCOMPILABLE else None
     if start is None:
         kernel = _compiled_chunk(*key)
         with _no_duck_shapes():
             for c in range(0, n + pad, CHUNK):
                 try:
-                    kernel(*(lst[c : c + CHUNK] for lst in chunks), *(w[c : c + CHUNK] for w in coeffs), *scalars)
+                    kernel(
+                        *(lst[c : c + CHUNK] for lst in tensors), *(w[c : c + CHUNK] for w in coeffs), *scalars,
+                        None if counts is None else counts[c : c + CHUNK], table,
+                    )  # fmt: skip
                 except Exception as exc:
                     if not _is_compiler_missing(exc):
                         raise
@@ -186,7 +212,10 @@ def _run_compiled(chunks: list[list[Tensor]], coeffs: list[Tensor], scalars: tup
                     break
     if start is not None:
         for i in range(start, n):
-            _adamnx_kernel(*(lst[i] for lst in chunks), *(w[i] for w in coeffs), *scalars, stochastic)
+            _adamnx_kernel(
+                *(lst[i] for lst in tensors), *(w[i] for w in coeffs), *scalars, stochastic,
+                None if counts is None else counts[i], table,
+            )  # fmt: skip
 
 
 _UNCOMPILABLE: set[tuple] = set()  # kernels inductor could not build on this machine: run eagerly
@@ -227,21 +256,21 @@ def fused_adamnx(
     eps: float,
     maximize: bool,
     stochastic_rounding: bool = False,
+    coord_steps: list[Tensor] | None = None,
 ) -> None:
     if not params:
         return
     if differentiable:
         raise RuntimeError("`fused` does not support `differentiable=True`")
-    for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps in group_by_device_and_dtype(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps
-    ):
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, *([coord_steps] if coord_steps is not None else []))
+    for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps, *d_counts in group_by_device_and_dtype(*lists):
         on_cpu = d_params[0].device.type == "cpu" and not INDUCTOR_ON_CPU
         step = _cpu_step if on_cpu else _compiled_step
         stochastic = stochastic_rounding and d_params[0].dtype == torch.bfloat16
         step(
             d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps, grad_scale, found_inf,
             has_complex=has_complex, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
-            maximize=maximize, stochastic=stochastic,
+            maximize=maximize, stochastic=stochastic, counts=d_counts[0] if d_counts else None,
         )  # fmt: skip
 
 
@@ -267,7 +296,7 @@ def _shared_coefficients(step: float, beta1: float, beta2: float) -> tuple[Tenso
 @torch.compiler.disable
 def _cpu_step(
     params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf,
-    *, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, stochastic,
+    *, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, stochastic, counts=None,
 ) -> None:  # fmt: skip
     """One step of CPU tensors sharing a dtype: the C++ kernel, one call for all of them."""
     ops = _cpu_extension.load()
@@ -280,33 +309,48 @@ def _cpu_step(
     lr = lr.item() if isinstance(lr, Tensor) else lr
     if has_complex:
         params, grads, exp_avgs, exp_avg_sqs = _real_views(params, grads, exp_avgs, exp_avg_sqs)
+    tensors = [params, grads, exp_avgs, exp_avg_sqs, *([counts] if counts is not None else [])]
     if type(params[0]).__name__ == "DTensor":  # FSDP2 shards: the update is elementwise, so local shards suffice
-        params, grads, exp_avgs, exp_avg_sqs = (
-            [t.to_local() for t in lst] for lst in (params, grads, exp_avgs, exp_avg_sqs)
-        )
-    counts = torch.empty(len(steps), dtype=torch.float64)
-    common = ops.advance_steps_(steps, 1.0, counts)
+        tensors = [[t.to_local() for t in lst] for lst in tensors]
+    params, grads, exp_avgs, exp_avg_sqs = tensors[:4]
+    counts = tensors[4] if counts is not None else []
+    step_counts = torch.empty(len(steps), dtype=torch.float64)
+    common = ops.advance_steps_(steps, 1.0, step_counts)
     if math.isnan(common):  # counters differ (a param that missed steps): coefficients per tensor
-        w1s, w2s = coefficients(counts, (beta1, beta2))
+        w1s, w2s = coefficients(step_counts, (beta1, beta2))
     else:  # one count for the group, the usual case: one pair of coefficients, computed on the host
         w1s, w2s = _shared_coefficients(common, beta1, beta2)
+    dtype, cpu = math_dtype(params[0], exp_avgs[0]), torch.device("cpu")
+    table = _NO_TABLE
+    if counts:  # a coordinate's count is at most its tensor's step
+        table = coordinate_table(step_counts.max(), counts, beta1, beta2, dtype, cpu)
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if stochastic else 0
     left = ops.fused_step_(
-        params, grads, exp_avgs, exp_avg_sqs, w1s, w2s, lr, weight_decay, eps, grad_factor, stochastic, seed
-    )
+        params, grads, exp_avgs, exp_avg_sqs, counts, w1s, w2s, table, lr, weight_decay, eps, grad_factor,
+        stochastic, seed,
+    )  # fmt: skip
     for i in left:  # layouts or dtype pairs the kernel cannot walk in one pass: the same math, eagerly
         dtype = math_dtype(params[i], exp_avgs[i])
         scalars = [torch.tensor(x, dtype=torch.float64).to(dtype) for x in (-lr, -lr * weight_decay, eps, grad_factor)]
         w1, w2 = (w[i if w.numel() > 1 else 0] for w in (w1s, w2s))
         coeffs = [c.to(dtype) for c in (w1, 1 - w2, w2)]
-        _adamnx_kernel(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], *coeffs, *scalars, None, stochastic)
+        per_coordinate = (
+            (counts[i], coordinate_table(step_counts.max(), [counts[i]], beta1, beta2, dtype, cpu)) if counts else ()
+        )
+        _adamnx_kernel(
+            params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], *coeffs, *scalars, None, stochastic, *per_coordinate
+        )
+
+
+_NO_TABLE = torch.empty(0)  # fused_step_'s table argument without per_coordinate_steps
 
 
 def _compiled_step(
     params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf,
-    *, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, stochastic,
+    *, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, stochastic, counts=None,
 ) -> None:  # fmt: skip
-    """One step of accelerator tensors sharing a device and dtype: the inductor kernel, no host sync."""
+    """One step of accelerator tensors sharing a device and dtype: the inductor kernel, no host sync (one, to size
+    the coefficient table, with per_coordinate_steps)."""
     device = params[0].device
     dtype = math_dtype(params[0], exp_avgs[0])
     f64 = {"dtype": torch.float64, "device": device}
@@ -324,14 +368,21 @@ def _compiled_step(
     increment = 1.0 if inf_t is None else 1 - inf_t.to(steps[0].device, steps[0].dtype)
     # One vectorised evaluation of the coefficients for the whole group, on the device, no host sync;
     # β̂2 = 1 − w2 is formed in float64, then everything is rounded to the math dtype once.
-    w1s, w2s = coefficients((torch.stack(steps) + increment).to(device), (beta1, beta2))
+    new_steps = torch.stack(steps) + increment
+    w1s, w2s = coefficients(new_steps.to(device), (beta1, beta2))
     coeffs = [c.to(dtype) for c in (w1s, 1 - w2s, w2s)]
     scalars = (*shared, inf_t)
+    table = None
+    if counts is not None:  # a coordinate's count is at most its tensor's step
+        table = coordinate_table(new_steps.max(), counts, beta1, beta2, dtype, device)
 
-    compiled: list[list[Tensor]] = [[], [], [], []]
+    views = _real_views(params, grads, exp_avgs, exp_avg_sqs)
+    if counts is not None:
+        views.append(counts)
+    compiled: list[list[Tensor]] = [[] for _ in views]
     compiled_idx: list[int] = []
     eager: list[tuple[int, tuple[Tensor, ...]]] = []
-    for i, tensors in enumerate(zip(*_real_views(params, grads, exp_avgs, exp_avg_sqs))):
+    for i, tensors in enumerate(zip(*views)):
         numel = tensors[0].numel()
         flat = dense_1d_views(list(tensors)) if numel > 1 else None
         if flat is not None:
@@ -343,7 +394,7 @@ def _compiled_step(
     if compiled_idx:
         index = torch.tensor(compiled_idx, device=device) if len(compiled_idx) < len(params) else None
         chunk_coeffs = coeffs if index is None else [c.index_select(0, index) for c in coeffs]
-        _run_compiled(compiled, chunk_coeffs, scalars, stochastic)
+        _run_compiled(compiled, chunk_coeffs, scalars, stochastic, table)
     for i, tensors in eager:
-        _adamnx_kernel(*tensors, *(c[i] for c in coeffs), *scalars, stochastic)
+        _adamnx_kernel(*tensors[:4], *(c[i] for c in coeffs), *scalars, stochastic, *tensors[4:], table)
     torch._foreach_add_(steps, increment)

@@ -7,14 +7,24 @@ the coefficients of a step read on the host, dense 1-D views, and stochastic rou
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 from torch import Tensor
 
 from adamnx.schedule import coefficients
 
-__all__ = ["dense_1d_views", "group_by_device_and_dtype", "host_coefficients", "math_dtype", "stochastic_round_to_bf16"]
+__all__ = [
+    "advance_counts",
+    "advance_counts_",
+    "coordinate_table",
+    "dense_1d_views",
+    "gather_coefficients",
+    "group_by_device_and_dtype",
+    "host_coefficients",
+    "math_dtype",
+    "stochastic_round_to_bf16",
+]
 
 
 def stochastic_round_to_bf16(x: Tensor) -> Tensor:
@@ -53,10 +63,98 @@ def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> list[tuple[list[Te
     return [tuple([lst[i] for i in idx] for lst in tensor_lists) for idx in buckets.values()]
 
 
+# Host coefficients are evaluated a block of steps at a time, always over the same aligned block: a step sits at the
+# same place of the same vectorised evaluation whether a group's scalar or a per-coordinate table asks for it, so
+# both get the same bits (a scalar evaluation with math.exp differs from a vectorised one in the last bit of ~5%).
+COEFFICIENT_BLOCK = 4096
+
+
+def _coefficient_block(block: int, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """float64 ``(1 − β1_t, 1 − β̂2_t)`` for t in [block·B, (block + 1)·B), from :func:`coefficients`.
+
+    t = 0 stands for a coordinate that has not started (per_coordinate_steps) and gets t = 1's values (1, 1)."""
+    steps = torch.arange(block * COEFFICIENT_BLOCK, (block + 1) * COEFFICIENT_BLOCK, dtype=torch.float64)
+    if block == 0:
+        steps[0] = 1.0
+    w1, w2 = coefficients(steps, (beta1, beta2))
+    return w1, w2
+
+
+_cached_block = functools.lru_cache(maxsize=16)(_coefficient_block)
+
+
 @functools.lru_cache(maxsize=4096)
 def host_coefficients(step: float, beta1: float, beta2: float) -> tuple[float, float]:
     """Python-float coefficients for a step read from a CPU counter; cached since a group shares its step."""
-    return tuple(coefficients(step, (beta1, beta2)))
+    block, index = divmod(int(step), COEFFICIENT_BLOCK)
+    w1, w2 = _cached_block(block, beta1, beta2)
+    return float(w1[index]), float(w2[index])
+
+
+class _Table:
+    """Rows (1 − β1_t, β̂2_t, 1 − β̂2_t) in one math dtype on one device, for t = 0, 1, ..., len − 1."""
+
+    def __init__(self, beta1: float, beta2: float, dtype: torch.dtype, device: torch.device) -> None:
+        self.betas, self.dtype, self.device = (beta1, beta2), dtype, device
+        self.rows = torch.empty(3, 0, dtype=dtype, device=device)
+        # Past some t the rounded coefficients stop changing (1 − β1_t reaches 1 − β1, 1 − β̂2_t underflows to 0:
+        # both fall monotonically); the table ends there and longer counts read its last row.
+        self.limit = self._rounded(torch.tensor([2.0**53], dtype=torch.float64))
+        self.complete = False
+
+    def _rounded(self, steps: Tensor) -> Tensor:
+        return self._rows(*coefficients(steps, self.betas))
+
+    def _rounded_block(self, block: int) -> Tensor:
+        return self._rows(*_coefficient_block(block, *self.betas))
+
+    def _rows(self, w1: Tensor, w2: Tensor) -> Tensor:
+        return torch.stack([w1, 1 - w2, w2]).to(self.dtype)  # β̂2 formed in float64, then rounded (as elsewhere)
+
+    def extend_to(self, length: int) -> None:
+        blocks, have = [], self.rows.shape[1]
+        while not self.complete and have < length:
+            block = self._rounded_block(have // COEFFICIENT_BLOCK)
+            blocks.append(block)
+            have += COEFFICIENT_BLOCK
+            self.complete = bool((block[:, -1] == self.limit[:, 0]).all())
+        if blocks:
+            self.rows = torch.cat([self.rows, torch.cat(blocks, dim=1).to(self.device)], dim=1)
+
+
+_TABLES: OrderedDict[tuple, _Table] = OrderedDict()
+_MAX_TABLES = 8  # betas that change every step (a β2 schedule) must not pile tables up
+
+
+# Rows a table may hold just because the step is that long. Beyond, it is sized by the longest count (one reduction
+# over the counts per step): a checkpoint at step 10⁹ whose counts are small needs a small table.
+_ROWS_BY_STEP = 1 << 22  # 48 MB in float32
+
+
+def coordinate_table(
+    max_step: float, counts: list[Tensor], beta1: float, beta2: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """The per-coordinate coefficients for ``counts`` (int32, each at most ``max_step``) after this step: a (3, L)
+    tensor of rows (1 − β1_t, β̂2_t, 1 − β̂2_t) in ``dtype`` on ``device``, row t for count t (row 0, a coordinate
+    that has not started: t = 1's values).
+
+    Built from the same blocks as :func:`host_coefficients`, so a coordinate whose count equals its tensor's step
+    gets exactly the tensor's coefficients. L covers every count, except past the count from which the rounded
+    coefficients no longer change: there the table ends and a kernel reads row L − 1 for every longer count. It
+    grows by doubling (a few copies in a whole run), so kernels gather instead of evaluating exp/expm1 per element.
+    """
+    key = (beta1, beta2, dtype, device)
+    table = _TABLES.pop(key, None) or _Table(beta1, beta2, dtype, device)
+    _TABLES[key] = table
+    while len(_TABLES) > _MAX_TABLES:
+        _TABLES.popitem(last=False)
+    length, longest = table.rows.shape[1], int(max_step)
+    if longest >= length and not table.complete and longest >= _ROWS_BY_STEP:
+        longest = min(longest, 1 + max((int(c.max()) for c in counts if c.numel()), default=0))
+    if longest >= length and not table.complete:
+        growth = 2 * length if length < _ROWS_BY_STEP else length + length // 8  # a few copies in a whole run
+        table.extend_to(max(longest + 1, growth))
+    return table.rows
 
 
 def dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:
@@ -77,3 +175,35 @@ def dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:
             return None
         expected *= size
     return [t.as_strided((t.numel(),), (1,)) for t in tensors]
+
+
+# --------------------------------------------------------------------------- per-coordinate counts
+# A coordinate's count is 0 until its first non-zero gradient, then advances by one each step (saturating at
+# int32's maximum): its coefficients are those of t = count, row `count` of coordinate_table (row 0: t = 1's).
+
+MAX_COUNT = 2**31 - 1
+
+
+def advance_counts(count: Tensor, grad: Tensor) -> Tensor:
+    """The counts after this step, out of place (the fused kernels write them back last, with everything else)."""
+    return count + (torch.logical_or(grad, count) & (count != MAX_COUNT))
+
+
+def advance_counts_(count: Tensor, grad: Tensor, may_saturate: bool) -> Tensor:
+    """advance_counts in place, in two passes; the saturation test only when a count can reach it (step ≥ 2^31 − 1)."""
+    started = torch.logical_or(grad, count)
+    if may_saturate:
+        started &= count != MAX_COUNT
+    return count.add_(started)
+
+
+def gather_coefficients(table: Tensor, count: Tensor, clamp: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(1 − β1_t, β̂2_t, 1 − β̂2_t) of each coordinate, shaped like ``count``, gathered from coordinate_table's rows.
+
+    ``clamp=False`` when every count is known to lie inside the table (its length exceeds the step): saves a pass.
+    """
+    index = count.reshape(-1)
+    if clamp:  # a complete table is shorter than the longest counts
+        index = index.clamp(0, table.shape[1] - 1)
+    w1, beta2_hat, w2 = (row.index_select(0, index).view(count.shape) for row in table)
+    return w1, beta2_hat, w2

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adamnx._tensors import MAX_COUNT
+
 __all__ = ["FLOATING_DTYPES", "as_float", "check_hyperparameters", "check_state_dict"]
 
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -38,7 +40,7 @@ _FLOAT8 = tuple(getattr(torch, name) for name in dir(torch) if name.startswith("
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 OPTIONAL_STATE_KEYS = ("coord_step",)
 MAX_STEP = 2**53  # float64 counts every integer up to here exactly
-MAX_COORD_STEP = 2**31 - 1  # coord_step is int32
+MAX_COORD_STEP = MAX_COUNT  # coord_step is int32
 
 
 def as_float(value: Any, name: str) -> float:

@@ -6,14 +6,16 @@ Every implementation takes its coefficients from :func:`adamnx.schedule.coeffici
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from adamnx._fused import fused_adamnx
 from adamnx._tensors import (
+    MAX_COUNT,
+    advance_counts_,
+    coordinate_table,
     dense_1d_views,
+    gather_coefficients,
     group_by_device_and_dtype,
     host_coefficients,
     math_dtype,
@@ -57,8 +59,8 @@ def adamnx(
     ``torch.amp.GradScaler`` and are only accepted by the fused implementation. ``exp_avgs``/``exp_avg_sqs``
     may be wider than the params (float32 state for bf16 params): the update is then computed in the state's
     precision and rounded once (stochastically with ``stochastic_rounding`` for bf16 params).
-    ``coord_steps`` (one int32 tensor shaped like each param, or None) switches on per-coordinate step counts
-    (``per_coordinate_steps``); it runs the for-loop implementation, whatever ``foreach``/``fused`` say.
+    ``coord_steps`` (one int32 tensor shaped like each param's real view, or None) switches on per-coordinate
+    step counts (``per_coordinate_steps``), in every implementation.
     """
     if not torch.compiler.is_compiling() and not all(isinstance(t, Tensor) for t in state_steps):
         raise RuntimeError("`state_steps` must be a list of 0-d step tensors, one per parameter")
@@ -68,9 +70,6 @@ def adamnx(
             foreach = False  # torch.optim's rule: the for-loop takes a Tensor lr that foreach would refuse
     if isinstance(beta1, float) and isinstance(beta2, float):
         check_betas(beta1, beta2)  # before any counter advances: a step that raises changes nothing
-    if coord_steps is not None:
-        # Per-element coefficients are computed by the for-loop path only: one implementation of that math.
-        fused, foreach = False, False
     if fused:
         if foreach:
             raise RuntimeError("`fused` and `foreach` cannot both be True")
@@ -80,7 +79,7 @@ def adamnx(
             raise RuntimeError("`foreach` does not support `differentiable=True`")
         impl = _multi_tensor_adamnx
     else:
-        impl = functools.partial(_single_tensor_adamnx, coord_steps=coord_steps)
+        impl = _single_tensor_adamnx
     impl(
         params,
         grads,
@@ -99,6 +98,7 @@ def adamnx(
         eps=eps,
         maximize=maximize,
         stochastic_rounding=stochastic_rounding,
+        coord_steps=coord_steps,
     )
 
 
@@ -111,13 +111,6 @@ def _write_back(target: Tensor, updated: Tensor) -> None:
     """Round an updated copy into the state tensor it came from (nothing to do when it was updated in place)."""
     if updated is not target:
         target.copy_(updated)
-
-
-def _advance_coord_steps(coord_step: Tensor, grad: Tensor) -> Tensor:
-    """Per-coordinate counts: a coordinate starts counting at its first non-zero gradient; returns max(count, 1)."""
-    started = (coord_step > 0) | (grad != 0)
-    coord_step.copy_(torch.where(started, coord_step + 1, 0))
-    return coord_step.clamp_min(1)
 
 
 def _default_to_foreach(params: list[Tensor], differentiable: bool) -> bool:
@@ -197,40 +190,53 @@ def _single_tensor_adamnx(
 
         step_t += 1
         dtype = math_dtype(param, exp_avg)
-        if coord_step is not None:  # per_coordinate_steps: every coordinate follows the schedule from its own start
-            w1, w2 = _device_coefficients(_advance_coord_steps(coord_step, grad), beta1, beta2, dtype)
-        elif on_device:
-            w1, w2 = _device_coefficients(step_t, beta1, beta2, dtype)
-        else:
-            w1, w2 = host_coefficients(step_t.item(), beta1, beta2)
         step_lr = lr.to(dtype) if isinstance(lr, Tensor) else lr  # lr·λ formed in the math dtype, not lr's
+        tensors = (param, grad, exp_avg, exp_avg_sq)
+        if coord_step is not None and not on_device:  # per_coordinate_steps: coefficients gathered by count
+            step = step_t.item()
+            counts = advance_counts_(coord_step, grad, may_saturate=step >= MAX_COUNT)
+            table = coordinate_table(step, [counts], beta1, beta2, dtype, param.device)
+            cut = [(tensors, (counts,))] if differentiable else _in_pieces(tensors, (counts,))
+            clamp = table.shape[1] <= step  # a complete table: longer counts read its last row
+            pieces = [(piece, gather_coefficients(table, c, clamp)) for piece, (c,) in cut]
+        else:
+            if coord_step is not None:  # on the device: every coordinate's coefficients evaluated in the graph
+                w1, w2 = _device_coefficients(advance_counts_(coord_step, grad, True).clamp_min(1), beta1, beta2, dtype)
+            elif on_device:
+                w1, w2 = _device_coefficients(step_t, beta1, beta2, dtype)
+            else:
+                w1, w2 = host_coefficients(step_t.item(), beta1, beta2)
+            pieces = [(tensors, (w1, 1 - w2, w2))]
         if differentiable:
-            _differentiable_update(param, grad, exp_avg, exp_avg_sq, w1, w2, step_lr, weight_decay, eps, dtype)
+            _differentiable_update(*tensors, *pieces[0][1], step_lr, weight_decay, eps, dtype)
             continue
 
         stochastic = stochastic_rounding and param.dtype == torch.bfloat16
         if stochastic or param.dtype != dtype or exp_avg.dtype != dtype:  # wider math than the tensors hold
-            for tensors, (w1_piece, w2_piece) in _in_pieces((param, grad, exp_avg, exp_avg_sq), (w1, w2)):
-                _update_copies(*tensors, w1_piece, w2_piece, dtype, step_lr, weight_decay, eps, stochastic)
+            if len(pieces) == 1:  # not yet cut: bounded temporaries (see _piece_size)
+                pieces = _in_pieces(*pieces[0])
+            for piece, coefficients_of_piece in pieces:
+                _update_copies(*piece, *coefficients_of_piece, dtype, step_lr, weight_decay, eps, stochastic)
         else:
-            _update_in_place(param, grad, exp_avg, exp_avg_sq, w1, w2, step_lr, weight_decay, eps)
+            for piece, coefficients_of_piece in pieces:
+                _update_in_place(*piece, *coefficients_of_piece, step_lr, weight_decay, eps)
 
 
-def _update_in_place(param, grad, exp_avg, exp_avg_sq, w1, w2, lr, weight_decay, eps) -> None:
+def _update_in_place(param, grad, exp_avg, exp_avg_sq, w1, beta2_hat, w2, lr, weight_decay, eps) -> None:
     """The update of one tensor whose param, grad and moments all have the math dtype."""
     _decay_(param, lr, weight_decay)
-    _update_moments_(exp_avg, exp_avg_sq, grad, w1, w2)
+    _update_moments_(exp_avg, exp_avg_sq, grad, w1, beta2_hat, w2)
     _descend_(param, exp_avg, exp_avg_sq.sqrt().add_(eps), lr)
 
 
-def _update_copies(param, grad, exp_avg, exp_avg_sq, w1, w2, dtype, lr, weight_decay, eps, stochastic) -> None:
+def _update_copies(param, grad, exp_avg, exp_avg_sq, w1, beta2_hat, w2, dtype, lr, weight_decay, eps, stochastic):
     """The same update computed on copies in the wider math ``dtype`` and rounded once into the tensors.
 
     The moments are rounded and stored before the param's copy exists, and √v + ε reuses v's copy: three
     temporaries of the math dtype at a time (callers pass pieces, see _piece_size)."""
     g = grad.to(dtype)
     m, v = _in_math_dtype(exp_avg, dtype), _in_math_dtype(exp_avg_sq, dtype)  # float32 state: in place
-    _update_moments_(m, v, g, w1, w2)
+    _update_moments_(m, v, g, w1, beta2_hat, w2)
     del g
     _write_back(exp_avg, m)
     _write_back(exp_avg_sq, v)
@@ -251,11 +257,11 @@ def _decay_(theta: Tensor, lr, weight_decay: float) -> None:
         theta.add_(theta, alpha=-lr * weight_decay)
 
 
-def _update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, w1, w2) -> None:
+def _update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, w1, beta2_hat, w2) -> None:
     """m ← lerp(m, g, 1 − β1_t); v ← v·β̂2_t + (1 − β̂2_t)·g², with w1 = 1 − β1_t and w2 = 1 − β̂2_t."""
     exp_avg.lerp_(grad, w1)
     # β̂2_t = 1 − w2 is formed from the stable w2; w2 itself multiplies g² at full relative accuracy.
-    exp_avg_sq.mul_(1 - w2)
+    exp_avg_sq.mul_(beta2_hat)
     if isinstance(w2, Tensor):
         exp_avg_sq.addcmul_(grad, grad * w2)
     else:
@@ -299,7 +305,7 @@ def _in_pieces(tensors: tuple[Tensor, ...], coefficients: tuple) -> list[tuple[t
     return pieces
 
 
-def _differentiable_update(param, grad, exp_avg, exp_avg_sq, w1, w2, lr, weight_decay, eps, dtype) -> None:
+def _differentiable_update(param, grad, exp_avg, exp_avg_sq, w1, beta2_hat, w2, lr, weight_decay, eps, dtype):
     """The same update, out of place, so that autograd can run back through many steps.
 
     In-place updates would overwrite values that an earlier step saved for backward ("modified by an inplace
@@ -309,7 +315,7 @@ def _differentiable_update(param, grad, exp_avg, exp_avg_sq, w1, w2, lr, weight_
     if weight_decay != 0:
         theta = theta + (lr * -weight_decay) * theta
     m = torch.lerp(m, g, w1)
-    v = v * (1 - w2) + (g * g) * w2
+    v = v * beta2_hat + (g * g) * w2
     theta = theta - lr * (m / (v.sqrt() + eps))
     param.copy_(theta)
     exp_avg.copy_(m)
@@ -335,6 +341,7 @@ def _multi_tensor_adamnx(
     eps: float,
     maximize: bool,
     stochastic_rounding: bool,
+    coord_steps: list[Tensor] | None = None,
 ) -> None:
     if len(params) == 0:
         return
@@ -345,9 +352,8 @@ def _multi_tensor_adamnx(
     if capturable:
         _check_capturable_devices(params, state_steps)
 
-    for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps in group_by_device_and_dtype(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps
-    ):
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, *([coord_steps] if coord_steps is not None else []))
+    for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps, *d_counts in group_by_device_and_dtype(*lists):
         if has_complex:
             d_params, d_grads, d_exp_avgs, d_exp_avg_sqs = (
                 [torch.view_as_real(t) if torch.is_complex(t) else t for t in lst]
@@ -358,23 +364,49 @@ def _multi_tensor_adamnx(
 
         dtype = math_dtype(d_params[0], d_exp_avgs[0])
         torch._foreach_add_(d_steps, 1.0)
-        if on_device:
-            # One vectorised evaluation for the whole group: N 0-d weights, no host sync.
-            w1, w2 = _device_coefficients(torch.stack(d_steps), beta1, beta2, dtype)
-            w1, beta2_hat, w2 = list(w1.unbind()), list((1 - w2).unbind()), list(w2.unbind())
-        else:
-            pairs = [host_coefficients(s.item(), beta1, beta2) for s in d_steps]
-            w1, w2 = [p[0] for p in pairs], [p[1] for p in pairs]
-            beta2_hat = [1 - x for x in w2]
-
-        stochastic = stochastic_rounding and d_params[0].dtype == torch.bfloat16
-        group_lr = lr.to(dtype) if isinstance(lr, Tensor) else lr  # lr·λ formed in the math dtype, not lr's
         tensors = (d_params, d_grads, d_exp_avgs, d_exp_avg_sqs)
-        if stochastic or d_params[0].dtype != dtype or d_exp_avgs[0].dtype != dtype:  # wider math than stored
-            for bucket in _buckets_of_pieces(tensors, (w1, beta2_hat, w2)):
-                _foreach_update_copies(*bucket, dtype, group_lr, weight_decay, eps, stochastic)
+        stochastic = stochastic_rounding and d_params[0].dtype == torch.bfloat16
+        wider = stochastic or d_params[0].dtype != dtype or d_exp_avgs[0].dtype != dtype  # math wider than stored
+        if d_counts and not on_device:  # per_coordinate_steps: coefficients gathered by count, piece by piece
+            buckets = _gathered_buckets(tensors, d_counts[0], d_steps, beta1, beta2, dtype)
         else:
-            _foreach_update_in_place(*tensors, w1, beta2_hat, w2, group_lr, weight_decay, eps)
+            if d_counts:  # on the device: every coordinate's coefficients evaluated in the graph
+                shaped = [
+                    _device_coefficients(advance_counts_(c, g, True).clamp_min(1), beta1, beta2, dtype)
+                    for c, g in zip(d_counts[0], d_grads)
+                ]
+                w1, w2 = [w for w, _ in shaped], [w for _, w in shaped]
+                beta2_hat = [1 - w for w in w2]
+            elif on_device:
+                # One vectorised evaluation for the whole group: N 0-d weights, no host sync.
+                w1, w2 = _device_coefficients(torch.stack(d_steps), beta1, beta2, dtype)
+                w1, beta2_hat, w2 = list(w1.unbind()), list((1 - w2).unbind()), list(w2.unbind())
+            else:
+                pairs = [host_coefficients(s.item(), beta1, beta2) for s in d_steps]
+                w1, w2 = [p[0] for p in pairs], [p[1] for p in pairs]
+                beta2_hat = [1 - x for x in w2]
+            coefficient_lists = (w1, beta2_hat, w2)
+            buckets = _buckets_of_pieces(tensors, coefficient_lists) if wider else [(*tensors, *coefficient_lists)]
+
+        group_lr = lr.to(dtype) if isinstance(lr, Tensor) else lr  # lr·λ formed in the math dtype, not lr's
+        for bucket in buckets:
+            if wider:
+                _foreach_update_copies(*bucket, dtype, group_lr, weight_decay, eps, stochastic)
+            else:
+                _foreach_update_in_place(*bucket, group_lr, weight_decay, eps)
+
+
+def _gathered_buckets(tensors, counts, steps, beta1, beta2, dtype):
+    """per_coordinate_steps on the host: advance every count, then buckets of pieces (bounded temporaries) with
+    each piece's coefficients gathered from the table by count."""
+    max_step = max(s.item() for s in steps)  # a coordinate's count is at most its tensor's step
+    for count, grad in zip(counts, tensors[1]):
+        advance_counts_(count, grad, may_saturate=max_step >= MAX_COUNT)
+    table = coordinate_table(max_step, counts, beta1, beta2, dtype, tensors[0][0].device)
+    clamp = table.shape[1] <= max_step  # a complete table: longer counts read its last row
+    for *pieces, piece_counts in _buckets_of_pieces(tensors, (counts,)):
+        gathered = [gather_coefficients(table, c, clamp) for c in piece_counts]
+        yield (*pieces, *map(list, zip(*gathered)))
 
 
 def _foreach_update_in_place(params, grads, exp_avgs, exp_avg_sqs, w1, beta2_hat, w2, lr, weight_decay, eps):

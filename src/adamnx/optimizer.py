@@ -92,8 +92,10 @@ class AdamNX(torch.optim.Optimizer):
             state tensor ``coord_step`` per param), so that a coordinate that first gets a gradient at a late
             step t follows the paper's schedule from its own t = 1 (m = g, v = g², then v the mean of its
             g²) instead of getting (1 − β̂2_t)·g² and a first update of ~0.1/√(1 − β̂2_t) × lr (25× lr at
-            t = 20k for β2 = 0.99). For embeddings with rare rows and parameters whose parts start late;
-            runs the for-loop implementation. Off by default: the paper's algorithm.
+            t = 20k for β2 = 0.99). For embeddings with rare rows and parameters whose parts start late. Every
+            implementation supports it; the coefficients of each count come from a table (12 bytes per step of
+            the run for float32 math), so the step stays one pass over memory. Off by default: the paper's
+            algorithm.
 
     State per parameter (as torch.optim.AdamW): ``step`` (float64 0-d tensor, exact to 2^53),
     ``exp_avg`` (m), ``exp_avg_sq`` (v).
@@ -139,8 +141,8 @@ class AdamNX(torch.optim.Optimizer):
     @property
     def _step_supports_amp_scaling(self) -> bool:
         # GradScaler hands the step its grad_scale/found_inf (instead of unscaling the grads itself and skipping
-        # inf steps) only when every group runs a path that honours them: fused, without per-coordinate counts.
-        return all(g["fused"] and not g["per_coordinate_steps"] for g in self.param_groups)
+        # inf steps) only when every group runs a path that honours them: fused.
+        return all(g["fused"] for g in self.param_groups)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check a new group's own hyperparameters before the base class stores it.

@@ -65,6 +65,10 @@ def _candidates() -> dict[str, Any]:
         "adamnx-fused": lambda ps: AdamNX(ps, fused=True),
         "adamnx-foreach": lambda ps: AdamNX(ps, foreach=True),
         "adamnx-forloop": lambda ps: AdamNX(ps, foreach=False),
+        # the late-activation guard (per-coordinate step counts), against the same implementation without it
+        "adamnx-fused-guard": lambda ps: AdamNX(ps, fused=True, per_coordinate_steps=True),
+        "adamnx-foreach-guard": lambda ps: AdamNX(ps, foreach=True, per_coordinate_steps=True),
+        "adamnx-forloop-guard": lambda ps: AdamNX(ps, foreach=False, per_coordinate_steps=True),
         "adamw-fused": lambda ps: torch.optim.AdamW(ps, fused=True),
         "adamw-foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
         "adamw-forloop": lambda ps: torch.optim.AdamW(ps, foreach=False),
@@ -72,9 +76,17 @@ def _candidates() -> dict[str, Any]:
     }
 
 
+SHAPE_KINDS = ("large", "small", "embedding")
+EMBEDDING_DIM = 32
+EMBEDDING_ACTIVE_ROWS = 0.1  # the fraction of an embedding's rows that get a gradient (rare rows: the guard's case)
+
+
 def model_shapes(kind: str, n_params: int) -> list[tuple[int, ...]]:
     """'large': four equal matrices (a transformer's big projections); 'small': many conv blocks as in a deep
-    CNN (3×3 conv 128→128 + a norm's weight and bias, ~148k params and 3 tensors a block)."""
+    CNN (3×3 conv 128→128 + a norm's weight and bias, ~148k params and 3 tensors a block); 'embedding': one
+    table of 32-wide rows, of which a tenth get a gradient."""
+    if kind == "embedding":
+        return [(max(1, n_params // EMBEDDING_DIM), EMBEDDING_DIM)]
     if kind == "large":
         side = max(1, int(math.sqrt(n_params / 4)))
         return [(side, side)] * 4
@@ -83,11 +95,14 @@ def model_shapes(kind: str, n_params: int) -> list[tuple[int, ...]]:
     return block * max(1, round(n_params / per_block))
 
 
-def _make_params(shapes, device):
+def _make_params(shapes, device, active_rows: float = 1.0):
     g = torch.Generator(device="cpu").manual_seed(0)
     params = [torch.randn(s, generator=g).to(device).requires_grad_(True) for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g).to(device)
+        grad = torch.randn(p.shape, generator=g)
+        if active_rows < 1.0:
+            grad[torch.rand(p.shape[0], generator=g) >= active_rows] = 0.0
+        p.grad = grad.to(device)
     return params
 
 
@@ -96,12 +111,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(names: list[str], shapes, device, reps: int) -> dict[str, list[float]]:
+def time_steps(names: list[str], shapes, device, reps: int, active_rows: float = 1.0) -> dict[str, list[float]]:
     """Milliseconds per step for each candidate, interleaved; the first (warm-up/compile) step is excluded."""
     builders = _candidates()
     optimizers = {}
     for name in names:
-        opt = builders[name](_make_params(shapes, device))
+        opt = builders[name](_make_params(shapes, device, active_rows))
         opt.step()  # state allocation and (fused AdamNX) kernel compilation
         optimizers[name] = opt
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -201,7 +216,8 @@ def run(
         for n in sizes:
             shapes = model_shapes(kind, n)
             n_actual = sum(math.prod(s) for s in shapes)
-            per_round = [time_steps(names, shapes, dev, reps) for _ in range(rounds)]
+            active = EMBEDDING_ACTIVE_ROWS if kind == "embedding" else 1.0
+            per_round = [time_steps(names, shapes, dev, reps, active) for _ in range(rounds)]
             stream_gbps = results["stream_gb_per_s"].setdefault(n_actual, stream_bandwidth(n_actual, dev, reps))
             times = {name: [t for r in per_round for t in r[name]] for name in names}
             base = statistics.median(times["adamw-fused"]) if "adamw-fused" in times else float("nan")
@@ -223,7 +239,11 @@ def run(
                     "ratio_to_adamw_fused": med / base,
                     "paired_ratio_to_adamw_same_impl": None,
                     "round_ratios_to_adamw_same_impl": None,
+                    "paired_ratio_to_unguarded": None,
                 }
+                unguarded = name.removesuffix("-guard")
+                if unguarded != name and unguarded in times:
+                    row["paired_ratio_to_unguarded"] = statistics.median(a / b for a, b in zip(ts, times[unguarded]))
                 twin = name.replace("adamnx-", "adamw-")
                 if name.startswith("adamnx-") and twin in times:
                     # Both stepped in every repetition, so the median of step-by-step ratios shrugs off noise that
@@ -300,6 +320,7 @@ def write_outputs(results: dict, out_dir: Path) -> None:
             + (f" {100 * r['fraction_of_peak_bandwidth']:.0f} |" if r.get("fraction_of_peak_bandwidth") else "")
         )
     lines += _target_lines(results["rows"])
+    lines += _guard_lines(results["rows"])
     if results["memory"]:
         lines += [
             "",
@@ -358,6 +379,42 @@ def _target_lines(rows: list[dict]) -> list[str]:
     ]
 
 
+# The guard's targets: its step time over the same implementation's without it (per_coordinate_steps off).
+GUARD_TARGETS = {"adamnx-fused-guard": 1.3, "adamnx-foreach-guard": 1.5}
+
+
+def _guard_lines(rows: list[dict]) -> list[str]:
+    """The late-activation guard's cost: paired ratio to the same implementation without it, at ≥ 1M params."""
+    lines = []
+    for r in rows:
+        paired = r.get("paired_ratio_to_unguarded")
+        if paired is None or r["params"] < 1_000_000:
+            continue
+        twin = next(
+            q
+            for q in rows
+            if (q["candidate"], q["shape"], q["params"]) == (r["candidate"][:-6], r["shape"], r["params"])
+        )
+        bar = GUARD_TARGETS.get(r["candidate"])
+        of_medians = r["median_ms"] / twin["median_ms"]
+        verdict = "" if bar is None else ("met" if max(of_medians, paired) <= bar else "NOT met")
+        lines.append(
+            f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['candidate']} | {twin['median_ms']:.2f} "
+            f"| {r['median_ms']:.2f} | {'' if bar is None else f'≤ {bar:.2f}'} | {of_medians:.2f} | {paired:.2f} "
+            f"| {verdict} |"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "The late-activation guard (`per_coordinate_steps=True`) ÷ the same implementation without it, ≥ 1M params:",
+        "",
+        "| shape | params | candidate | ms without | ms with | target | ratio of medians | paired ratio | |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]
+
+
 def _plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -383,7 +440,9 @@ def _plot(results: dict, path: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated parameter counts")
     parser.add_argument(
-        "--shapes", default="large,small", help="large (few big matrices) and/or small (many conv blocks)"
+        "--shapes",
+        default="large,small",
+        help="large (few big matrices), small (many conv blocks), embedding (one table, a tenth of its rows active)",
     )
     parser.add_argument("--reps", type=int, default=15, help="timed steps per candidate and round")
     parser.add_argument("--rounds", type=int, default=1, help="independent rounds (fresh optimizers each)")
@@ -405,10 +464,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"adamnx: error: {exc}", file=sys.stderr)
         return 2
-    unknown = [k for k in kinds if k not in ("large", "small")] + [c for c in names if c not in _candidates()]
+    unknown = [k for k in kinds if k not in SHAPE_KINDS] + [c for c in names if c not in _candidates()]
     if unknown or any(s < 1 for s in sizes) or args.reps < 1 or args.rounds < 1:
         print(
-            f"adamnx: error: bad perf arguments {unknown or ''} (shapes: large, small; candidates: {', '.join(_candidates())})",
+            f"adamnx: error: bad perf arguments {unknown or ''} (shapes: {', '.join(SHAPE_KINDS)}; "
+            f"candidates: {', '.join(_candidates())})",
             file=sys.stderr,
         )
         return 2

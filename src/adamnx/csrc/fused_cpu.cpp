@@ -14,6 +14,10 @@
 // All tensors of one step are seen as one long array of elements: at::parallel_for splits that array evenly
 // between the threads once per step (one parallel region, not one per tensor), and each thread walks its
 // share tensor by tensor. The inner loop is plain arithmetic over raw pointers, vectorised by the compiler.
+//
+// With per_coordinate_steps, every element also carries an int32 count (its steps since its first non-zero
+// gradient), and its coefficients are gathered from a table of rows (1 − β1_t, β̂2_t, 1 − β̂2_t) indexed by count,
+// built by adamnx._tensors.coordinate_table from the same coefficients: no exp/expm1 per element here either.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -112,6 +116,87 @@ void update_range(P* __restrict__ param, const P* __restrict__ grad, S* __restri
   }
 }
 
+// The per-coordinate table: rows (1 − β1_t, β̂2_t, 1 − β̂2_t) of `length` entries each, row t for count t.
+template <typename M>
+struct CountTable {
+  const M* w1;
+  const M* b2;
+  const M* w2;
+  int64_t last;  // length − 1: longer counts read the last row (the coefficients no longer change there)
+};
+
+// update_range with per-coordinate counts: count ← count + 1 once a coordinate has had a non-zero gradient (0
+// before; saturating at 2^31 − 1), then the coefficients of that count.
+//
+// Elements go kBlock at a time. When a block's new counts agree (a dense layer whose coordinates all started at
+// step 1; an embedding row; rows that never had a gradient), its coefficients are one table row, and consecutive
+// such blocks with the same row run update_range's vectorised loop together (up to kRun elements, still in cache
+// from the count pass). Only blocks with mixed counts gather a row per element (gathers are several times slower
+// than loads on current x86 CPUs); torch.lerp's formula is then chosen per element.
+template <typename P, typename S, typename M, bool kStochastic>
+void update_range_per_coordinate(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
+                                 S* __restrict__ exp_avg_sq, int32_t* __restrict__ count, int64_t begin, int64_t end,
+                                 const CountTable<M>& table, const StepScalars<M>& s, uint32_t key) {
+  constexpr int64_t kBlock = 32, kRun = 4096;
+  constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
+  const M neg_lr = s.neg_lr, neg_lr_wd = s.neg_lr_wd, eps = s.eps, grad_factor = s.grad_factor;
+  const int32_t last = static_cast<int32_t>(table.last);
+  int64_t run_begin = begin;
+  int32_t run_row = -1;  // the row of the pending run of agreeing blocks [run_begin, b), −1: none
+  auto flush = [&](int64_t run_end) {
+    if (run_row >= 0 && run_end > run_begin) {
+      update_range<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, run_begin, run_end, table.w1[run_row],
+                                         table.b2[run_row], table.w2[run_row], s, key);
+    }
+    run_row = -1;
+  };
+  auto advance = [&](int32_t c, int64_t i) -> int32_t {  // started ? c + 1 (saturating) : 0
+    const int32_t started = (c != 0) | (static_cast<M>(grad[i]) * grad_factor != M(0));
+    return (c + (c != kMax)) & -started;
+  };
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = std::min(kBlock, end - b);
+    int32_t next[kBlock];
+    const int32_t first = advance(count[b], b);
+    int32_t changed = 0, differ = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t c = count[b + j];
+      next[j] = advance(c, b + j);
+      changed |= next[j] ^ c;
+      differ |= next[j] ^ first;
+    }
+    if (changed != 0) {  // rows that never had a gradient stay 0: their counts are only read
+      std::memcpy(count + b, next, n * sizeof(int32_t));
+    }
+    if (differ == 0) {
+      const int32_t row = std::min(std::max(first, 0), last);
+      if (row != run_row || b - run_begin >= kRun) {
+        flush(b);
+        run_begin = b;
+        run_row = row;
+      }
+      continue;
+    }
+    flush(b);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = b + j;
+      const int32_t k = std::min(std::max(next[j], 0), last);
+      const M w1 = table.w1[k], beta2_hat = table.b2[k], w2 = table.w2[k];
+      const M g = static_cast<M>(grad[i]) * grad_factor;
+      M p = static_cast<M>(param[i]);
+      p = p + neg_lr_wd * p;
+      const M m_old = static_cast<M>(exp_avg[i]);
+      const M m = w1 < M(0.5) ? m_old + w1 * (g - m_old) : g - (g - m_old) * (M(1) - w1);
+      const M v = static_cast<M>(exp_avg_sq[i]) * beta2_hat + w2 * (g * g);
+      p = p + neg_lr * (m / (std::sqrt(v) + eps));
+      param[i] = store_param<P, M, kStochastic>(p, i, key);
+      exp_avg[i] = static_cast<S>(m);
+      exp_avg_sq[i] = static_cast<S>(v);
+    }
+  }
+  flush(end);
+}
+
 // Whether p, g, m, v each cover one dense block of memory with the same layout, so that walking the blocks
 // in memory order visits corresponding elements (contiguous, channels_last, any dense permutation).
 bool same_dense_layout(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v) {
@@ -120,6 +205,12 @@ bool same_dense_layout(const Tensor& p, const Tensor& g, const Tensor& m, const 
     if (t->sizes() != p.sizes() || t->strides() != p.strides() || t->device() != p.device()) return false;
   }
   return true;
+}
+
+// Whether a param's counts are int32 and walk in step with it (same sizes and strides).
+bool same_counts_layout(const Tensor& p, const Tensor& counts) {
+  return counts.scalar_type() == at::kInt && counts.device() == p.device() && counts.sizes() == p.sizes() &&
+         counts.strides() == p.strides();
 }
 
 // Everything one step needs besides the element types.
@@ -133,7 +224,9 @@ struct Step {
   const double* w2s;           // 1 − β̂2_t, likewise
   int64_t w_stride;            // 1: a value per tensor; 0: one value shared by all tensors
   double lr, weight_decay, eps, grad_factor;
-  int64_t seed;  // stochastic rounding's random stream for this step
+  int64_t seed;                           // stochastic rounding's random stream for this step
+  const std::vector<Tensor>& counts;      // per_coordinate_steps: int32 counts shaped like the params, or empty
+  const Tensor& table;                    // ... and their coefficient table (3, L) in the math dtype
 };
 
 template <typename P, typename S, bool kStochastic>
@@ -157,6 +250,13 @@ void run_step(const Step& step) {
     // a key per (step, tensor); element j then draws mix32(j ^ key): distinct j, distinct draws
     keys[k] = mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32) + uint32_t(i)));
   }
+  const bool per_coordinate = !step.counts.empty();
+  CountTable<M> table{};
+  if (per_coordinate) {
+    const M* rows = step.table.const_data_ptr<M>();
+    const int64_t length = step.table.size(1);
+    table = CountTable<M>{rows, rows + length, rows + 2 * length, length - 1};
+  }
   constexpr int64_t kGrain = 16384;  // elements: a step smaller than this runs on one thread
   at::parallel_for(0, offsets[n], kGrain, [&](int64_t begin, int64_t end) {
     int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
@@ -164,9 +264,18 @@ void run_step(const Step& step) {
       const int64_t i = step.index[k];
       const int64_t lo = std::max(begin, offsets[k]) - offsets[k];
       const int64_t hi = std::min(end, offsets[k + 1]) - offsets[k];
-      update_range<P, S, M, kStochastic>(step.params[i].data_ptr<P>(), step.grads[i].const_data_ptr<P>(),
-                                         step.exp_avgs[i].data_ptr<S>(), step.exp_avg_sqs[i].data_ptr<S>(), lo,
-                                         hi, w1[k], b2[k], w2[k], scalars, keys[k]);
+      P* param = step.params[i].data_ptr<P>();
+      const P* grad = step.grads[i].const_data_ptr<P>();
+      S* exp_avg = step.exp_avgs[i].data_ptr<S>();
+      S* exp_avg_sq = step.exp_avg_sqs[i].data_ptr<S>();
+      if (per_coordinate) {
+        update_range_per_coordinate<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq,
+                                                          step.counts[i].data_ptr<int32_t>(), lo, hi, table,
+                                                          scalars, keys[k]);
+      } else {
+        update_range<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, lo, hi, w1[k], b2[k], w2[k], scalars,
+                                           keys[k]);
+      }
     }
   });
 }
@@ -199,8 +308,9 @@ bool run_for_param_type(at::ScalarType state_type, bool stochastic, const Step& 
 // updates with the eager implementation of the same math.
 std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                                  const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
-                                 const Tensor& w1s, const Tensor& w2s, double lr, double weight_decay, double eps,
-                                 double grad_factor, bool stochastic_rounding, int64_t seed) {
+                                 const std::vector<Tensor>& counts, const Tensor& w1s, const Tensor& w2s,
+                                 const Tensor& table, double lr, double weight_decay, double eps, double grad_factor,
+                                 bool stochastic_rounding, int64_t seed) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
                   static_cast<int64_t>(exp_avg_sqs.size()) == n,
@@ -211,16 +321,28 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
                 "adamnx fused_step_: coefficients must be contiguous float64 CPU tensors, with one value per "
                 "tensor or one for all");
   }
+  const bool per_coordinate = !counts.empty();
+  TORCH_CHECK(!per_coordinate || static_cast<int64_t>(counts.size()) == n,
+              "adamnx fused_step_: counts must be empty or one tensor per param");
   std::vector<int64_t> rejected;
   if (n == 0) return rejected;
-  Step step{params, grads,       exp_avgs,     exp_avg_sqs, {},          w1s.const_data_ptr<double>(),
-            w2s.const_data_ptr<double>(), w1s.numel() == n ? 1 : 0, lr, weight_decay, eps, grad_factor, seed};
   const at::ScalarType param_type = params[0].scalar_type(), state_type = exp_avgs[0].scalar_type();
+  if (per_coordinate) {
+    // The table holds the coefficients in the math dtype: float64 only for float64 params or state.
+    const bool wide = param_type == at::kDouble || state_type == at::kDouble;
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == 3 && table.size(1) > 0 && table.is_contiguous() &&
+                    table.device().is_cpu() && table.scalar_type() == (wide ? at::kDouble : at::kFloat),
+                "adamnx fused_step_: the count table must be a contiguous (3, L) CPU tensor in the math dtype");
+  }
+  Step step{params,  grads,        exp_avgs,          exp_avg_sqs, {}, w1s.const_data_ptr<double>(),
+            w2s.const_data_ptr<double>(), w1s.numel() == n ? 1 : 0, lr, weight_decay, eps, grad_factor, seed,
+            counts,  table};
   step.index.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
     const Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
     const bool ok = p.device().is_cpu() && p.scalar_type() == param_type && g.scalar_type() == param_type &&
-                    m.scalar_type() == state_type && v.scalar_type() == state_type && same_dense_layout(p, g, m, v);
+                    m.scalar_type() == state_type && v.scalar_type() == state_type && same_dense_layout(p, g, m, v) &&
+                    (!per_coordinate || same_counts_layout(p, counts[i]));
     (ok ? step.index : rejected).push_back(i);
   }
   bool handled = false;
@@ -280,7 +402,8 @@ double advance_steps_(const std::vector<Tensor>& steps, double increment, const 
 TORCH_LIBRARY(adamnx, m) {
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor w1s, Tensor w2s, float lr, float weight_decay, float eps, float grad_factor, "
+      "Tensor(d!)[] counts, Tensor w1s, Tensor w2s, Tensor table, float lr, float weight_decay, float eps, "
+      "float grad_factor, "
       "bool stochastic_rounding, int seed) -> int[]");
   m.def("advance_steps_(Tensor(a!)[] steps, float increment, Tensor(b!) out) -> float");
 }

@@ -1,0 +1,227 @@
+"""per_coordinate_steps on every implementation: the paper's trajectory per coordinate, the implementations equal to
+each other, GradScaler, checkpoints, saturation, and the coefficient table the kernels gather from."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import adamnx._tensors as tensors_module
+from adamnx import AdamNX
+from adamnx._tensors import MAX_COUNT, coordinate_table, host_coefficients
+from adamnx.schedule import coefficients
+from helpers import (
+    IMPLEMENTATIONS,
+    initial_params,
+    late_starting_gradients,
+    per_coordinate_reference,
+    rel_err,
+    run_torch,
+)
+
+IMPLS = list(IMPLEMENTATIONS)
+HYPER = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1, "per_coordinate_steps": True}
+
+
+@pytest.fixture(scope="module")
+def late_run():
+    """1,000 float64 steps in which coordinates start at steps 1 to ~1,100 (some never), and the reference."""
+    grads = late_starting_gradients(1_000)
+    params0 = initial_params()
+    return params0, grads, per_coordinate_reference(params0, grads, 1e-2, (0.9, 0.99), 0.1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_implementation_follows_each_coordinate_from_its_first_gradient(impl, late_run):
+    params0, grads, reference = late_run
+    params, opt = run_torch(params0, grads, impl=impl, **HYPER)
+    for p, (theta, m, v, count) in zip(params, reference):
+        state = opt.state[p]
+        assert state["coord_step"].dtype == torch.int32
+        np.testing.assert_array_equal(state["coord_step"].numpy(), count)
+        # float64 throughout, the same coefficient function: rounding only (seen: ≤ 1e-14)
+        for actual, expected in ((p, theta), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
+            assert rel_err(actual, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused", "fused-inductor", "capturable"])
+def test_float32_implementations_equal_the_for_loop(impl):
+    grads = late_starting_gradients(1_000, dtype=torch.float32, seed=2)
+    params0 = initial_params(dtype=torch.float32)
+    expected, loop = run_torch(params0, grads, impl="for-loop", **HYPER)
+    params, opt = run_torch(params0, grads, impl=impl, **HYPER)
+    for p, q in zip(params, expected):
+        assert torch.equal(opt.state[p]["coord_step"], loop.state[q]["coord_step"])
+        if impl == "foreach":  # the same torch ops in the same order
+            assert torch.equal(p, q)
+        else:
+            # fused kernels contract a·b + c into FMAs and capturable evaluates the coefficients on the device:
+            # one rounding per step apart, which 1,000 steps of a contracting map keep at a few ulps (seen: 3e-7)
+            assert rel_err(p, q.detach().double().numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused"])
+def test_coordinates_with_a_history_get_the_tensors_coefficients_bitwise(impl):
+    """A count equal to the tensor's step reads the row built from the same evaluation as the tensor's own
+    coefficients: with no zero gradient, the guard changes nothing, to the bit."""
+    grads = late_starting_gradients(300, seed=4)
+    grads = [[g + (g == 0) for g in step] for step in grads]  # no exact zeros: every coordinate starts at t = 1
+    params0 = initial_params()
+    plain, _ = run_torch(params0, grads, impl=impl, lr=1e-2)
+    guarded, _ = run_torch(params0, grads, impl=impl, lr=1e-2, per_coordinate_steps=True)
+    for p, q in zip(plain, guarded):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused", "fused-inductor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_with_float32_state(impl, dtype):
+    grads = late_starting_gradients(60, dtype=dtype, seed=5)
+    params0 = initial_params(dtype=dtype)
+    kw = {**HYPER, "state_dtype": torch.float32}
+    expected, loop = run_torch(params0, grads, impl="for-loop", **kw)
+    params, opt = run_torch(params0, grads, impl=impl, **kw)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # one rounding of the param, relative
+    for p, q in zip(params, expected):
+        assert torch.equal(opt.state[p]["coord_step"], loop.state[q]["coord_step"])
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+        torch.testing.assert_close(p.float(), q.detach().float(), rtol=ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused", "fused-inductor"])
+def test_stochastic_rounding_with_per_coordinate_steps(impl):
+    """A bf16 step rounds the float32 result up or down: a float32 twin started from the same state computes that
+    result, so each param lands within one bf16 ulp of it, and the counts advance alike."""
+    grads = late_starting_gradients(20, dtype=torch.bfloat16, seed=6)
+    kw = {**HYPER, "state_dtype": torch.float32, "stochastic_rounding": True}
+    params, opt = run_torch(initial_params(dtype=torch.bfloat16), grads[:19], impl=impl, **kw)
+    twin = [p.detach().float().requires_grad_(True) for p in params]  # exact: bf16 ⊂ float32
+    twin_opt = AdamNX(twin, foreach=False, **HYPER)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0].update(foreach=False, fused=None)
+    twin_opt.load_state_dict(saved)
+    for group, (ps, o) in ((grads[19], (params, opt)), (grads[19], (twin, twin_opt))):
+        for p, g in zip(ps, group):
+            p.grad = g.to(p.dtype)
+        o.step()
+    for p, x in zip(params, twin):
+        assert torch.equal(opt.state[p]["coord_step"], twin_opt.state[x]["coord_step"])
+        x = x.detach()
+        ulp = torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-126))) - 7)
+        assert ((p.detach().float() - x).abs() <= ulp * (1 + 2.0**-10)).all()
+
+
+@pytest.mark.parametrize("impl", ["fused", "fused-inductor"])
+def test_grad_scaler_overflow_skips_the_counts_too(impl):
+    """The fused kernels honour GradScaler's found_inf with the guard on: a skipped step changes nothing."""
+    torch.manual_seed(0)
+    model, plain = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    plain.load_state_dict(model.state_dict())
+    opt = IMPLEMENTATIONS[impl](model.parameters(), lr=1e-2, per_coordinate_steps=True)
+    loop = AdamNX(plain.parameters(), lr=1e-2, foreach=False, per_coordinate_steps=True)
+    assert opt._step_supports_amp_scaling  # the scaler hands the step its grad_scale and found_inf
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    x[:, 4] = 0  # weight column 4 never gets a gradient: its counts stay 0
+    for step in range(6):
+        opt.zero_grad()
+        loop.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        if step == 3:  # an overflow: the whole step is skipped, counts included
+            model.weight.grad[0, 0] = float("inf")
+            before = copy.deepcopy(opt.state_dict()["state"])
+            scaler.step(opt)
+            scaler.update()
+            for pid, state in before.items():
+                for key, value in state.items():
+                    assert torch.equal(opt.state_dict()["state"][pid][key], value), key
+            continue
+        scaler.step(opt)
+        scaler.update()
+        torch.nn.functional.mse_loss(plain(x), y).backward()
+        loop.step()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert rel_err(p, q.detach().double().numpy()) <= 1e-6
+    counts = opt.state[model.weight]["coord_step"]
+    assert torch.equal(counts, loop.state[plain.weight]["coord_step"])
+    assert counts[:, 4].eq(0).all() and counts[:, :4].eq(5).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_checkpoint_round_trip_continues_bitwise(impl):
+    grads = late_starting_gradients(80, dtype=torch.float32, seed=7)
+    params0 = initial_params(dtype=torch.float32)
+    straight, straight_opt = run_torch(params0, grads, impl=impl, **HYPER)
+    first, first_opt = run_torch(params0, grads[:40], impl=impl, **HYPER)
+    saved = copy.deepcopy(first_opt.state_dict())
+    resumed = [p.detach().clone().requires_grad_(True) for p in first]
+    opt = IMPLEMENTATIONS[impl](resumed, **HYPER)
+    opt.load_state_dict(saved)
+    for step in grads[40:]:
+        for p, g in zip(resumed, step):
+            p.grad = g.clone()
+        opt.step()
+    for p, q in zip(resumed, straight):
+        assert torch.equal(p, q)
+        for key in ("step", "exp_avg", "exp_avg_sq", "coord_step"):
+            a, b = opt.state[p][key], straight_opt.state[q][key]
+            assert a.dtype == b.dtype and torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_counts_saturate_at_the_int32_maximum(impl):
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = IMPLEMENTATIONS[impl]([p], lr=1e-3, per_coordinate_steps=True)
+    p.grad = torch.ones(4)
+    opt.step()
+    opt.state[p]["step"].fill_(2.0**31 + 5)
+    opt.state[p]["coord_step"].copy_(torch.tensor([MAX_COUNT - 1, MAX_COUNT, 0, 3], dtype=torch.int32))
+    p.grad = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    opt.step()
+    assert opt.state[p]["coord_step"].tolist() == [MAX_COUNT, MAX_COUNT, 0, 4]
+    assert torch.isfinite(p).all()
+
+
+# --------------------------------------------------------------------------- the coefficient table
+
+
+def test_table_rows_are_the_host_coefficients_bitwise():
+    rows = coordinate_table(10_000, [], 0.9, 0.99, torch.float64, torch.device("cpu"))
+    assert rows.shape[0] == 3 and rows.shape[1] >= 10_001
+    assert rows[:, 0].tolist() == [1.0, 0.0, 1.0]  # count 0 (not started): t = 1's values
+    for t in (1, 2, 3, 100, 4095, 4096, 4097, 8191, 10_000):
+        w1, w2 = host_coefficients(t, 0.9, 0.99)
+        assert rows[:, t].tolist() == [w1, 1 - w2, w2]
+    rows32 = coordinate_table(10_000, [], 0.9, 0.99, torch.float32, torch.device("cpu"))
+    assert torch.equal(rows32[:, : rows.shape[1]], rows.to(torch.float32)[:, : rows32.shape[1]])
+
+
+def test_a_complete_table_ends_where_the_coefficients_stop_changing():
+    counts = [torch.tensor([10**8 - 1], dtype=torch.int32)]
+    rows = coordinate_table(10**8, counts, 0.9, 0.9, torch.float32, torch.device("cpu"))  # H ≈ 95: done by ~10⁴
+    assert rows.shape[1] < 2**15
+    last = rows[:, -1]
+    for t in (rows.shape[1], 10**6, 10**8, 2**31 - 1):
+        w1, w2 = coefficients(torch.tensor([float(t)], dtype=torch.float64), (0.9, 0.9))
+        assert torch.equal(torch.stack([w1[0], 1 - w2[0], w2[0]]).float(), last)
+
+
+def test_a_huge_step_with_short_counts_builds_a_short_table(monkeypatch):
+    """A step of 10⁹ whose coordinates started late: the table is sized by the counts, not by the step."""
+    monkeypatch.setattr(tensors_module, "_TABLES", type(tensors_module._TABLES)())
+    counts = [torch.tensor([0, 3, 7], dtype=torch.int32)]
+    rows = coordinate_table(1e9, counts, 0.9, 0.9999, torch.float32, torch.device("cpu"))
+    assert 8 <= rows.shape[1] <= 4096
+
+
+def test_tables_grow_by_doubling_and_few_are_kept(monkeypatch):
+    monkeypatch.setattr(tensors_module, "_TABLES", type(tensors_module._TABLES)())
+    cpu = torch.device("cpu")
+    lengths = [coordinate_table(n, [], 0.9, 0.999, torch.float32, cpu).shape[1] for n in (1, 4096, 9000, 20_000)]
+    assert lengths == [4096, 8192, 16384, 32768]
+    for k in range(20):  # a β2 schedule: a new table per value, and only the latest few stay
+        coordinate_table(10, [], 0.9, 0.99 + k * 1e-4, torch.float32, cpu)
+    assert len(tensors_module._TABLES) == tensors_module._MAX_TABLES
