@@ -40,9 +40,12 @@ __all__ = ["ScaleByAdamNXPerCoordinateState", "ScaleByAdamNXState", "adamnx", "s
 class ScaleByAdamNXState(NamedTuple):
     """State of :func:`scale_by_adamnx`."""
 
-    count: jax.Array  # int32 step count t, saturating at 2^31 − 1 (by then v is frozen anyway)
-    mu: optax.Updates  # m_t, the bias-corrected first moment
-    nu: optax.Updates  # v_t, the normalised second moment
+    count: jax.Array
+    """t: the int32 step count, saturating at 2^31 − 1 (by then v is frozen anyway)."""
+    mu: optax.Updates
+    """m_t, the bias-corrected first moment."""
+    nu: optax.Updates
+    """v_t, the normalised second moment."""
 
 
 class ScaleByAdamNXPerCoordinateState(NamedTuple):
@@ -203,7 +206,9 @@ def adamnx(
 
     Args:
         learning_rate: a float or an optax schedule.
-        b1, b2, eps: see :func:`scale_by_adamnx`.
+        b1: :math:`\beta_1`, see :func:`scale_by_adamnx`.
+        b2: :math:`\beta_2`, see :func:`scale_by_adamnx`.
+        eps: see :func:`scale_by_adamnx`.
         weight_decay: :math:`\lambda` (decoupled).
         mask: a pytree of booleans (or a function of the params returning one) selecting the leaves that
             get weight decay, as in :func:`optax.adamw`.

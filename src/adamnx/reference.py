@@ -37,6 +37,10 @@ class AdamNXReference:
         self.lr, self.betas, self.eps, self.weight_decay, self.maximize = lr, betas, eps, weight_decay, maximize
 
     def step(self, grads: Sequence[np.ndarray | None], lr: float | None = None) -> list[np.ndarray]:
+        """One AdamNX step with ``grads`` (one per parameter, None to skip it) at ``lr`` (default: the constructor's).
+
+        Returns the updated ``theta`` (a list of float64 arrays).
+        """
         eta = self.lr if lr is None else lr
         lam, eps = self.weight_decay, self.eps
         for i, grad in enumerate(grads):

@@ -55,10 +55,12 @@ class Coefficients(NamedTuple):
 
     @property
     def beta1_t(self) -> Any:
+        """β1_t = 1 − ``one_minus_beta1_t`` (rounded: use the "one minus" form in arithmetic)."""
         return 1 - self.one_minus_beta1_t
 
     @property
     def beta2_hat(self) -> Any:
+        """β̂2_t = 1 − ``one_minus_beta2_hat`` (rounded: use the "one minus" form in arithmetic)."""
         return 1 - self.one_minus_beta2_hat
 
 
