@@ -3,16 +3,19 @@
 A bag-of-embeddings classifier trains on tokens from a frequent vocabulary; at step ``t_late`` rare tokens,
 whose embedding rows never had a gradient, start to appear. Their rows' v is 0, so AdamNX (per-tensor step
 count t_late) gives them (1 − β̂2_t)·g² and a first update of ≈ 0.1/√(1 − β̂2_t) × lr; Adam's is ≈ 3× lr at
-most. We record the largest |Δθ|/lr over those rows at activation, for AdamNX, AdamNX with
-``per_coordinate_steps=True``, Adam and AdamW — and, as a contrast, for a layer unfrozen at t_late, which is
-safe: it is its own tensor, so its step count starts at 1.
+most. We record the largest |Δθ|/lr over those rows at activation, for AdamNX with and without
+``per_coordinate_steps=True`` (the guard) in each implementation, Adam and AdamW — and, as a contrast, for a layer
+unfrozen at t_late, which is safe: it is its own tensor, so its step count starts at 1. Beside each effect, the
+median time of ``optimizer.step()``: the guard's cost on this model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,9 +25,19 @@ from adamnx import AdamNX
 
 __all__ = ["add_arguments", "run_from_args", "run_stress"]
 
+_IMPLEMENTATIONS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def _adamnx(impl: dict, guard: bool):
+    return lambda params, lr: AdamNX(params, lr=lr, weight_decay=0.0, per_coordinate_steps=guard, **impl)
+
+
 CANDIDATES = {
-    "adamnx": lambda params, lr: AdamNX(params, lr=lr, weight_decay=0.0),
-    "adamnx+per-coordinate": lambda params, lr: AdamNX(params, lr=lr, weight_decay=0.0, per_coordinate_steps=True),
+    **{
+        f"adamnx-{name}{'+guard' if guard else ''}": _adamnx(impl, guard)
+        for name, impl in _IMPLEMENTATIONS.items()
+        for guard in (False, True)
+    },
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
     "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
 }
@@ -43,18 +56,26 @@ class _BagModel(nn.Module):
 
 
 def run_stress(
-    steps: int = 20_500, t_late: int = 20_000, vocab: int = 1_000, frequent: int = 900, lr: float = 1e-3, seed: int = 0
+    steps: int = 20_500,
+    t_late: int = 20_000,
+    vocab: int = 1_000,
+    frequent: int = 900,
+    lr: float = 1e-3,
+    seed: int = 0,
+    candidates: list[str] | None = None,
 ) -> dict:
-    """Train each candidate; return, per candidate, the largest |Δθ|/lr of the rare rows and of the late layer."""
+    """Train each candidate; return, per candidate, the largest |Δθ|/lr of the rare rows and of the late layer, and
+    the median milliseconds of a step."""
     results = {}
-    for name, build in CANDIDATES.items():
+    for name in candidates or list(CANDIDATES):
+        build = CANDIDATES[name]
         torch.manual_seed(seed)
         model = _BagModel(vocab, 16, 4)
         model.late.requires_grad_(False)
         labels_of = torch.randint(0, 4, (vocab,), generator=torch.Generator().manual_seed(seed))
         opt = build([p for n, p in model.named_parameters() if not n.startswith("late.")], lr)
         gen = torch.Generator().manual_seed(seed + 1)
-        worst_rare, worst_late, worst_frequent, trace = 0.0, 0.0, 0.0, []
+        worst_rare, worst_late, worst_frequent, trace, step_ms = 0.0, 0.0, 0.0, [], []
         for step in range(steps):
             if step == t_late:
                 model.late.requires_grad_(True)
@@ -68,7 +89,9 @@ def run_stress(
             if measure:
                 emb_before = model.embedding.weight.detach().clone()
                 late_before = model.late.weight.detach().clone()
+            start = time.perf_counter()
             opt.step()
+            step_ms.append((time.perf_counter() - start) * 1e3)
             if measure:
                 delta = (model.embedding.weight.detach() - emb_before).abs() / lr
                 rare, freq = delta[frequent:].max().item(), delta[:frequent].max().item()
@@ -84,6 +107,7 @@ def run_stress(
             "max_frequent_update_over_lr": worst_frequent,
             "max_late_layer_update_over_lr": worst_late,
             "final_loss": loss.item(),
+            "median_step_ms": statistics.median(step_ms[len(step_ms) // 10 :]),  # past the first steps (warm-up)
             "trace": trace,
         }
     return results
@@ -98,14 +122,23 @@ def write_outputs(results: dict, out_dir: Path, config: dict) -> str:
         f"Config: {config}. Rare embedding rows (never a gradient before) appear at step {config['t_late']}; a frozen "
         "layer is unfrozen at the same step. Largest |Δθ|/lr over the steps after activation:",
         "",
-        "| optimizer | rare rows (first gradient) | frequent rows | unfrozen layer | final loss |",
-        "|---|---|---|---|---|",
+        "| optimizer | rare rows (first gradient) | frequent rows | unfrozen layer | final loss | step ms | "
+        "× without the guard |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        unguarded = results.get(name.removesuffix("+guard")) if name.endswith("+guard") else None
+        cost = f"{r['median_step_ms'] / unguarded['median_step_ms']:.2f}" if unguarded else ""
         lines.append(
             f"| {name} | {r['max_rare_update_over_lr']:.1f} | {r['max_frequent_update_over_lr']:.2f} | "
-            f"{r['max_late_layer_update_over_lr']:.2f} | {r['final_loss']:.3f} |"
+            f"{r['max_late_layer_update_over_lr']:.2f} | {r['final_loss']:.3f} | {r['median_step_ms']:.3f} | {cost} |"
         )
+    lines += [
+        "",
+        f"Step times: median over all but the first tenth of the steps, {torch.get_num_threads()} thread(s); the model "
+        f"is small ({config.get('params', 'a 1,000-row embedding')}), so they measure per-step overhead as much as "
+        "arithmetic: `adamnx perf --shapes embedding` times the guard on a large table.",
+    ]
     text = "\n".join(lines) + "\n"
     (out_dir / "late_activation.md").write_text(text)
     try:
@@ -115,9 +148,14 @@ def write_outputs(results: dict, out_dir: Path, config: dict) -> str:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        for name, r in results.items():
+        markers = "os^vD<>x"
+        for i, (name, r) in enumerate(results.items()):
             ax.semilogy(
-                [t["step"] for t in r["trace"]], [max(t["rare"], 1e-3) for t in r["trace"]], marker="o", label=name
+                [t["step"] for t in r["trace"]],
+                [max(t["rare"], 1e-3) for t in r["trace"]],
+                marker=markers[i % len(markers)],
+                ls="--" if name.endswith("+guard") else "-",
+                label=name,
             )
         ax.axvline(config["t_late"], color="k", ls="--", lw=1)
         ax.set_xlabel("step")
