@@ -174,13 +174,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-steps", type=int, default=500, help="steps after t-late")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (a tiny model: a second thread only spin-waits)"
+    )
     parser.add_argument("--out", default="benchmarks/results/late-activation", help="output folder")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if args.t_late < 1 or args.extra_steps < 1 or not args.lr > 0:
-        print("adamnx: error: --t-late and --extra-steps must be ≥ 1 and --lr > 0", file=sys.stderr)
+    if args.t_late < 1 or args.extra_steps < 1 or not args.lr > 0 or args.threads < 1:
+        print("adamnx: error: --t-late, --extra-steps and --threads must be ≥ 1 and --lr > 0", file=sys.stderr)
         return 2
+    torch.set_num_threads(args.threads)
     config = {
         "t_late": args.t_late,
         "steps": args.t_late + args.extra_steps,
