@@ -63,6 +63,29 @@ def test_float32_implementations_equal_the_for_loop(impl):
             assert rel_err(p, q.detach().double().numpy()) <= 1e-5
 
 
+@pytest.mark.parametrize("impl", ["foreach", "fused", "fused-inductor"])
+def test_large_tensors_with_rows_and_elements_starting_late_equal_the_for_loop(impl):
+    """Tensors large enough for the fused kernel's blocks: rows that start together (an embedding), elements that
+    start one by one, rows that never start, and a thread split (the CPU kernel splits at 16,384 elements)."""
+    g = torch.Generator().manual_seed(8)
+    shapes = [(300, 64), (5, 4099)]
+    starts = [
+        torch.randint(1, 120, (300, 1), generator=g).repeat(1, 64),
+        torch.randint(1, 150, (5, 4099), generator=g),
+    ]
+    starts[0][::7] = 10**6  # never
+    params0 = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    grads = [
+        [torch.randn(s, generator=g, dtype=torch.float64) * (start <= t) for s, start in zip(shapes, starts)]
+        for t in range(1, 101)
+    ]
+    expected, loop = run_torch(params0, grads, impl="for-loop", **HYPER)
+    params, opt = run_torch(params0, grads, impl=impl, **HYPER)
+    for p, q in zip(params, expected):
+        assert torch.equal(opt.state[p]["coord_step"], loop.state[q]["coord_step"])
+        assert rel_err(p, q.detach().numpy()) <= 1e-12  # float64: rounding only
+
+
 @pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused"])
 def test_coordinates_with_a_history_get_the_tensors_coefficients_bitwise(impl):
     """A count equal to the tensor's step reads the row built from the same evaluation as the tensor's own

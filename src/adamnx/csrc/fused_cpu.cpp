@@ -159,14 +159,24 @@ void update_range_per_coordinate(P* __restrict__ param, const P* __restrict__ gr
     int32_t next[kBlock];
     const int32_t first = advance(count[b], b);
     int32_t changed = 0, differ = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const int32_t c = count[b + j];
-      next[j] = advance(c, b + j);
-      changed |= next[j] ^ c;
-      differ |= next[j] ^ first;
-    }
-    if (changed != 0) {  // rows that never had a gradient stay 0: their counts are only read
-      std::memcpy(count + b, next, n * sizeof(int32_t));
+    if (n == kBlock) {  // a fixed trip count: unrolled into a few vector instructions
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const int32_t c = count[b + j];
+        next[j] = advance(c, b + j);
+        changed |= next[j] ^ c;
+        differ |= next[j] ^ first;
+      }
+      if (changed != 0) {  // rows that never had a gradient stay 0: their counts are only read
+        for (int64_t j = 0; j < kBlock; ++j) count[b + j] = next[j];
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const int32_t c = count[b + j];
+        next[j] = advance(c, b + j);
+        changed |= next[j] ^ c;
+        differ |= next[j] ^ first;
+      }
+      for (int64_t j = 0; j < n; ++j) count[b + j] = next[j];
     }
     if (differ == 0) {
       const int32_t row = std::min(std::max(first, 0), last);
