@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,29 +10,14 @@ import torch
 import torch.distributed as dist
 
 import dist_worker
+import launch
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 
 
 def torchrun(scenario: str, out: Path, nproc: int = 2, timeout: int = 180) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]), OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        WORKER,
-        scenario,
-        str(out),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0 and "SIGABRT" in result.stderr:
-        # Seen once in ~20 runs on the 2-core CI machine: a gloo worker aborted at start-up. Try once more;
-        # a real failure fails twice.
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch.torchrun(WORKER, [scenario, str(out)], nproc=nproc, timeout=timeout)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
