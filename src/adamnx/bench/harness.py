@@ -99,16 +99,16 @@ def run_bench(
     """
     init_distributed(cfg.device)
     rank, world_size = world()
+    main = rank == 0
+    if resume:  # rank 0's config on every rank: the other ranks' ``cfg`` may be a stand-in (see the CLI's --resume)
+        cfg = from_dict(_broadcast(json.loads((out_dir / "config.json").read_text()) if main else None))
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world_size} processes")
-    main = rank == 0
     progress = progress and main
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "runs").mkdir(exist_ok=True)
-    if resume:
-        cfg = from_dict(_broadcast(json.loads((out_dir / "config.json").read_text()) if main else None))
-    elif main:
+    if main and not resume:
         save_json(out_dir / "config.json", to_dict(cfg))
     env = {**environment(), "processes": world_size}
     if main:
