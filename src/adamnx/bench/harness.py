@@ -70,6 +70,10 @@ def init_distributed(device: str) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+        if backend == "nccl":
+            # One GPU per process: NCCL's object collectives (the broadcasts below) run on the current device, and
+            # left at cuda:0 on every process of a node they would put several ranks on one GPU.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
 
 
