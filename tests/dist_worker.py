@@ -201,7 +201,30 @@ def bench_ddp(rank, world, out):
         raise SystemExit(code)
 
 
-SCENARIOS = {f.__name__: f for f in (ddp, fsdp2, fsdp2_fused, zero, dcp_save, dcp_load, fresh_dcp_probe, bench_ddp)}
+def ddp_and_bench(rank, world, out):
+    """The multi-node rehearsal's job: the DDP parity run, then ``adamnx bench --quick`` (small) in the same group,
+    stopped after its first evaluation (as if killed) and continued with ``adamnx bench --resume``."""
+    from adamnx.bench.config import load_config
+    from adamnx.bench.harness import run_bench
+    from adamnx.bench.runner import BenchInterrupted
+    from adamnx.cli import main
+
+    ddp(rank, world, out)
+    overrides = ["optimizers=['adamnx']", "seeds=[0]", "steps=20", "eval_every=10"]
+    try:
+        run_bench(load_config("digits", overrides, quick=True), out / "bench", progress=False, stop_after_evals=1)
+        raise AssertionError("the bench was not interrupted")
+    except BenchInterrupted:
+        pass
+    code = main(["bench", "--resume", str(out / "bench"), "--no-progress"])
+    if code != 0:
+        raise SystemExit(code)
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (ddp, fsdp2, fsdp2_fused, zero, dcp_save, dcp_load, fresh_dcp_probe, bench_ddp, ddp_and_bench)
+}
 
 
 if __name__ == "__main__":

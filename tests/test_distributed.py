@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,29 +10,14 @@ import torch
 import torch.distributed as dist
 
 import dist_worker
+import launch
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 
 
 def torchrun(scenario: str, out: Path, nproc: int = 2, timeout: int = 180) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]), OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        WORKER,
-        scenario,
-        str(out),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0 and "SIGABRT" in result.stderr:
-        # Seen once in ~20 runs on the 2-core CI machine: a gloo worker aborted at start-up. Try once more;
-        # a real failure fails twice.
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch.torchrun(WORKER, [scenario, str(out)], nproc=nproc, timeout=timeout)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,3 +107,32 @@ def test_cli_nproc_relaunches_under_torchrun(tmp_path, capfd):
     assert code == 0, output.err[-4000:]
     assert json.loads((tmp_path / "environment.json").read_text())["processes"] == 2
     assert (tmp_path / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_two_node_rehearsal_equals_one_node(tmp_path):
+    """Two torchrun "nodes" (one process each, static rendezvous on 127.0.0.1, as on real machines with the master's
+    address) run the DDP parity job and the harness (stopped after one evaluation, then ``--resume``): the same
+    numbers as one node with two processes. Only global rank 0 (node 0's process) writes files, into node 0's
+    folder; node 1 resumes from what rank 0 broadcasts, not from a folder of its own."""
+    single, nodes = tmp_path / "single", [tmp_path / "node0", tmp_path / "node1"]
+    for d in (single, *nodes):
+        d.mkdir()
+    torchrun("ddp_and_bench", single, timeout=240)
+    launch.torchrun_nodes([WORKER, "ddp_and_bench", str(tmp_path / "node{node}")], logs=tmp_path)
+
+    assert list(nodes[1].iterdir()) == []  # node 1 (rank 1) wrote nothing: no params, no report
+    multi = nodes[0]
+    _assert_matches_reference(multi, 1e-6)
+    for p, q in zip(torch.load(multi / "params.pt"), torch.load(single / "params.pt")):
+        assert torch.equal(p, q)  # the same 2-rank gloo all-reduce over TCP, whether loopback or between "nodes"
+
+    def numbers(run: Path) -> tuple[str, str]:  # as text: a NaN metric (no std over < 20 evals) equals itself
+        results = json.loads((run / "bench" / "results.json").read_text())
+        for r in results:
+            r.pop("wall_time_s")
+        return json.dumps(results, sort_keys=True), (run / "bench" / "metrics.jsonl").read_text()
+
+    assert numbers(multi) == numbers(single)
+    assert json.loads((multi / "bench" / "environment.json").read_text())["processes"] == 2
+    assert "2 processes" in (multi / "bench" / "report.md").read_text()

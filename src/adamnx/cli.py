@@ -154,13 +154,19 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         if args.resume:
             run_dir = Path(args.resume)
-            if not (run_dir / "config.json").is_file():
-                return _fail(f"--resume {args.resume!r} has no config.json: not a bench run folder")
             import json
 
-            from adamnx.bench.config import from_dict
+            from adamnx.bench.config import BenchConfig, from_dict
 
-            cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
+            # Under torchrun only global rank 0 needs the folder (across machines it may exist on rank 0's alone):
+            # run_bench hands its config to the others, which start from the defaults (device "auto" picks the
+            # process group's backend as rank 0's config does, unless that config names another device).
+            if int(os.environ.get("RANK", "0")) != 0:
+                cfg = BenchConfig()
+            elif not (run_dir / "config.json").is_file():
+                return _fail(f"--resume {args.resume!r} has no config.json: not a bench run folder")
+            else:
+                cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
             summary = run_bench(cfg, run_dir, resume=True, progress=not args.no_progress)
             if summary is not None:  # rank 0
                 _print_summary(summary, run_dir)

@@ -70,6 +70,10 @@ def init_distributed(device: str) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+        if backend == "nccl":
+            # One GPU per process: NCCL's object collectives (the broadcasts below) run on the current device, and
+            # left at cuda:0 on every process of a node they would put several ranks on one GPU.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
 
 
@@ -99,16 +103,16 @@ def run_bench(
     """
     init_distributed(cfg.device)
     rank, world_size = world()
+    main = rank == 0
+    if resume:  # rank 0's config on every rank: the other ranks' ``cfg`` may be a stand-in (see the CLI's --resume)
+        cfg = from_dict(_broadcast(json.loads((out_dir / "config.json").read_text()) if main else None))
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world_size} processes")
-    main = rank == 0
     progress = progress and main
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "runs").mkdir(exist_ok=True)
-    if resume:
-        cfg = from_dict(_broadcast(json.loads((out_dir / "config.json").read_text()) if main else None))
-    elif main:
+    if main and not resume:
         save_json(out_dir / "config.json", to_dict(cfg))
     env = {**environment(), "processes": world_size}
     if main:

@@ -83,6 +83,19 @@ def _std(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def _rank0_checkpoint(checkpoint: Path | None, rank: int, world_size: int) -> dict[str, Any] | None:
+    """Rank 0's checkpoint of this run (None if it has none) on every rank: rank 0 alone writes the run folder,
+    which may exist on its machine only (across nodes), and every rank must resume from the same step."""
+    if checkpoint is None:
+        return None
+    saved = torch.load(checkpoint, weights_only=True) if rank == 0 and checkpoint.exists() else None
+    if world_size > 1:
+        box = [saved]
+        torch.distributed.broadcast_object_list(box, src=0)
+        saved = box[0]
+    return saved
+
+
 def train_one(
     cfg: BenchConfig,
     task: Task,
@@ -112,8 +125,8 @@ def train_one(
     params = [p for p in model.parameters() if p.requires_grad]
 
     start, evals, logs, best = 0, [], [], None
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True)
+    saved = _rank0_checkpoint(checkpoint, rank, world_size)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
