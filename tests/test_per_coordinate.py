@@ -248,3 +248,35 @@ def test_tables_grow_by_doubling_and_few_are_kept(monkeypatch):
     for k in range(20):  # a β2 schedule: a new table per value, and only the latest few stay
         coordinate_table(10, [], 0.9, 0.99 + k * 1e-4, torch.float32, cpu)
     assert len(tensors_module._TABLES) == tensors_module._MAX_TABLES
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_counts_too_long_for_a_table_get_their_coefficients_evaluated_per_element(impl, monkeypatch):
+    """β2 = 0.9999 keeps its coefficients changing for 10⁹ steps: past MAX_TABLE_ROWS no table is built, every
+    coordinate's coefficients are evaluated from its count, and memory stays bounded."""
+    monkeypatch.setattr(tensors_module, "MAX_TABLE_ROWS", 8192)
+    monkeypatch.setattr(tensors_module, "_TABLES", type(tensors_module._TABLES)())
+    results = {}
+    for name in (impl, "capturable"):  # capturable always evaluates per element: the comparison
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 6, dtype=torch.float64))
+        opt = IMPLEMENTATIONS[name]([p], lr=1e-2, betas=(0.9, 0.9999), per_coordinate_steps=True)
+        p.grad = torch.ones(6, dtype=torch.float64)
+        opt.step()
+        opt.state[p]["step"].fill_(20_000)
+        opt.state[p]["coord_step"].copy_(torch.tensor([0, 1, 5_000, 9_000, 15_000, 20_000], dtype=torch.int32))
+        for k in range(3):
+            p.grad = torch.tensor([0.0, 1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64) * (k + 1)
+            opt.step()
+        results[name] = (p.detach().clone(), opt.state[p]["exp_avg_sq"].clone(), opt.state[p]["coord_step"].clone())
+    assert torch.equal(results[impl][2], torch.tensor([0, 4, 5_003, 9_003, 15_003, 20_003], dtype=torch.int32))
+    for a, b in zip(results[impl], results["capturable"]):
+        assert rel_err(a, b.numpy()) <= 1e-12
+    assert all(t.rows.shape[1] <= 8192 for t in tensors_module._TABLES.values())
+
+
+def test_a_fresh_table_at_a_late_step_is_sized_by_the_counts(monkeypatch):
+    """Betas that change every step build a new table every step: sized by the counts, not by the step."""
+    monkeypatch.setattr(tensors_module, "_TABLES", type(tensors_module._TABLES)())
+    counts = [torch.tensor([0, 3, 7], dtype=torch.int32)]
+    rows = coordinate_table(10**6, counts, 0.9, 0.99, torch.float32, torch.device("cpu"))
+    assert rows.shape[1] == 4096

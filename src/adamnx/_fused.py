@@ -31,8 +31,8 @@ from adamnx import _cpu_extension
 from adamnx._tensors import (
     advance_counts,
     coordinate_table,
+    count_coefficients,
     dense_1d_views,
-    gather_coefficients,
     group_by_device_and_dtype,
     host_coefficients,
     math_dtype,
@@ -58,20 +58,21 @@ def _adamnx_kernel(
     found_inf: Tensor | None,
     stochastic: bool = False,
     count: Tensor | None = None,
-    table: Tensor | None = None,
+    table: Tensor | tuple[float, float] | None = None,
 ) -> None:
     """One AdamNX step on one tensor; the operations of the for-loop path, in its order, in registers.
 
     The scalars arrive already rounded to the math dtype (float64 for float64 params, else float32), as the
     other paths' kernels round their Python floats. With per_coordinate_steps, ``count`` (int32, shaped like the
-    param) advances here and the coefficients are gathered from ``table`` by count (the three coefficient
-    arguments are then unused): see :func:`adamnx._tensors.coordinate_table`.
+    param) advances here and the coefficients are gathered from ``table`` by count, or evaluated per element when
+    ``table`` is the betas (counts too long for a table); the three coefficient arguments are then unused: see
+    :func:`adamnx._tensors.coordinate_table`.
     """
     math_dtype = neg_lr.dtype
     g = grad.to(math_dtype) * grad_factor  # ±1/grad_scale: maximize and GradScaler's unscale in one factor
     if count is not None:
         new_count = advance_counts(count, g)
-        one_minus_beta1_t, beta2_hat, one_minus_beta2_hat = gather_coefficients(table, new_count)
+        one_minus_beta1_t, beta2_hat, one_minus_beta2_hat = count_coefficients(table, new_count, math_dtype)
     p = param.to(math_dtype)
     p = p + neg_lr_wd * p
     m = torch.lerp(exp_avg.to(math_dtype), g, one_minus_beta1_t)
@@ -324,19 +325,23 @@ def _cpu_step(
     table = _NO_TABLE
     if counts:  # a coordinate's count is at most its tensor's step
         table = coordinate_table(step_counts.max(), counts, beta1, beta2, dtype, cpu)
-    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if stochastic else 0
-    left = ops.fused_step_(
-        params, grads, exp_avgs, exp_avg_sqs, counts, w1s, w2s, table, lr, weight_decay, eps, grad_factor,
-        stochastic, seed,
-    )  # fmt: skip
+    if table is None:  # counts too long for a table: every tensor evaluates its coefficients per element, eagerly
+        left = range(len(params))
+    else:
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if stochastic else 0
+        left = ops.fused_step_(
+            params, grads, exp_avgs, exp_avg_sqs, counts, w1s, w2s, table, lr, weight_decay, eps, grad_factor,
+            stochastic, seed,
+        )  # fmt: skip
     for i in left:  # layouts or dtype pairs the kernel cannot walk in one pass: the same math, eagerly
         dtype = math_dtype(params[i], exp_avgs[i])
         scalars = [torch.tensor(x, dtype=torch.float64).to(dtype) for x in (-lr, -lr * weight_decay, eps, grad_factor)]
         w1, w2 = (w[i if w.numel() > 1 else 0] for w in (w1s, w2s))
         coeffs = [c.to(dtype) for c in (w1, 1 - w2, w2)]
-        per_coordinate = (
-            (counts[i], coordinate_table(step_counts.max(), [counts[i]], beta1, beta2, dtype, cpu)) if counts else ()
-        )
+        per_coordinate = ()
+        if counts:
+            rows = coordinate_table(step_counts.max(), [counts[i]], beta1, beta2, dtype, cpu)
+            per_coordinate = (counts[i], (beta1, beta2) if rows is None else rows)
         _adamnx_kernel(
             params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], *coeffs, *scalars, None, stochastic, *per_coordinate
         )
@@ -375,6 +380,8 @@ def _compiled_step(
     table = None
     if counts is not None:  # a coordinate's count is at most its tensor's step
         table = coordinate_table(new_steps.max(), counts, beta1, beta2, dtype, device)
+        # None: counts too long for a table; each tensor then evaluates its coefficients per element, eagerly
+        table = (beta1, beta2) if table is None else table
 
     views = _real_views(params, grads, exp_avgs, exp_avg_sqs)
     if counts is not None:
@@ -384,7 +391,7 @@ def _compiled_step(
     eager: list[tuple[int, tuple[Tensor, ...]]] = []
     for i, tensors in enumerate(zip(*views)):
         numel = tensors[0].numel()
-        flat = dense_1d_views(list(tensors)) if numel > 1 else None
+        flat = dense_1d_views(list(tensors)) if numel > 1 and not isinstance(table, tuple) else None
         if flat is not None:
             compiled_idx.append(i)
             for lst, t in zip(compiled, flat):

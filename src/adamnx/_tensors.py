@@ -18,8 +18,8 @@ __all__ = [
     "advance_counts",
     "advance_counts_",
     "coordinate_table",
+    "count_coefficients",
     "dense_1d_views",
-    "gather_coefficients",
     "group_by_device_and_dtype",
     "host_coefficients",
     "math_dtype",
@@ -126,17 +126,22 @@ _TABLES: OrderedDict[tuple, _Table] = OrderedDict()
 _MAX_TABLES = 8  # betas that change every step (a β2 schedule) must not pile tables up
 
 
-# Rows a table may hold just because the step is that long. Beyond, it is sized by the longest count (one reduction
-# over the counts per step): a checkpoint at step 10⁹ whose counts are small needs a small table.
-_ROWS_BY_STEP = 1 << 22  # 48 MB in float32
+# The longest table kept (48 MB in float32). Past it a table is sized by the longest count (one reduction over the
+# counts), and counts longer still get their coefficients evaluated per element instead: for β2 ≥ 0.999 the rounded
+# coefficients keep changing for 10⁸ steps and more, and a table that long would not fit in memory.
+MAX_TABLE_ROWS = 1 << 22
+# A table built from scratch at a step past this is sized by the counts, not the step (betas that change every step
+# would otherwise rebuild a table as long as the run at every step).
+_FRESH_BY_STEP = 1 << 16
 
 
 def coordinate_table(
     max_step: float, counts: list[Tensor], beta1: float, beta2: float, dtype: torch.dtype, device: torch.device
-) -> Tensor:
+) -> Tensor | None:
     """The per-coordinate coefficients for ``counts`` (int32, each at most ``max_step``) after this step: a (3, L)
     tensor of rows (1 − β1_t, β̂2_t, 1 − β̂2_t) in ``dtype`` on ``device``, row t for count t (row 0, a coordinate
-    that has not started: t = 1's values).
+    that has not started: t = 1's values); None when the counts are too long for a table (see MAX_TABLE_ROWS): the
+    caller then evaluates :func:`coefficients` per element (:func:`count_coefficients` with the betas).
 
     Built from the same blocks as :func:`host_coefficients`, so a coordinate whose count equals its tensor's step
     gets exactly the tensor's coefficients. L covers every count, except past the count from which the rounded
@@ -149,11 +154,13 @@ def coordinate_table(
     while len(_TABLES) > _MAX_TABLES:
         _TABLES.popitem(last=False)
     length, longest = table.rows.shape[1], int(max_step)
-    if longest >= length and not table.complete and longest >= _ROWS_BY_STEP:
-        longest = min(longest, 1 + max((int(c.max()) for c in counts if c.numel()), default=0))
     if longest >= length and not table.complete:
-        growth = 2 * length if length < _ROWS_BY_STEP else length + length // 8  # a few copies in a whole run
-        table.extend_to(max(longest + 1, growth))
+        if longest >= MAX_TABLE_ROWS or (length == 0 and longest >= _FRESH_BY_STEP):
+            longest = min(longest, 1 + max((int(c.max()) for c in counts if c.numel()), default=0))
+        if longest >= length:
+            table.extend_to(min(max(longest + 1, 2 * length), MAX_TABLE_ROWS))
+        if longest >= table.rows.shape[1] and not table.complete:
+            return None  # longer than the longest table, and the coefficients still change there
     return table.rows
 
 
@@ -197,13 +204,20 @@ def advance_counts_(count: Tensor, grad: Tensor, may_saturate: bool) -> Tensor:
     return count.add_(started)
 
 
-def gather_coefficients(table: Tensor, count: Tensor, clamp: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """(1 − β1_t, β̂2_t, 1 − β̂2_t) of each coordinate, shaped like ``count``, gathered from coordinate_table's rows.
+def count_coefficients(
+    source: Tensor | tuple[float, float], count: Tensor, dtype: torch.dtype, clamp: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(1 − β1_t, β̂2_t, 1 − β̂2_t) of each coordinate, shaped like ``count``, in ``dtype``: gathered from a
+    coordinate_table (``source`` its rows), or, where the counts are too long for one, evaluated per element by
+    :func:`coefficients` (``source`` the betas).
 
     ``clamp=False`` when every count is known to lie inside the table (its length exceeds the step): saves a pass.
     """
+    if not isinstance(source, Tensor):
+        w1, w2 = coefficients(count.clamp_min(1).to(torch.float64), source)
+        return w1.to(dtype), (1 - w2).to(dtype), w2.to(dtype)  # β̂2 formed in float64, as in the table
     index = count.reshape(-1)
     if clamp:  # a complete table is shorter than the longest counts
-        index = index.clamp(0, table.shape[1] - 1)
-    w1, beta2_hat, w2 = (row.index_select(0, index).view(count.shape) for row in table)
+        index = index.clamp(0, source.shape[1] - 1)
+    w1, beta2_hat, w2 = (row.index_select(0, index).view(count.shape) for row in source)
     return w1, beta2_hat, w2

@@ -14,8 +14,8 @@ from adamnx._tensors import (
     MAX_COUNT,
     advance_counts_,
     coordinate_table,
+    count_coefficients,
     dense_1d_views,
-    gather_coefficients,
     group_by_device_and_dtype,
     host_coefficients,
     math_dtype,
@@ -196,9 +196,10 @@ def _single_tensor_adamnx(
             step = step_t.item()
             counts = advance_counts_(coord_step, grad, may_saturate=step >= MAX_COUNT)
             table = coordinate_table(step, [counts], beta1, beta2, dtype, param.device)
+            source = (beta1, beta2) if table is None else table  # None: counts too long for a table
             cut = [(tensors, (counts,))] if differentiable else _in_pieces(tensors, (counts,))
-            clamp = table.shape[1] <= step  # a complete table: longer counts read its last row
-            pieces = [(piece, gather_coefficients(table, c, clamp)) for piece, (c,) in cut]
+            clamp = table is not None and table.shape[1] <= step  # a complete table: longer counts read its last row
+            pieces = [(piece, count_coefficients(source, c, dtype, clamp)) for piece, (c,) in cut]
         else:
             if coord_step is not None:  # on the device: every coordinate's coefficients evaluated in the graph
                 w1, w2 = _device_coefficients(advance_counts_(coord_step, grad, True).clamp_min(1), beta1, beta2, dtype)
@@ -403,9 +404,10 @@ def _gathered_buckets(tensors, counts, steps, beta1, beta2, dtype):
     for count, grad in zip(counts, tensors[1]):
         advance_counts_(count, grad, may_saturate=max_step >= MAX_COUNT)
     table = coordinate_table(max_step, counts, beta1, beta2, dtype, tensors[0][0].device)
-    clamp = table.shape[1] <= max_step  # a complete table: longer counts read its last row
+    source = (beta1, beta2) if table is None else table  # None: counts too long for a table
+    clamp = table is not None and table.shape[1] <= max_step  # a complete table: longer counts read its last row
     for *pieces, piece_counts in _buckets_of_pieces(tensors, (counts,)):
-        gathered = [gather_coefficients(table, c, clamp) for c in piece_counts]
+        gathered = [count_coefficients(source, c, dtype, clamp) for c in piece_counts]
         yield (*pieces, *map(list, zip(*gathered)))
 
 

@@ -371,9 +371,13 @@ class AdamNX(torch.optim.Optimizer):
         if torch.compiler.is_compiling() or not torch.cuda.is_available():
             return
         if torch.cuda.is_current_stream_capturing() and not all(
-            g["capturable"] or g["fused"] for g in self.param_groups
+            g["capturable"] or (g["fused"] and not g["per_coordinate_steps"]) for g in self.param_groups
         ):
-            raise RuntimeError("Capturing a CUDA graph of AdamNX.step needs capturable=True (or fused=True)")
+            # fused with per_coordinate_steps sizes its coefficient table on the host (a sync): not capturable
+            raise RuntimeError(
+                "Capturing a CUDA graph of AdamNX.step needs capturable=True (or fused=True without "
+                "per_coordinate_steps)"
+            )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step. ``closure`` (optional) re-evaluates the model and returns the loss."""
