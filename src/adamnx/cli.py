@@ -35,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value (type-checked), e.g. --set steps=500 --set lr.adamnx=1e-3",
     )
+    bench.add_argument(
+        "--study",
+        choices=["horizon"],
+        help="horizon: AdamNX vs AdamW at the same β2 for T/H = 0.3, 1, 3, 10 (mnist1d unless --task; "
+        "with --sweep, its lr sweep, written to --sweep-file)",
+    )
+    bench.add_argument(
+        "--sweep-file",
+        help="the horizon study's recorded lr sweep (default benchmarks/sweeps/horizon-<task>.json)",
+    )
     bench.add_argument("--data-dir", help="folder with CIFAR's python pickle files (cifar10/cifar100 tasks)")
     bench.add_argument(
         "--framework",
@@ -165,6 +175,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             if summary is not None:  # rank 0
                 _print_summary(summary, run_dir)
             return 0
+        if args.study:
+            return _study(args, overrides)
         tasks = args.task or DEFAULT_TASKS
         configs = [
             load_config(t, overrides, quick=args.quick, ablation=args.ablation) for t in tasks
@@ -186,6 +198,26 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         return _fail(str(exc))
     except ImportError as exc:
         return _fail(f'{exc}. Install the harness\'s dependencies: pip install "adamnx[bench]"')
+    return 0
+
+
+def _study(args: argparse.Namespace, overrides: list[str]) -> int:
+    from adamnx.bench.config import load_config
+    from adamnx.bench.study import run_study, run_sweep, study_config_overrides, study_table
+
+    if args.task and len(args.task) > 1:
+        return _fail("--study runs on one --task")
+    task = args.task[0] if args.task else "mnist1d"
+    cfg = load_config(task, study_config_overrides(overrides))
+    sweep_file = Path(args.sweep_file or f"benchmarks/sweeps/horizon-{task}.json")
+    if args.sweep:
+        record = run_sweep(cfg, sweep_file, progress=not args.no_progress)
+        print(f"horizon study sweep: chosen learning rates {record['chosen_lr']} (written to {sweep_file})")
+        return 0
+    out_dir = Path(args.out or f"runs/horizon-{task}")
+    summary = run_study(cfg, sweep_file, out_dir, progress=not args.no_progress)
+    print(study_table(summary))
+    print(f"report: {out_dir / 'report.md'}")
     return 0
 
 
