@@ -65,7 +65,7 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
         (["bench", "--set", "nonsense"], "--set takes key=value"),
         (["bench", "--task", "cifar10"], "cifar10 needs --data-dir"),
         (["bench", "--task", "cifar10", "--data-dir", "/nonexistent/folder"], "is not a folder"),
-        (["bench", "--task", "digits", "--framework", "jax"], "runs the mnist1d task only"),
+        (["bench", "--task", "digits", "--framework", "jax"], "runs the mnist1d and charlm tasks only"),
         (["bench", "--resume", "/nonexistent"], "not a bench run folder"),
         (["schedule", "--steps", "0"], "--steps must be positive"),
         (["perf", "--shapes", "round"], "bad perf arguments"),

@@ -44,8 +44,9 @@ class BenchConfig:
     convnext_depths: list[int] = field(default_factory=lambda: [2, 2, 4, 2])
     convnext_dims: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     drop_path: float = 0.1
-    framework: str = "torch"  # "torch", "jax" (optax twins) or "both" side by side; jax/both: mnist1d only
+    framework: str = "torch"  # "torch", "jax" (optax twins) or "both" side by side; jax/both: mnist1d, charlm
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    lm: dict[str, int] = field(default_factory=dict)  # charlm only: the GPT's shape, see adamnx.bench.lm.LMSettings
     sweep_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
 
     def validate(self) -> None:
@@ -76,11 +77,18 @@ class BenchConfig:
             raise ConfigError(f"no learning rate for {missing[0]!r}: set it with --set lr.{missing[0]}=VALUE")
         if self.framework not in ("torch", "jax", "both"):
             raise ConfigError(f"framework must be 'torch', 'jax' or 'both', got {self.framework!r}")
+        if self.lm:
+            from adamnx.bench.lm import lm_settings
+
+            try:
+                lm_settings(self.lm)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.framework != "torch":
             from adamnx.bench.jax_runner import JAX_OPTIMIZERS
 
-            if self.task != "mnist1d":
-                raise ConfigError(f"--framework {self.framework} runs the mnist1d task only")
+            if self.task not in ("mnist1d", "charlm"):
+                raise ConfigError(f"--framework {self.framework} runs the mnist1d and charlm tasks only")
             no_twin = [o for o in self.optimizers if o not in JAX_OPTIMIZERS]
             if no_twin:
                 raise ConfigError(f"no JAX twin for {no_twin[0]!r}; JAX runs: {', '.join(JAX_OPTIMIZERS)}")

@@ -1,7 +1,7 @@
-"""The MNIST-1D task trained in JAX with the optax optimizers (``adamnx bench --framework jax|both``).
+"""The MNIST-1D and charlm tasks trained in JAX with the optax optimizers (``adamnx bench --framework jax|both``).
 
-The model is the torch task's 1-D CNN written with ``jax.lax``; batches, splits, schedule, evaluation and
-selection are the torch runner's, so the two frameworks' rows in a report are comparable.
+The models are the torch tasks' (the 1-D CNN with ``jax.lax``, the GPT in ``adamnx.bench.jax_models``); batches, splits,
+schedule, evaluation and selection are the torch runner's, so the two frameworks' rows in a report are comparable.
 """
 
 from __future__ import annotations
@@ -110,6 +110,29 @@ def _forward(params, x):
     return h.reshape(h.shape[0], -1) @ params["head"]["w"] + params["head"]["b"]
 
 
+def _model(cfg: BenchConfig, task: Task):
+    """(init(key), forward(params, x), loss(out, y), metric(out, y)) of the task's model in JAX."""
+    import jax.numpy as jnp
+    import optax
+
+    if task.name == "charlm":
+        from adamnx.bench.jax_models import gpt_forward, init_gpt, next_byte_loss
+        from adamnx.bench.lm import lm_settings
+
+        s = lm_settings(cfg.lm)
+        return (
+            lambda key: init_gpt(key, s),
+            lambda p, x: gpt_forward(p, x, s.heads),
+            next_byte_loss,
+            lambda out, y: next_byte_loss(out, y) / math.log(2),
+        )
+
+    def cross_entropy(out, y):
+        return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+    return _init_cnn, _forward, cross_entropy, lambda out, y: (out.argmax(-1) == y).mean().astype(jnp.float32)
+
+
 def train_one_jax(
     cfg: BenchConfig,
     task: Task,
@@ -120,7 +143,7 @@ def train_one_jax(
     on_step=None,
     stop_after_evals=None,
 ) -> dict[str, Any]:
-    """Train the MNIST-1D CNN in JAX with ``optimizer``'s optax twin (no mid-run checkpoints: runs are short)."""
+    """Train the task's model (the MNIST-1D CNN or the charlm GPT) in JAX with ``optimizer``'s optax twin (no mid-run checkpoints: runs are short)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -132,11 +155,12 @@ def train_one_jax(
         optax.linear_schedule(lr, lr * 0.01, decay_steps) if cfg.schedule == "paper" else optax.constant_schedule(lr)
     )
     tx = _make_optimizer(base, schedule)
-    params = _init_cnn(jax.random.PRNGKey(seed))
+    init, forward, loss_of, metric_of = _model(cfg, task)
+    params = init(jax.random.PRNGKey(seed))
     opt_state = tx.init(params)
 
     def loss_fn(p, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(_forward(p, x), y).mean()
+        return loss_of(forward(p, x), y)
 
     @jax.jit
     def train_step(p, s, x, y):
@@ -146,8 +170,8 @@ def train_one_jax(
 
     @jax.jit
     def evaluate(p, x, y):
-        out = _forward(p, x)
-        return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), (out.argmax(-1) == y).mean()
+        out = forward(p, x)
+        return loss_of(out, y), metric_of(out, y)
 
     x_train, y_train = splits.x_train.numpy(), splits.y_train.numpy()
     data = {k: (getattr(splits, f"x_{k}").numpy(), getattr(splits, f"y_{k}").numpy()) for k in ("val", "test")}

@@ -78,7 +78,10 @@ def _fmt(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _metric_scale(summary: dict) -> tuple[float, str]:
-    return (100.0, "test accuracy %") if summary["metric"] == "accuracy" else (1.0, "test MSE")
+    labels = {"accuracy": "test accuracy %", "mse": "test MSE", "bpb": "test bits per byte"}
+    return (100.0 if summary["metric"] == "accuracy" else 1.0), labels.get(
+        summary["metric"], f"test {summary['metric']}"
+    )
 
 
 def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
