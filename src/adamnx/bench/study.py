@@ -109,10 +109,12 @@ def run_sweep(
     higher = get_task(cfg.task).higher_is_better
     table: dict[str, dict[str, dict[str, float]]] = {}
     chosen: dict[str, float] = {}
+    seconds = 0.0
     for run in runs:
         table[run.name] = {}
         for lr in lrs:
             r = _one(cfg, run, lr, seed)
+            seconds += r["wall_time_s"]
             best = next((e for e in r["evals"] if e["step"] == r["best_step"]), {})
             table[run.name][f"{lr:g}"] = {
                 "val_metric": r["best_val_metric"],
@@ -137,6 +139,7 @@ def run_sweep(
         "lrs": list(lrs),
         "validation": table,
         "chosen_lr": chosen,
+        "wall_time_s": seconds,
         "environment": machine_environment(cfg),
     }
     sweep_file.parent.mkdir(parents=True, exist_ok=True)
