@@ -1,30 +1,22 @@
-"""The MNIST-1D task trained in JAX with the optax optimizers (``adamnx bench --framework jax|both``).
+"""The JAX side of a run (``adamnx bench --framework jax|both``): the MNIST-1D CNN in ``jax.lax``, the optax twins.
 
-The model is the torch task's 1-D CNN written with ``jax.lax``; batches, splits, schedule, evaluation and
-selection are the torch runner's, so the two frameworks' rows in a report are comparable.
+Data order, evaluation schedule, selection, checkpoints and records are ``runner.train_one``'s, shared with the
+torch side, so the two frameworks' rows in a report are comparable and a JAX run resumes like a torch run.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
-from adamnx.bench.config import BenchConfig
-from adamnx.bench.runner import _better, run_result
+from adamnx.bench.optimizers import OPTIMIZERS
 from adamnx.bench.tasks import Splits, Task
 
-__all__ = ["JAX_OPTIMIZERS", "train_one_jax"]
-
-JAX_OPTIMIZERS = {
-    "adamnx": "adamnx.optax.adamnx(schedule, b1=0.9, b2=0.99, weight_decay=0.01)",
-    "adam": "optax.adam(schedule, b1=0.9, b2=0.999)",
-    "adamw": "optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=0.01)",
-    "adaxw": "adamnx.bench.jax_runner.adaxw(schedule, weight_decay=0.05)",
-    "sgdm": "optax.sgd(schedule, momentum=0.9)",
-}
+__all__ = ["JaxTrainer", "adaxw", "make_optimizer"]
 
 
 def adaxw(learning_rate, b1: float = 0.9, b2: float = 1e-4, eps: float = 1e-12, weight_decay: float = 0.05):
@@ -53,21 +45,35 @@ def adaxw(learning_rate, b1: float = 0.9, b2: float = 1e-4, eps: float = 1e-12, 
     )
 
 
-def _make_optimizer(name: str, schedule):
+def make_optimizer(name: str, schedule, weight_decay: float | None = None) -> tuple[Any, str]:
+    """The optax twin of the torch optimizer ``name`` with the same hyperparameters, and its exact call."""
     import optax
 
     from adamnx.optax import adamnx
 
-    builders = {
-        "adamnx": lambda: adamnx(schedule, b1=0.9, b2=0.99, weight_decay=0.01),
-        "adam": lambda: optax.adam(schedule, b1=0.9, b2=0.999),
-        "adamw": lambda: optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=0.01),
-        "adaxw": lambda: adaxw(schedule, weight_decay=0.05),
-        "sgdm": lambda: optax.sgd(schedule, momentum=0.9),
+    kwargs = dict(OPTIMIZERS[name].kwargs)
+    if weight_decay is not None and "weight_decay" in kwargs:
+        kwargs["weight_decay"] = weight_decay
+    b1, b2 = kwargs.get("betas", (None, None))
+    wd = kwargs.get("weight_decay")
+    twins = {
+        "adamnx": (lambda: adamnx(schedule, b1=b1, b2=b2, weight_decay=wd), f"b1={b1}, b2={b2}, weight_decay={wd}"),
+        "adam": (lambda: optax.adam(schedule, b1=b1, b2=b2), f"b1={b1}, b2={b2}"),
+        "adamw": (lambda: optax.adamw(schedule, b1=b1, b2=b2, weight_decay=wd), f"b1={b1}, b2={b2}, weight_decay={wd}"),
+        "adaxw": (lambda: adaxw(schedule, weight_decay=wd), f"weight_decay={wd}"),
+        "sgdm": (lambda: optax.sgd(schedule, momentum=kwargs["momentum"]), f"momentum={kwargs.get('momentum')}"),
     }
-    if name not in builders:
-        raise ValueError(f"no JAX twin for optimizer {name!r}; JAX runs: {', '.join(builders)}")
-    return builders[name]()
+    calls = {
+        "adamnx": "adamnx.optax.adamnx",
+        "adam": "optax.adam",
+        "adamw": "optax.adamw",
+        "adaxw": "adamnx.bench.jax_trainer.adaxw",
+        "sgdm": "optax.sgd",
+    }
+    if name not in twins:
+        raise ValueError(f"no JAX twin for optimizer {name!r}; JAX runs: {', '.join(twins)}")
+    build, args = twins[name]
+    return build(), f"{calls[name]}(schedule, {args})"
 
 
 def _init_cnn(key, channels: int = 32, classes: int = 10, length: int = 40):
@@ -110,92 +116,82 @@ def _forward(params, x):
     return h.reshape(h.shape[0], -1) @ params["head"]["w"] + params["head"]["b"]
 
 
-def train_one_jax(
-    cfg: BenchConfig,
-    task: Task,
-    splits: Splits,
-    optimizer: str,
-    seed: int,
-    checkpoint=None,
-    on_step=None,
-    stop_after_evals=None,
-) -> dict[str, Any]:
-    """Train the MNIST-1D CNN in JAX with ``optimizer``'s optax twin (no mid-run checkpoints: runs are short)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
+class JaxTrainer:
+    """The MNIST-1D CNN in JAX with ``optimizer``'s optax twin; the same interface as ``TorchTrainer``."""
 
-    base = optimizer.removesuffix("@jax")
-    lr = cfg.lr_for(base)
-    decay_steps = max(1, math.floor(0.6 * cfg.steps))  # the torch runner's paper_lr_lambda, in optax
-    schedule = (
-        optax.linear_schedule(lr, lr * 0.01, decay_steps) if cfg.schedule == "paper" else optax.constant_schedule(lr)
-    )
-    tx = _make_optimizer(base, schedule)
-    params = _init_cnn(jax.random.PRNGKey(seed))
-    opt_state = tx.init(params)
+    def __init__(self, cfg: Any, task: Task, splits: Splits, optimizer: str, seed: int) -> None:
+        import jax
+        import optax
 
-    def loss_fn(p, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(_forward(p, x), y).mean()
+        self.task = task
+        self.lr = cfg.lr_for(optimizer)
+        decay_steps = max(1, math.floor(0.6 * cfg.steps))  # the torch side's paper_lr_lambda, in optax
+        lr = self.lr
+        self.schedule = (
+            optax.linear_schedule(lr, lr * 0.01, decay_steps)
+            if cfg.schedule == "paper"
+            else optax.constant_schedule(lr)
+        )
+        wd = None if cfg.weight_decay < 0 else cfg.weight_decay
+        tx, self.constructor = make_optimizer(optimizer, self.schedule, wd)
+        self.params = _init_cnn(jax.random.PRNGKey(seed))
+        self.opt_state = tx.init(self.params)
 
-    @jax.jit
-    def train_step(p, s, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-        updates, s = tx.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, loss
+        def loss_fn(p, x, y):
+            return optax.softmax_cross_entropy_with_integer_labels(_forward(p, x), y).mean()
 
-    @jax.jit
-    def evaluate(p, x, y):
-        out = _forward(p, x)
-        return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), (out.argmax(-1) == y).mean()
+        @jax.jit
+        def train_step(p, s, x, y):
+            loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+            updates, s = tx.update(grads, s, p)
+            return optax.apply_updates(p, updates), s, loss
 
-    x_train, y_train = splits.x_train.numpy(), splits.y_train.numpy()
-    data = {k: (getattr(splits, f"x_{k}").numpy(), getattr(splits, f"y_{k}").numpy()) for k in ("val", "test")}
-    steps_per_epoch = max(1, len(x_train) // cfg.batch_size)
-    evals, logs, best = [], [], None
-    started = time.perf_counter()
-    perm_epoch, perm = -1, None
-    for step in range(cfg.steps):
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:  # the torch runner's batch order
-            perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).numpy()
-            perm_epoch = epoch
-        idx = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-        measure = (step + 1) % cfg.log_every == 0
-        before = params
-        params, opt_state, loss = train_step(params, opt_state, x_train[idx], y_train[idx])
-        if measure:
-            delta = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), params, before)
-            logs.append(
-                {
-                    "step": step + 1,
-                    "train_loss": float(loss),
-                    "lr": float(schedule(step)),
-                    "update_norm": math.sqrt(float(sum(jax.tree.leaves(delta)))),
-                }
-            )
-        if on_step is not None:
-            on_step(step + 1)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            (val_loss, val_acc), (test_loss, test_acc) = (evaluate(params, *data[s]) for s in ("val", "test"))
-            entry = {
-                "step": step + 1,
-                "train_loss": float(loss),
-                "val_loss": float(val_loss),
-                "val_metric": float(val_acc),
-                "test_loss": float(test_loss),
-                "test_metric": float(test_acc),
-            }
-            evals.append(entry)
-            if _better(task, entry, best):
-                best = entry
+        @jax.jit
+        def evaluate(p, x, y):
+            out = _forward(p, x)
+            return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), (out.argmax(-1) == y).mean()
 
-    hessian = float("nan")
-    if cfg.hessian_iters > 0:
-        n = min(cfg.hessian_samples, len(x_train))
-        hessian = _top_hessian_eigenvalue(lambda p: loss_fn(p, x_train[:n], y_train[:n]), params, cfg.hessian_iters)
-    diverged = not math.isfinite(float(loss))
-    return run_result(task, optimizer, seed, lr, JAX_OPTIMIZERS[base], diverged, best, evals, logs, hessian, started)
+        self._loss_fn, self._train_step, self._evaluate = loss_fn, train_step, evaluate
+        self.x_train, self.y_train = splits.x_train.numpy(), splits.y_train.numpy()
+        self.data = {k: (getattr(splits, f"x_{k}").numpy(), getattr(splits, f"y_{k}").numpy()) for k in ("val", "test")}
+
+    def train_step(self, idx: Tensor, step: int, measure: bool) -> tuple[float, dict[str, float] | None]:
+        import jax
+        import jax.numpy as jnp
+
+        idx = idx.numpy()
+        before = self.params
+        self.params, self.opt_state, loss = self._train_step(
+            self.params, self.opt_state, self.x_train[idx], self.y_train[idx]
+        )
+        if not measure:
+            return float(loss), None
+        delta = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), self.params, before)
+        record = {"lr": float(self.schedule(step)), "update_norm": math.sqrt(float(sum(jax.tree.leaves(delta))))}
+        return float(loss), record
+
+    def evaluate(self, split: str) -> tuple[float, float]:
+        loss, accuracy = self._evaluate(self.params, *self.data[split])
+        return float(loss), float(accuracy)
+
+    def hessian(self, iters: int, samples: int) -> float:
+        n = min(samples, len(self.x_train))
+        xh, yh = self.x_train[:n], self.y_train[:n]
+        return _top_hessian_eigenvalue(lambda p: self._loss_fn(p, xh, yh), self.params, iters)
+
+    def state_dict(self) -> dict[str, Any]:
+        import jax
+
+        leaves = jax.tree.leaves((self.params, self.opt_state))
+        return {"leaves": [torch.from_numpy(np.array(leaf)) for leaf in leaves]}  # exact copies, any dtype
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        treedef = jax.tree.structure((self.params, self.opt_state))
+        leaves = [jnp.asarray(t.numpy()) for t in state["leaves"]]
+        self.params, self.opt_state = jax.tree.unflatten(treedef, leaves)
 
 
 def _top_hessian_eigenvalue(loss, params, iters: int) -> float:
