@@ -153,7 +153,7 @@ def _verdict_claim(cfg: BenchConfig, summary: dict) -> str | None:
                 continue
             ahead = better(ref["test_mean"], row["test_mean"])
             word = ("beats" if ahead else "loses to") if p < 0.05 else f"ties ({'ahead of' if ahead else 'behind'})"
-            parts.append(f"{word} {row['name']} (p = {p:.3f})")
+            parts.append(f"{word} {row['name']} ({_p(p)})")
     if not parts:
         return None
     return (
@@ -161,6 +161,10 @@ def _verdict_claim(cfg: BenchConfig, summary: dict) -> str | None:
         "seeds, Welch t-test, 'beats'/'loses to' at p < 0.05): AdamNX " + "; ".join(parts) + ". With so few seeds "
         "a test only detects large effects: 'ties' means no evidence either way, not equality."
     )
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
 def _final_dv(results: list[dict], optimizer: str) -> list[float]:
@@ -182,7 +186,8 @@ def _mechanism_claim(cfg: BenchConfig, results: list[dict]) -> str | None:
             f"**β̂2 → 1 (degrades to momentum SGD)?** This run stops at t = {cfg.steps:,}, before the horizon "
             f"H ≈ {h:,.0f} steps of β2 = {beta2:g}: 1 − β̂2_t only fell to {w_end:.2e} (1/t = {1 / cfg.steps:.2e}), "
             "so v_t stayed close to the plain mean of all g² and AdamNX did **not** become momentum SGD here. "
-            "The claim is untested by this run (the quadratic task runs past H)."
+            "The claim is untested by this run"
+            + (" (the default quadratic task runs past H)." if cfg.task != "quadratic" else ".")
         )
     dv = _final_dv(results, ref)
     adam_dv = _final_dv(results, "adam") or _final_dv(results, "rule-adam")
@@ -344,7 +349,7 @@ def _beta2_plot(plt, out_dir: Path, cfg: BenchConfig, results: list[dict]) -> st
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     t = np.unique(np.geomspace(1, max(cfg.steps, 2), 400).astype(int)).astype(float)
     for i, (fn, beta2, desc) in enumerate(DECAY_RULES.values()):
-        style = {**_style(i), "marker": None}
+        style = {**_style(i), "markevery": (i * 7, 45)}  # staggered markers: coinciding rules stay visible
         axes[0].loglog(
             t, [fn(s, beta2) for s in t], label=desc.split(":")[0] + (f", β2 = {beta2:g}" if beta2 else ""), **style
         )
@@ -355,7 +360,7 @@ def _beta2_plot(plt, out_dir: Path, cfg: BenchConfig, results: list[dict]) -> st
         axes[0].axvline(h, color="k", ls="--", lw=1, label=f"AdamNX horizon H ≈ {h:,.0f} (β2 = {beta2:g})")
     axes[0].set_xlabel("step t")
     axes[0].set_ylabel("1 − β̂2_t")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, title="AdaX ≈ AdamNX; both ≈ 1/t for t ≪ H", title_fontsize=8)
     drawn = False
     for i, (optimizer, framework, name) in enumerate(_names(cfg)):
         steps, values = _series(results, optimizer, framework, "logs", "dv_rel")
