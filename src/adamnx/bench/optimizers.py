@@ -20,7 +20,7 @@ from torch import Tensor
 from adamnx import AdamNX
 from adamnx.schedule import first_moment_weight, second_moment_weight
 
-__all__ = ["DECAY_RULES", "OPTIMIZERS", "DecayRuleAdam", "OptimizerSpec", "build_optimizer"]
+__all__ = ["DECAY_RULES", "OPTIMIZERS", "DecayRuleAdam", "OptimizerSpec", "adamnx_beta2", "build_optimizer"]
 
 
 def _adamnx_rule(t: float, beta2: float) -> float:
@@ -170,6 +170,15 @@ def build_optimizer(name: str, params: Any, lr: float, weight_decay: float | Non
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[name].make(params, lr, weight_decay)
+
+
+def adamnx_beta2(name: str) -> float | None:
+    """The β2 that AdamNX (``adamnx``) or AdamNX's rule (``rule-adamnx``) runs with here; None for other names."""
+    if name == "adamnx":
+        return float(OPTIMIZERS[name].kwargs["betas"][1])
+    if name == "rule-adamnx":
+        return float(OPTIMIZERS[name].kwargs.get("beta2", DECAY_RULES["adamnx"][1]))
+    return None
 
 
 def second_moment_tensors(opt: torch.optim.Optimizer) -> list[Tensor]:

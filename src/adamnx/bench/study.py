@@ -10,6 +10,7 @@ paired-by-seed t-test (same seed ⇒ same initialisation and batch order), and a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,13 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from adamnx.bench.config import BenchConfig, ConfigError, to_dict
-from adamnx.bench.harness import environment
+from adamnx.bench.environment import environment
 from adamnx.bench.optimizers import OPTIMIZERS, with_beta2
 from adamnx.bench.runner import save_json, train_one
 from adamnx.bench.tasks import get_task
 from adamnx.schedule import beta2_for_horizon, horizon, second_moment_weight
 
-__all__ = ["RATIOS", "StudyRun", "horizon_runs", "run_study", "run_sweep", "study_config_overrides"]
+__all__ = [
+    "RATIOS",
+    "StudyRun",
+    "default_sweep_file",
+    "horizon_runs",
+    "run_study",
+    "run_sweep",
+    "study_config_overrides",
+]
 
 RATIOS = (0.3, 1.0, 3.0, 10.0)  # T/H
 SWEEP_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
@@ -32,6 +41,13 @@ SWEEP_SEED = 0  # the sweep's seed; the study's seeds are others, so selection n
 REFERENCE_BETA2 = 0.999  # AdamW's usual β2: the horizontal band
 # What the study changes from the task's config: its run length and seeds; no Hessian probe (not studied).
 STUDY_OVERRIDES = ["steps=3000", "seeds=[1,2,3,4,5]", "hessian_iters=0", "log_every=50", "threads=1"]
+
+
+def default_sweep_file(task: str) -> Path:
+    """Where the study's recorded sweep for ``task`` lives: beside the harness's own, src/adamnx/bench/sweeps/."""
+    from importlib import resources
+
+    return Path(str(resources.files("adamnx.bench") / "sweeps" / f"horizon-{task}.json"))
 
 
 def study_config_overrides(overrides: list[str]) -> list[str]:
@@ -417,6 +433,8 @@ def _report(cfg: BenchConfig, summary: dict, sweep_file: Path) -> str:
     env = summary["environment"]
     direction = "higher" if summary["higher_is_better"] else "lower"
     ratios = ", ".join(f"{p['T/H']:g}" for p in summary["points"])
+    with contextlib.suppress(ValueError):
+        sweep_file = sweep_file.resolve().relative_to(Path.cwd())
     constructors = "\n".join(f"- `{name}`: `{call}`" for name, call in summary["constructors"].items())
     return f"""# Horizon study — {summary["task"]}, T = {cfg.steps:,} steps
 
