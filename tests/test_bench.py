@@ -78,7 +78,7 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
         (["bench", "--set", "nonsense"], "--set takes key=value"),
         (["bench", "--task", "cifar10"], "cifar10 needs --data-dir"),
         (["bench", "--task", "cifar10", "--data-dir", "/nonexistent/folder"], "is not a folder"),
-        (["bench", "--task", "digits", "--framework", "jax"], "runs the mnist1d and charlm tasks only"),
+        (["bench", "--task", "digits", "--framework", "jax"], "runs the mnist1d, charlm tasks only"),
         (["bench", "--resume", "/nonexistent"], "not a bench run folder"),
         (["bench", "--task", "digits", "--set", "device=cuda"], "CUDA is not available"),
         (["bench", "--task", "digits", "--set", "optimizers=adamnx"], "e.g. --set optimizers=[adamnx,adam,adamw"),
