@@ -18,6 +18,7 @@ from adamnx.bench.config import ConfigError, load_config
 from adamnx.bench.harness import run_bench
 from adamnx.bench.hessian import top_hessian_eigenvalue
 from adamnx.bench.optimizers import OPTIMIZERS, DecayRuleAdam, adaxw
+from adamnx.bench.registry import DISPLAY_NAMES
 from adamnx.bench.runner import BenchInterrupted
 from adamnx.bench.tasks import hsv_flip_augment, paper_lr_lambda, read_cifar
 from adamnx.cli import main
@@ -31,15 +32,26 @@ def _is_png(path) -> bool:
     return width > 100 and height > 100
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder: nothing (not even a default runs/ folder) lands in the repository."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_cli_quick_end_to_end(tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     for task in ("mnist1d", "digits", "quadratic"):
         run = tmp_path / task
         report = (run / "report.md").read_text()
-        for name in ("adamnx", "adam", "adamw", "adaxw", "sgdm"):
-            assert f"| {name} |" in report
-            assert (run / "runs" / f"{name}-seed0.json").exists()
+        for name, shown in DISPLAY_NAMES.items():
+            if not name.startswith("rule-"):
+                assert f"| {shown} |" in report
+                assert (run / "runs" / f"{name}-seed0.json").exists()
+        assert "Smoke run: too short for conclusions" in report and "ties" not in report and "beats" not in report
         for plot in ("curves.png", "beta2_hat.png", "stability.png"):
             assert _is_png(run / plot), plot
         config = json.loads((run / "config.json").read_text())
@@ -48,9 +60,10 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
         assert env["torch"] == torch.__version__
         lines = (run / "metrics.jsonl").read_text().splitlines()
         assert {json.loads(line)["optimizer"] for line in lines} == {"adamnx", "adam", "adamw", "adaxw", "sgdm"}
-        assert "selected on the validation split" in report and "What the numbers say" in report
+        assert "selected on the validation split" in report and "1 torch thread" in report
+        assert env["torch threads"] == 1
         assert task in printed
-    assert "not testable here" in (tmp_path / "quadratic" / "report.md").read_text()  # constant Hessian
+    assert json.loads((tmp_path / "bench.json").read_text()) == {"tasks": ["mnist1d", "digits", "quadratic"]}
 
 
 @pytest.mark.parametrize(
@@ -65,21 +78,28 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
         (["bench", "--set", "nonsense"], "--set takes key=value"),
         (["bench", "--task", "cifar10"], "cifar10 needs --data-dir"),
         (["bench", "--task", "cifar10", "--data-dir", "/nonexistent/folder"], "is not a folder"),
-        (["bench", "--task", "digits", "--framework", "jax"], "runs the mnist1d task only"),
+        (["bench", "--task", "digits", "--framework", "jax"], "runs the mnist1d, charlm tasks only"),
         (["bench", "--resume", "/nonexistent"], "not a bench run folder"),
+        (["bench", "--task", "digits", "--set", "device=cuda"], "CUDA is not available"),
+        (["bench", "--task", "digits", "--set", "optimizers=adamnx"], "e.g. --set optimizers=[adamnx,adam,adamw"),
+        (["bench", "--resume", ".", "--set", "steps=3"], "takes no --set"),
+        (["bench", "--resume", ".", "--task", "digits", "--quick"], "takes no --task, --quick"),
         (["schedule", "--steps", "0"], "--steps must be positive"),
         (["perf", "--shapes", "round"], "bad perf arguments"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(argv, message, capsys):
+def test_bad_input_exits_2_with_one_line_and_leaves_nothing(argv, message, capsys, tmp_path):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+    assert list(tmp_path.iterdir()) == []  # a run that fails before training leaves no folder behind
 
 
 def test_missing_cifar_files_say_how_to_provide_them(tmp_path, capsys):
-    assert main(["bench", "--task", "cifar100", "--data-dir", str(tmp_path)]) == 2
+    (tmp_path / "data").mkdir()
+    assert main(["bench", "--task", "cifar100", "--data-dir", str(tmp_path / "data")]) == 2
     assert "Download the python version of CIFAR100" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no run folder
 
 
 def test_config_layers_and_types():

@@ -76,7 +76,7 @@ def test_bench_runs_data_parallel_under_torchrun(tmp_path):
     env = json.loads((tmp_path / "bench" / "environment.json").read_text())
     assert env["processes"] == 2
     report = (tmp_path / "bench" / "report.md").read_text()
-    assert "2 processes" in report and "| adamnx |" in report
+    assert "2 processes" in report and "| AdamNX |" in report
 
 
 def test_cli_nproc_relaunches_under_torchrun(tmp_path, capfd):

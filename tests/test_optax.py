@@ -355,13 +355,13 @@ def test_importing_adamnx_does_not_import_jax():
     assert out.stdout.strip() == "False False"
 
 
-def test_bench_jax_runner_trains():
+def test_bench_jax_runs_train():
     from adamnx.bench.config import load_config
-    from adamnx.bench.jax_runner import train_one_jax
+    from adamnx.bench.runner import train_one
     from adamnx.bench.tasks import get_task
 
     cfg = load_config("mnist1d", ["steps=30", "eval_every=15", "framework=jax", "hessian_iters=2"], quick=True)
     task = get_task("mnist1d")
-    result = train_one_jax(cfg, task, task.load(cfg), "adamnx@jax", 0)
+    result = train_one(cfg, task, task.load(cfg), "adamnx", 0, framework="jax")
     assert len(result["evals"]) == 2 and result["evals"][-1]["val_loss"] < result["evals"][0]["val_loss"] * 1.5
     assert np.isfinite(result["hessian_top_eigenvalue"]) and result["constructor"].startswith("adamnx.optax.adamnx")

@@ -12,23 +12,28 @@ from adamnx.cli import main
 
 def test_perf_runs_every_candidate_and_writes_json_markdown_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    argv = ["perf", "--sizes", "2e4", "--shapes", "large,small", "--reps", "2", "--rounds", "2", "--peak-gbps", "100"]
+    argv = ["perf", "--sizes", "2e4", "--shapes", "large,small,embedding", "--reps", "2", "--rounds", "2"]
+    argv += ["--peak-gbps", "100"]
     assert main([*argv, "--memory-size", "0", "--no-compile-probe", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "step_speed.json").read_text())
     rows = results["rows"]
     assert {r["candidate"] for r in rows} == set(perf._candidates())
-    assert {r["shape"] for r in rows} == {"large", "small"} and results["rounds"] == 2
+    assert {r["shape"] for r in rows} == {"large", "small", "embedding"} and results["rounds"] == 2
     assert all(v > 0 for v in results["stream_gb_per_s"].values())  # the yardstick: a += b at that size
     for r in rows:
         assert r["median_ms"] > 0 and r["gb_per_s"] > 0
         assert r["fraction_of_peak_bandwidth"] == pytest.approx(r["gb_per_s"] / 100)
+        guard = r["candidate"].endswith("-guard")  # compared with the same implementation without the guard
         paired = r["paired_ratio_to_adamw_same_impl"]
-        assert (paired is not None) == r["candidate"].startswith("adamnx-")
+        assert (paired is not None) == (r["candidate"].startswith("adamnx-") and not guard)
         if paired is not None:
             assert paired > 0 and len(r["round_ratios_to_adamw_same_impl"]) == 2
+        assert (r["paired_ratio_to_unguarded"] is not None) == guard
+        if guard:
+            assert r["paired_ratio_to_unguarded"] > 0
     assert (tmp_path / "step_speed.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (tmp_path / "step_speed.md").read_text()
-    assert "| large |" in markdown and "% peak |" in markdown
+    assert "| large |" in markdown and "% peak |" in markdown and "| embedding |" in markdown
 
 
 def test_target_table_uses_the_same_implementation_and_both_ratios():

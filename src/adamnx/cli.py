@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_TASKS = ["mnist1d", "digits", "quadratic"]
+from adamnx.bench.registry import DEFAULT_TASKS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value (type-checked), e.g. --set steps=500 --set lr.adamnx=1e-3",
     )
+    bench.add_argument(
+        "--study",
+        choices=["horizon"],
+        help="horizon: AdamNX vs AdamW at the same β2 for T/H = 0.3, 1, 3, 10 (mnist1d unless --task; "
+        "with --sweep, its lr sweep, written to --sweep-file)",
+    )
+    bench.add_argument(
+        "--sweep-file",
+        help="the horizon study's recorded lr sweep (default src/adamnx/bench/sweeps/horizon-<task>.json)",
+    )
     bench.add_argument("--data-dir", help="folder with CIFAR's python pickle files (cifar10/cifar100 tasks)")
     bench.add_argument(
         "--framework",
@@ -42,8 +52,14 @@ def _parser() -> argparse.ArgumentParser:
         help="torch (default), the optax twins (jax), or both side by side; jax/both: mnist1d",
     )
     bench.add_argument("--out", help="output folder (default runs/<timestamp>-<task>)")
-    bench.add_argument("--resume", metavar="RUN_DIR", help="continue a killed bench from its last checkpoints")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed bench (one task's folder, or a multi-task run's folder) with its recorded config",
+    )
+    bench.add_argument(
+        "--no-progress", action="store_true", help="no progress bars: one line per finished run (as when piped)"
+    )
     bench.add_argument(
         "--nproc",
         type=int,
@@ -133,17 +149,56 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))).returncode
 
 
+# Options that would change a run: --resume continues with the recorded config, so it refuses them.
+_RUN_OPTIONS = {
+    "task": "--task",
+    "quick": "--quick",
+    "ablation": "--ablation",
+    "sweep": "--sweep",
+    "overrides": "--set",
+    "data_dir": "--data-dir",
+    "framework": "--framework",
+    "out": "--out",
+}
+
+
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     import os
 
-    from adamnx.bench.config import ConfigError, load_config
-    from adamnx.bench.harness import default_out_dir, run_bench, sweep
+    from adamnx.bench.config import ConfigError
     from adamnx.bench.tasks import DataError
 
     if args.nproc < 1:
         return _fail(f"--nproc must be ≥ 1, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_under_torchrun(args.nproc, argv)
+    progress = "lines" if args.no_progress else "auto"
+    try:
+        if args.resume:
+            given = [flag for key, flag in _RUN_OPTIONS.items() if getattr(args, key)]
+            if given:
+                return _fail(
+                    f"--resume continues {args.resume} with its recorded config; it takes no {', '.join(given)}"
+                )
+            return _resume(Path(args.resume), progress)
+        return _new_bench(args, progress)
+    except (ConfigError, DataError) as exc:
+        return _fail(str(exc))
+    except ImportError as exc:
+        return _fail(f'{exc}. Install the harness\'s dependencies: pip install "adamnx[bench]"')
+
+
+def _interrupted(root: Path) -> int:
+    print(f"adamnx: interrupted; continue with: adamnx bench --resume {root}", file=sys.stderr)
+    return 130
+
+
+def _new_bench(args: argparse.Namespace, progress: str) -> int:
+    from adamnx.bench.config import load_config
+    from adamnx.bench.harness import default_out_dir, run_bench, start_bench, sweep
+
+    if args.study:
+        return _study(args, list(args.overrides))
     overrides = list(args.overrides)
     if args.data_dir:
         if not Path(args.data_dir).is_dir():
@@ -151,47 +206,94 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         overrides.append(f"data_dir={_toml_string(args.data_dir)}")
     if args.framework:
         overrides.append(f"framework={_toml_string(args.framework)}")
+    tasks = args.task or list(DEFAULT_TASKS)
+    configs = [load_config(t, overrides, quick=args.quick, ablation=args.ablation) for t in tasks]  # all checked first
+    if len(configs) == 1:
+        root = Path(args.out or default_out_dir(configs[0].task))
+        folders = [root]
+    else:
+        root = Path(args.out or default_out_dir(None))
+        folders = [root / cfg.task for cfg in configs]
+    if args.sweep:
+        for cfg, folder in zip(configs, folders):
+            _print_sweep(sweep(cfg, folder, progress=progress), folder)
+        return 0
     try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            import json
-
-            from adamnx.bench.config import BenchConfig, from_dict
-
-            # Under torchrun only global rank 0 needs the folder (across machines it may exist on rank 0's alone):
-            # run_bench hands its config to the others, which start from the defaults (device "auto" picks the
-            # process group's backend as rank 0's config does, unless that config names another device).
-            if int(os.environ.get("RANK", "0")) != 0:
-                cfg = BenchConfig()
-            elif not (run_dir / "config.json").is_file():
-                return _fail(f"--resume {args.resume!r} has no config.json: not a bench run folder")
-            else:
-                cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
-            summary = run_bench(cfg, run_dir, resume=True, progress=not args.no_progress)
+        prepared = start_bench(configs, folders, root if len(configs) > 1 else None)
+        for cfg, folder, ready in zip(configs, folders, prepared):
+            summary = run_bench(cfg, folder, resume=True, progress=progress, prepared=ready)
             if summary is not None:  # rank 0
-                _print_summary(summary, run_dir)
-            return 0
-        tasks = args.task or DEFAULT_TASKS
-        configs = [
-            load_config(t, overrides, quick=args.quick, ablation=args.ablation) for t in tasks
-        ]  # all checked first
-        for cfg in configs:
-            out_dir = (
-                Path(args.out) / cfg.task
-                if args.out and len(configs) > 1
-                else Path(args.out or default_out_dir(cfg.task))
-            )
-            if args.sweep:
-                chosen = sweep(cfg, out_dir, progress=not args.no_progress)
-                print(f"{cfg.task}: chosen learning rates {chosen} (details in {out_dir / 'sweep.json'})")
-                continue
-            summary = run_bench(cfg, out_dir, progress=not args.no_progress)
+                _print_summary(summary, folder)
+    except KeyboardInterrupt:
+        if (root / "config.json").exists() or (root / "bench.json").exists():
+            return _interrupted(root)
+        print("adamnx: interrupted before anything was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _resume(run_dir: Path, progress: str) -> int:
+    import json
+    import os
+
+    from adamnx.bench.config import BenchConfig, from_dict
+    from adamnx.bench.harness import _broadcast, init_distributed, run_bench
+
+    # Under torchrun only global rank 0 reads the folder (across machines it may exist on rank 0's alone) and hands
+    # the configs to the others; their process group starts with the default device ("auto", as rank 0's usually).
+    init_distributed(BenchConfig().device)
+    recorded = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        if (run_dir / "bench.json").is_file():
+            folders = [run_dir / task for task in json.loads((run_dir / "bench.json").read_text())["tasks"]]
+        else:
+            folders = [run_dir] if (run_dir / "config.json").is_file() else []
+        recorded = [(str(f), json.loads((f / "config.json").read_text())) for f in folders]
+    recorded = _broadcast(recorded)
+    if not recorded:
+        return _fail(f"--resume {str(run_dir)!r} has no config.json or bench.json: not a bench run folder")
+    try:
+        for folder, config in recorded:
+            folder = Path(folder)
+            summary = run_bench(from_dict(config), folder, resume=True, progress=progress)
             if summary is not None:  # rank 0
-                _print_summary(summary, out_dir)
-    except (ConfigError, DataError) as exc:
-        return _fail(str(exc))
-    except ImportError as exc:
-        return _fail(f'{exc}. Install the harness\'s dependencies: pip install "adamnx[bench]"')
+                _print_summary(summary, folder)
+    except KeyboardInterrupt:
+        return _interrupted(run_dir)
+    return 0
+
+
+def _print_sweep(record: dict, folder: Path) -> None:
+    shipped = record["shipped_lr"]
+    print(f"{record['task']}: chosen learning rates {record['chosen_lr']} (details in {folder / 'sweep.json'})")
+    if shipped is None:
+        return
+    if shipped == record["chosen_lr"]:
+        print(f"{record['task']}: the same as the shipped src/adamnx/bench/sweeps/{record['task']}.json")
+    else:
+        print(
+            f"{record['task']}: the shipped picks (src/adamnx/bench/sweeps/{record['task']}.json) are {shipped}; "
+            f"to adopt these, copy {folder / 'sweep.json'} there"
+        )
+
+
+def _study(args: argparse.Namespace, overrides: list[str]) -> int:
+    from adamnx.bench.config import load_config
+    from adamnx.bench.study import default_sweep_file, run_study, run_sweep, study_config_overrides, study_table
+
+    if args.task and len(args.task) > 1:
+        return _fail("--study runs on one --task")
+    task = args.task[0] if args.task else "mnist1d"
+    cfg = load_config(task, study_config_overrides(overrides))
+    sweep_file = Path(args.sweep_file) if args.sweep_file else default_sweep_file(task)
+    if args.sweep:
+        record = run_sweep(cfg, sweep_file, progress=not args.no_progress)
+        print(f"horizon study sweep: chosen learning rates {record['chosen_lr']} (written to {sweep_file})")
+        return 0
+    out_dir = Path(args.out or f"runs/horizon-{task}")
+    summary = run_study(cfg, sweep_file, out_dir, progress=not args.no_progress)
+    print(study_table(summary))
+    print(f"report: {out_dir / 'report.md'}")
     return 0
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from adamnx import AdamNX
 from adamnx.schedule import first_moment_weight, second_moment_weight
 
-__all__ = ["DECAY_RULES", "OPTIMIZERS", "DecayRuleAdam", "OptimizerSpec", "build_optimizer"]
+__all__ = ["DECAY_RULES", "OPTIMIZERS", "DecayRuleAdam", "OptimizerSpec", "adamnx_beta2", "build_optimizer"]
 
 
 def _adamnx_rule(t: float, beta2: float) -> float:
@@ -172,6 +172,35 @@ def build_optimizer(name: str, params: Any, lr: float, weight_decay: float | Non
     return OPTIMIZERS[name].make(params, lr, weight_decay)
 
 
+def adamnx_beta2(name: str) -> float | None:
+    """The β2 that AdamNX (``adamnx``) or AdamNX's rule (``rule-adamnx``) runs with here; None for other names."""
+    if name == "adamnx":
+        return float(OPTIMIZERS[name].kwargs["betas"][1])
+    if name == "rule-adamnx":
+        return float(OPTIMIZERS[name].kwargs.get("beta2", DECAY_RULES["adamnx"][1]))
+    return None
+
+
 def second_moment_tensors(opt: torch.optim.Optimizer) -> list[Tensor]:
     """The ``exp_avg_sq`` state tensors (for ‖Δv‖/‖v‖), or [] for optimizers without them (SGD)."""
     return [s["exp_avg_sq"] for s in opt.state.values() if "exp_avg_sq" in s]
+
+
+def with_beta2(name: str, beta2: float) -> str:
+    """Register ``name`` (``adamnx`` or ``adamw``) with betas (0.9, ``beta2``); return the new name ``name-b2=…``.
+
+    The horizon study runs both at the same β2; the spec keeps ``beta2`` exact, the name shows it rounded.
+    """
+    base = OPTIMIZERS[name]
+    if "betas" not in base.kwargs:
+        raise ValueError(f"optimizer {name!r} has no betas to change")
+    beta1 = base.kwargs["betas"][0]
+    new = f"{name}-b2={beta2:.4f}"
+    call = base.constructor.split("(", 1)[0]
+    wd = base.kwargs.get("weight_decay", 0.0)
+    OPTIMIZERS[new] = OptimizerSpec(
+        base.build,
+        {**base.kwargs, "betas": (beta1, beta2)},
+        f"{call}(params, lr, betas=({beta1}, {beta2!r}), weight_decay={wd})",
+    )
+    return new

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -188,20 +187,86 @@ def probe(name: str, kind: str, n: int, device: str, cache_dir: str | None = Non
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _speed_rows(
+    per_round: list[dict[str, list[float]]],
+    kind: str,
+    n: int,
+    tensors: int,
+    stream_gbps: float,
+    peak_gbps: float | None,
+) -> list[dict]:
+    """One row per candidate at one (shape, size): medians, bandwidths, ratios to AdamW (paired and per round)."""
+    names = list(per_round[0])
+    times = {name: [t for r in per_round for t in r[name]] for name in names}
+    base = statistics.median(times["adamw-fused"]) if "adamw-fused" in times else float("nan")
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        gbps = BYTES_PER_PARAM * n / (med / 1e3) / 1e9
+        row = {
+            "shape": kind,
+            "params": n,
+            "tensors": tensors,
+            "candidate": name,
+            "median_ms": med,
+            "q25_ms": statistics.quantiles(ts, n=4)[0] if len(ts) > 1 else med,
+            "q75_ms": statistics.quantiles(ts, n=4)[2] if len(ts) > 1 else med,
+            "gb_per_s": gbps,
+            "fraction_of_stream_bandwidth": gbps / stream_gbps,
+            "fraction_of_peak_bandwidth": gbps / peak_gbps if peak_gbps else None,
+            "ratio_to_adamw_fused": med / base,
+            "paired_ratio_to_adamw_same_impl": None,
+            "round_ratios_to_adamw_same_impl": None,
+            "paired_ratio_to_unguarded": None,
+        }
+        unguarded = name.removesuffix("-guard")
+        if unguarded != name and unguarded in times:  # the late-activation guard against the same implementation
+            row["paired_ratio_to_unguarded"] = statistics.median(a / b for a, b in zip(ts, times[unguarded]))
+        twin = name.replace("adamnx-", "adamw-")
+        if name.startswith("adamnx-") and twin in times:
+            # Both stepped in every repetition, so the median of step-by-step ratios shrugs off noise that
+            # moves whole repetitions; the per-round ratios of medians show how much whole runs move.
+            row["paired_ratio_to_adamw_same_impl"] = statistics.median(a / b for a, b in zip(ts, times[twin]))
+            row["round_ratios_to_adamw_same_impl"] = [
+                statistics.median(r[name]) / statistics.median(r[twin]) for r in per_round
+            ]
+        rows.append(row)
+    return rows
+
+
+def _memory_rows(names: list[str], kinds: list[str], size: int, device: str) -> list[dict]:
+    rows = []
+    for kind in kinds:
+        for name in names:
+            extra = probe(name, kind, size, device)["extra_bytes"]
+            rows.append({"shape": kind, "params": size, "candidate": name, "extra_mb": extra / 2**20})
+    return rows
+
+
+def _compile_times(device: str) -> dict[str, float]:
+    """First fused step with an empty kernel cache (cold: builds it) and with the cache it left (warm)."""
+    with tempfile.TemporaryDirectory() as cache:
+        cold = probe("adamnx-fused", "large", 1_000_000, device, cache_dir=cache)["first_step_s"]
+        warm = probe("adamnx-fused", "large", 1_000_000, device, cache_dir=cache)["first_step_s"]
+    return {"cold_first_step_s": cold, "warm_first_step_s": warm}
+
+
 def run(
-    sizes,
-    kinds,
-    reps,
-    device,
-    names,
-    memory_size,
+    names: list[str],
     out_dir: Path,
+    *,
+    sizes: list[int],
+    kinds: list[str],
+    reps: int,
+    device: str,
+    memory_size: int = 0,
     compile_probe: bool = True,
     rounds: int = 1,
     peak_gbps: float | None = None,
 ) -> dict:
-    """Time every candidate at every (shape, size); each of ``rounds`` rounds builds fresh optimizers and steps
-    them ``reps`` times, interleaved. Medians are over all steps of all rounds; the per-round ratios show the spread."""
+    """Time every candidate in ``names`` at every (shape, size); each of ``rounds`` rounds builds fresh optimizers
+    and steps them ``reps`` times, interleaved. Medians are over all steps of all rounds; the per-round ratios show
+    the spread. Then the memory probe (``memory_size`` params; 0: none) and the compile probe; writes ``out_dir``."""
     dev = torch.device(device)
     results: dict[str, Any] = {
         "machine": _machine(dev),
@@ -219,74 +284,24 @@ def run(
             active = EMBEDDING_ACTIVE_ROWS if kind == "embedding" else 1.0
             per_round = [time_steps(names, shapes, dev, reps, active) for _ in range(rounds)]
             stream_gbps = results["stream_gb_per_s"].setdefault(n_actual, stream_bandwidth(n_actual, dev, reps))
-            times = {name: [t for r in per_round for t in r[name]] for name in names}
-            base = statistics.median(times["adamw-fused"]) if "adamw-fused" in times else float("nan")
-            for name, ts in times.items():
-                med = statistics.median(ts)
-                row = {
-                    "shape": kind,
-                    "params": n_actual,
-                    "tensors": len(shapes),
-                    "candidate": name,
-                    "median_ms": med,
-                    "q25_ms": statistics.quantiles(ts, n=4)[0] if len(ts) > 1 else med,
-                    "q75_ms": statistics.quantiles(ts, n=4)[2] if len(ts) > 1 else med,
-                    "gb_per_s": BYTES_PER_PARAM * n_actual / (med / 1e3) / 1e9,
-                    "fraction_of_stream_bandwidth": BYTES_PER_PARAM * n_actual / (med / 1e3) / 1e9 / stream_gbps,
-                    "fraction_of_peak_bandwidth": (
-                        BYTES_PER_PARAM * n_actual / (med / 1e3) / 1e9 / peak_gbps if peak_gbps else None
-                    ),
-                    "ratio_to_adamw_fused": med / base,
-                    "paired_ratio_to_adamw_same_impl": None,
-                    "round_ratios_to_adamw_same_impl": None,
-                    "paired_ratio_to_unguarded": None,
-                }
-                unguarded = name.removesuffix("-guard")
-                if unguarded != name and unguarded in times:
-                    row["paired_ratio_to_unguarded"] = statistics.median(a / b for a, b in zip(ts, times[unguarded]))
-                twin = name.replace("adamnx-", "adamw-")
-                if name.startswith("adamnx-") and twin in times:
-                    # Both stepped in every repetition, so the median of step-by-step ratios shrugs off noise that
-                    # moves whole repetitions; the per-round ratios of medians show how much whole runs move.
-                    row["paired_ratio_to_adamw_same_impl"] = statistics.median(a / b for a, b in zip(ts, times[twin]))
-                    row["round_ratios_to_adamw_same_impl"] = [
-                        statistics.median(r[name]) / statistics.median(r[twin]) for r in per_round
-                    ]
-                results["rows"].append(row)
+            results["rows"] += _speed_rows(per_round, kind, n_actual, len(shapes), stream_gbps, peak_gbps)
+            medians = {name: statistics.median(t for r in per_round for t in r[name]) for name in names}
             print(
-                f"  {kind:5s} {n_actual / 1e6:6.1f}M: "
-                + ", ".join(f"{k} {statistics.median(v):.1f}ms" for k, v in times.items()),
+                f"  {kind:5s} {n_actual / 1e6:6.1f}M: " + ", ".join(f"{k} {v:.1f}ms" for k, v in medians.items()),
                 flush=True,
             )
     if memory_size:
-        for kind in kinds:
-            for name in names:
-                p = probe(name, kind, memory_size, device)
-                results["memory"].append(
-                    {"shape": kind, "params": memory_size, "candidate": name, "extra_mb": p["extra_bytes"] / 2**20}
-                )
+        results["memory"] = _memory_rows(names, kinds, memory_size, device)
     if compile_probe and "adamnx-fused" in names:
-        with tempfile.TemporaryDirectory() as cache:
-            cold = probe("adamnx-fused", "large", 1_000_000, device, cache_dir=cache)["first_step_s"]
-            warm = probe("adamnx-fused", "large", 1_000_000, device, cache_dir=cache)["first_step_s"]
-        results["compile"] = {"cold_first_step_s": cold, "warm_first_step_s": warm}
+        results["compile"] = _compile_times(device)
     write_outputs(results, out_dir)
     return results
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
-    import adamnx
+    from adamnx.bench.environment import environment
 
-    info = {
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "adamnx": adamnx.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    info = {"device": str(device), **environment()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -476,16 +491,16 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("adamnx: error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
     results = run(
-        sizes,
-        kinds,
-        args.reps,
-        args.device,
         names,
-        int(args.memory_size),
         Path(args.out),
-        not args.no_compile_probe,
-        args.rounds,
-        args.peak_gbps,
+        sizes=sizes,
+        kinds=kinds,
+        reps=args.reps,
+        device=args.device,
+        memory_size=int(args.memory_size),
+        compile_probe=not args.no_compile_probe,
+        rounds=args.rounds,
+        peak_gbps=args.peak_gbps,
     )
     print((Path(args.out) / "step_speed.md").read_text())
     return 0 if results["rows"] else 1

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adamnx.bench import lm
 from adamnx.bench.models import CNN1D, ConvNeXt32, ResNet18, mlp
 from adamnx.integrations import param_groups as weight_decay_groups
 
@@ -76,10 +77,32 @@ class Task:
         return hsv_flip_augment(x, generator) if self.name.startswith("cifar") else x
 
 
+@dataclass(frozen=True)
+class LanguageModelTask(Task):
+    """Next-byte prediction: loss in nats per byte, metric bits per byte (lower is better)."""
+
+    @property
+    def metric_name(self) -> str:
+        return "bpb"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return False
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        return lm.next_byte_loss(out, y)
+
+    def metric(self, out: Tensor, y: Tensor) -> float:
+        return lm.bits_per_byte(out, y)
+
+
 TASKS = {
     "mnist1d": Task("mnist1d", "MNIST-1D (generated locally by mnist1d), small 1-D CNN", True),
     "digits": Task("digits", "scikit-learn's bundled 8×8 digits, MLP", True),
     "quadratic": Task("quadratic", "noisy ill-conditioned least squares (condition number 1e3)", False),
+    "charlm": LanguageModelTask(
+        "charlm", "byte-level GPT on the Python documentation's topic texts (pydoc_data.topics, offline)", False
+    ),
     "cifar10": Task("cifar10", "CIFAR-10 from --data-dir (python pickles), authors' recipe", True),
     "cifar100": Task("cifar100", "CIFAR-100 from --data-dir (python pickles), authors' recipe", True),
 }
@@ -134,6 +157,28 @@ def _quadratic(dim: int = 50, n: int = 6000, noise: float = 0.5) -> Splits:
     w_star = torch.randn(dim, generator=g) / eigenvalues.sqrt() * 0.1
     y = x @ w_star + noise * torch.randn(n, generator=g)
     return _split(x, y, n_val=1000, n_test=1000)
+
+
+@functools.cache
+def _charlm_windows(context: int, train_stride: int) -> Splits:
+    import warnings
+
+    text = lm.corpus()
+    if not text.matches_recorded:
+        warnings.warn(
+            f"charlm: this Python ({text.python}) ships a different corpus (pydoc_data.topics, sha256 "
+            f"{text.sha256[:12]}…, {len(text.data):,} bytes) from the one the recorded results used (Python "
+            f"{lm.RECORDED_CORPUS['python']}, sha256 {lm.RECORDED_CORPUS['sha256'][:12]}…): bits per byte are "
+            "comparable between runs on this Python only",
+            stacklevel=2,
+        )
+    parts = lm.split_windows(text.data, context, train_stride)
+    return Splits(*parts["train"], *parts["val"], *parts["test"])
+
+
+def _charlm(cfg: Any) -> Splits:
+    s = lm.lm_settings(cfg.lm)
+    return _charlm_windows(s.context, s.train_stride)
 
 
 _CIFAR_FILES = {
@@ -244,6 +289,7 @@ _LOADERS = {
     "mnist1d": lambda cfg: _mnist1d(),
     "digits": lambda cfg: _digits(),
     "quadratic": lambda cfg: _quadratic(),
+    "charlm": _charlm,
     "cifar10": lambda cfg: _cifar("cifar10", cfg),
     "cifar100": lambda cfg: _cifar("cifar100", cfg),
 }
@@ -261,6 +307,7 @@ _MODELS = {
     "mnist1d": lambda cfg: CNN1D(),
     "digits": lambda cfg: mlp(64, 128, 10),
     "quadratic": lambda cfg: nn.Linear(50, 1, bias=False),
+    "charlm": lambda cfg: lm.GPT(lm.lm_settings(cfg.lm)),
     "cifar10": lambda cfg: _cifar_model(10, cfg),
     "cifar100": lambda cfg: _cifar_model(100, cfg),
 }
