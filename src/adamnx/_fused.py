@@ -158,6 +158,24 @@ def _padding(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> tuple[lis
     return tuple([torch.zeros(2, dtype=dtype, device=device) for _ in range(CHUNK)] for dtype in dtypes)
 
 
+# Graphs dynamo may keep per kernel (its default is 8 per code object). Each key already has its own code object;
+# within one, a long program still meets a few variants (params that do or do not require grad, ...), and with
+# fullgraph=True reaching the limit is a hard error in the middle of a step.
+_RECOMPILE_LIMIT = 64
+
+
+def _kernel_config():
+    """The compile settings of the chunk kernel's calls: no duck shapes, and room for more graphs."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(_no_duck_shapes())
+    with contextlib.suppress(AttributeError):  # older torch: its own limit
+        import torch._dynamo.config as dynamo_config
+
+        if dynamo_config.recompile_limit < _RECOMPILE_LIMIT:
+            stack.enter_context(dynamo_config.patch(recompile_limit=_RECOMPILE_LIMIT))
+    return stack
+
+
 def _no_duck_shapes():
     """Tensors of equal length must not share a size symbol, or a chunk with other lengths would recompile."""
     try:
@@ -195,7 +213,7 @@ def _run_compiled(
     start = 0 if key in _UNCOMPILABLE else None
     if start is None:
         kernel = _compiled_chunk(*key)
-        with _no_duck_shapes():
+        with _kernel_config():
             for c in range(0, n + pad, CHUNK):
                 try:
                     kernel(
