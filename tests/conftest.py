@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import settings
 
 # In CI, property tests draw the same examples every run (and keep no database): a failure there is reproducible,
@@ -40,9 +41,19 @@ _SLOW_TESTS = {
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
     for item in items:
         name = getattr(item, "originalname", item.name)
         if item.path.name in _SLOW_MODULES or name in _SLOW_TESTS or "fused-inductor" in item.nodeid:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path, monkeypatch):
+    """Run in an empty folder of the test's own (nothing, not even a default runs/ folder, lands in the
+    repository) and leave torch's thread count as it was (the harness sets it)."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    yield tmp_path
+    torch.set_num_threads(threads)

@@ -32,13 +32,7 @@ def _is_png(path) -> bool:
     return width > 100 and height > 100
 
 
-@pytest.fixture(autouse=True)
-def _in_tmp_path(tmp_path, monkeypatch):
-    """Every test runs in its own empty folder: nothing (not even a default runs/ folder) lands in the repository."""
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("in_tmp_path")  # tests/conftest.py: nothing lands in the repository
 
 
 def test_cli_quick_end_to_end(tmp_path, capsys):
@@ -249,12 +243,8 @@ def test_late_activation_stress_task_shows_the_hazard_and_the_mitigation(tmp_pat
     from adamnx.bench.stress import run_stress, write_outputs
 
     guarded = ["adamnx-forloop+guard", "adamnx-foreach+guard", "adamnx-fused+guard"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: a second thread only spin-waits (and crawls on a busy machine)
-    try:
-        results = run_stress(steps=3_020, t_late=3_000, candidates=["adamnx-fused", *guarded, "adam"])
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # a tiny model: a second thread only spin-waits (the fixture restores the count)
+    results = run_stress(steps=3_020, t_late=3_000, candidates=["adamnx-fused", *guarded, "adam"])
     nx, adam = results["adamnx-fused"]["max_rare_update_over_lr"], results["adam"]["max_rare_update_over_lr"]
     assert nx > 1.5 * adam  # AdamNX's cold rows jump further than Adam's (≈ 6× vs ≈ 3× lr at t = 3,000)
     for name in guarded:  # per-coordinate counts, in every implementation: the rare rows behave like a fresh run

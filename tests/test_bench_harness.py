@@ -25,12 +25,7 @@ from adamnx.schedule import horizon
 TINY = ["--set", "steps=20", "--set", "eval_every=10", "--set", "seeds=[0]", "--set", "hessian_iters=1"]
 
 
-@pytest.fixture(autouse=True)
-def _in_tmp_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("in_tmp_path")  # tests/conftest.py: nothing lands in the repository
 
 
 def _numbers(folder) -> str:

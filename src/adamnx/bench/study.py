@@ -20,6 +20,7 @@ from typing import Any
 
 from adamnx.bench.config import BenchConfig, ConfigError, to_dict
 from adamnx.bench.environment import environment
+from adamnx.bench.harness import Prepared, prepare
 from adamnx.bench.optimizers import OPTIMIZERS, with_beta2
 from adamnx.bench.runner import save_json, train_one
 from adamnx.bench.tasks import get_task
@@ -91,10 +92,9 @@ def _setup(cfg: BenchConfig, runs: list[StudyRun]) -> dict[str, Any]:
     }
 
 
-def _one(cfg: BenchConfig, run: StudyRun, lr: float, seed: int) -> dict[str, Any]:
-    task = get_task(cfg.task)
+def _one(cfg: BenchConfig, prepared: Prepared, run: StudyRun, lr: float, seed: int) -> dict[str, Any]:
     one = dataclasses.replace(cfg, optimizers=[run.name], lr={run.name: lr}, seeds=[seed])
-    result = train_one(one, task, task.load(one), run.name, seed)
+    result = train_one(one, prepared.task, prepared.splits, run.name, seed)
     result.update(beta2=run.beta2, ratio=run.ratio, base=run.base)
     result["one_minus_beta2_hat_T"] = second_moment_weight(cfg.steps, run.beta2) if run.base == "adamnx" else None
     dv = [rec["dv_rel"] for rec in result["logs"][-5:] if "dv_rel" in rec]
@@ -117,19 +117,16 @@ def run_sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Each study setting at each lr, one seed; the lr with the best validation metric (then loss) is chosen."""
-    if cfg.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
+    prepared = prepare(cfg)  # threads, device and data, once for every run
     runs = horizon_runs(cfg.steps, ratios)
-    higher = get_task(cfg.task).higher_is_better
+    higher = prepared.task.higher_is_better
     table: dict[str, dict[str, dict[str, float]]] = {}
     chosen: dict[str, float] = {}
     seconds = 0.0
     for run in runs:
         table[run.name] = {}
         for lr in lrs:
-            r = _one(cfg, run, lr, seed)
+            r = _one(cfg, prepared, run, lr, seed)
             seconds += r["wall_time_s"]
             best = next((e for e in r["evals"] if e["step"] == r["best_step"]), {})
             table[run.name][f"{lr:g}"] = {
@@ -394,12 +391,9 @@ def run_study(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Every study setting × seed at its swept lr (resumable: finished runs are kept), then table and plot."""
-    if cfg.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     runs = horizon_runs(cfg.steps, ratios)
     chosen = read_sweep(sweep_file, cfg, runs)
+    prepared = prepare(cfg)  # threads, device and data, once for every run, before a folder is made
     if SWEEP_SEED in cfg.seeds:
         _log(f"note: seed {SWEEP_SEED} is also the sweep's seed", progress)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
@@ -413,7 +407,7 @@ def run_study(
             if path.exists():
                 results.append(json.loads(path.read_text()))
                 continue
-            result = _one(cfg, run, chosen[run.name], seed)
+            result = _one(cfg, prepared, run, chosen[run.name], seed)
             _log(
                 f"{run.name} seed {seed}: test {result['test_at_best_val']:.4f} ({result['wall_time_s']:.1f} s)",
                 progress,
