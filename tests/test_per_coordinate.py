@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import adamnx._fused
 import adamnx._tensors as tensors_module
 from adamnx import AdamNX
 from adamnx._tensors import MAX_COUNT, coordinate_table, host_coefficients
@@ -280,3 +281,101 @@ def test_a_fresh_table_at_a_late_step_is_sized_by_the_counts(monkeypatch):
     counts = [torch.tensor([0, 3, 7], dtype=torch.int32)]
     rows = coordinate_table(10**6, counts, 0.9, 0.99, torch.float32, torch.device("cpu"))
     assert rows.shape[1] == 4096
+
+
+# --------------------------------------------------------------------------- what is known of the counts
+# The host paths (for-loop, foreach, the fused kernels) skip work that the counts' shape makes unnecessary: a tensor
+# whose counts are on its step takes its own coefficients (its few exceptions updated apart), an embedding one set
+# per row. These fast paths must give the bits of the per-element path, which is forced here by having nothing
+# recognised.
+
+
+def _kinds_test_gradients(n_steps: int) -> tuple[list[tuple[int, ...]], list[list[torch.Tensor]]]:
+    """Tensors meant to be seen as: on step; on step but for a few exceptions (coordinates starting late, one
+    never); by row (rows starting at different steps, some never); by row until a row starts with a zero inside
+    it (then by element); and 1-D with coordinates starting at different steps (by element)."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(64, 64), (64, 64), (300, 16), (200, 16), (500,)]
+    starts = [
+        torch.ones(64, 64, dtype=torch.long),
+        torch.ones(64, 64, dtype=torch.long),
+        torch.randint(1, 40, (300, 1), generator=g).repeat(1, 16),
+        torch.randint(1, 10, (200, 1), generator=g).repeat(1, 16),
+        torch.randint(1, 40, (500,), generator=g),
+    ]
+    starts[1].view(-1)[[3, 700, 701, 4000]] = torch.tensor([5, 12, 12, 10**6])
+    starts[2][::9] = 10**6
+    starts[3][7] = 10**6
+    grads = []
+    for t in range(1, n_steps + 1):
+        step = [torch.randn(s, generator=g) * (start <= t) for s, start in zip(shapes, starts)]
+        if t == 25:  # a row that has not started gets a gradient with a zero in it
+            step[3][7] = torch.randn(16, generator=g)
+            step[3][7, 3] = 0.0
+        if t % 9 == 0:  # started coordinates keep counting through zero gradients
+            step[0][5].zero_()
+        grads.append(step)
+    params0 = [torch.randn(s, generator=g) for s in shapes]
+    return params0, grads
+
+
+def _per_element_only(monkeypatch):
+    """Nothing is recognised: every tensor goes element by element."""
+    monkeypatch.setattr(tensors_module, "_count_kind", lambda count, step: (tensors_module.BY_ELEMENT, None))
+    monkeypatch.setattr(tensors_module, "off_step_coordinates", lambda count, step: None)
+    monkeypatch.setattr(adamnx._fused, "off_step_coordinates", lambda count, step: None)
+
+
+def _run_with_checkpoint(impl, params0, grads, at: int):
+    """Run, save a state dict after ``at`` steps, load it into a new optimizer, and finish the run with that one."""
+    params, opt = run_torch(params0, grads[:at], impl=impl, **HYPER)
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = IMPLEMENTATIONS[impl](params, **HYPER)
+    resumed.load_state_dict(saved)
+    for step in grads[at:]:
+        for p, gr in zip(params, step):
+            p.grad = gr.clone()
+        resumed.step()
+    return params, resumed
+
+
+@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused", "fused-inductor"])
+def test_recognised_counts_give_the_per_element_bits(impl, monkeypatch):
+    params0, grads = _kinds_test_gradients(40)
+    params, opt = _run_with_checkpoint(impl, params0, grads, at=17)  # the loaded counts are looked at again
+    if impl in ("for-loop", "foreach"):
+        kinds = [tensors_module.known_counts(opt.state[p]["coord_step"], opt.state[p]["step"]) for p in params]
+        assert [k[0] for k in kinds] == ["on step", "on step", "by row", "by element", "by element"]
+        assert kinds[0][1] is None and kinds[1][1].tolist() == [3, 700, 701, 4000]
+    with monkeypatch.context() as patch:
+        _per_element_only(patch)
+        expected, loop = run_torch(params0, grads, impl=impl, **HYPER)
+    for p, q in zip(params, expected):
+        for key in ("coord_step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], loop.state[q][key]), key
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused", "fused-inductor"])
+def test_counts_edited_in_place_are_looked_at_again(impl, monkeypatch):
+    """A count changed behind the optimizer's back (here: one coordinate restarted) is not taken for on step."""
+    params0, grads = _kinds_test_gradients(30)
+
+    def run():
+        params, opt = run_torch(params0, grads[:10], impl=impl, **HYPER)
+        opt.state[params[0]]["coord_step"][2, 2] = 0
+        opt.state[params[0]]["exp_avg"][2, 2] = 0.0
+        opt.state[params[0]]["exp_avg_sq"][2, 2] = 0.0
+        for step in grads[10:]:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            opt.step()
+        return params, opt
+
+    params, opt = run()
+    assert opt.state[params[0]]["coord_step"][2, 2] == 20 and opt.state[params[0]]["coord_step"][0, 0] == 30
+    with monkeypatch.context() as patch:
+        _per_element_only(patch)
+        expected, _ = run()
+    for p, q in zip(params, expected):
+        assert torch.equal(p, q)

@@ -29,13 +29,20 @@ from torch import Tensor
 
 from adamnx import _cpu_extension
 from adamnx._tensors import (
+    BY_ELEMENT,
+    MAX_COUNT,
+    ON_STEP,
+    GatheredCoordinates,
     advance_counts,
     coordinate_table,
     count_coefficients,
     dense_1d_views,
     group_by_device_and_dtype,
     host_coefficients,
+    known_counts,
     math_dtype,
+    note_counts,
+    off_step_coordinates,
     stochastic_round_to_bf16,
 )
 from adamnx.schedule import coefficients
@@ -317,7 +324,8 @@ def _cpu_step(
     params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf,
     *, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, stochastic, counts=None,
 ) -> None:  # fmt: skip
-    """One step of CPU tensors sharing a dtype: the C++ kernel, one call for all of them."""
+    """One step of CPU tensors sharing a dtype: the C++ kernel, one call for all of them (two with
+    per_coordinate_steps: the tensors whose counts are on their step take the call without counts)."""
     ops = _cpu_extension.load()
     # On the CPU, reading GradScaler's tensors costs nothing (no device to sync with).
     if found_inf is not None and found_inf.item():
@@ -329,40 +337,101 @@ def _cpu_step(
     if has_complex:
         params, grads, exp_avgs, exp_avg_sqs = _real_views(params, grads, exp_avgs, exp_avg_sqs)
     tensors = [params, grads, exp_avgs, exp_avg_sqs, *([counts] if counts is not None else [])]
-    if type(params[0]).__name__ == "DTensor":  # FSDP2 shards: the update is elementwise, so local shards suffice
+    shards = type(params[0]).__name__ == "DTensor"
+    if shards:  # FSDP2 shards: the update is elementwise, so local shards suffice
         tensors = [[t.to_local() for t in lst] for lst in tensors]
-    params, grads, exp_avgs, exp_avg_sqs = tensors[:4]
-    counts = tensors[4] if counts is not None else []
+    # What is known of the counts, read before this step advances the counters (see known_counts); local shards
+    # are new tensors at every step, so nothing is kept for them.
+    knowns = [None] * len(steps) if shards or counts is None else [known_counts(c, s) for c, s in zip(counts, steps)]
     step_counts = torch.empty(len(steps), dtype=torch.float64)
     common = ops.advance_steps_(steps, 1.0, step_counts)
     if math.isnan(common):  # counters differ (a param that missed steps): coefficients per tensor
         w1s, w2s = coefficients(step_counts, (beta1, beta2))
     else:  # one count for the group, the usual case: one pair of coefficients, computed on the host
         w1s, w2s = _shared_coefficients(common, beta1, beta2)
-    dtype, cpu = math_dtype(params[0], exp_avgs[0]), torch.device("cpu")
-    table = _NO_TABLE
-    if counts:  # a coordinate's count is at most its tensor's step
-        table = coordinate_table(step_counts.max(), counts, beta1, beta2, dtype, cpu)
-    if table is None:  # counts too long for a table: every tensor evaluates its coefficients per element, eagerly
-        left = range(len(params))
-    else:
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if stochastic else 0
-        left = ops.fused_step_(
-            params, grads, exp_avgs, exp_avg_sqs, counts, w1s, w2s, table, lr, weight_decay, eps, grad_factor,
-            stochastic, seed,
+    kernel = _CpuKernel(ops, w1s, w2s, lr, weight_decay, eps, grad_factor, stochastic, (beta1, beta2), step_counts)
+    if counts is None:
+        kernel(tensors)
+        return
+    # Tensors whose counts are on their step (ON_STEP) take their own coefficients, as without the guard, and
+    # their counts are only written; their exceptions are gathered first and updated as tensors of their own.
+    fill = torch.full((len(steps),), -1, dtype=torch.int64)
+    exceptions = []
+    for i, known in enumerate(knowns):
+        if known is not None and known[0] == ON_STEP and 1 < step_counts[i] < MAX_COUNT - 1:
+            gathered = None if known[1] is None else GatheredCoordinates.save([t[i] for t in tensors], known[1])
+            if known[1] is None or gathered is not None:
+                fill[i] = int(step_counts[i])
+                if gathered is not None:
+                    exceptions.append((i, gathered))
+    kernel(tensors, exceptions, fill)
+    for _, gathered in exceptions:
+        gathered.write_back(counts=True)
+    if shards:
+        return
+    for i, (count, known) in enumerate(zip(tensors[4], knowns)):
+        if known is not None:  # unchanged, as far as the kernel is concerned
+            note_counts(count, steps[i], *known)
+        else:  # looked at once (the kernel walks any counts; only ON_STEP saves it work)
+            off = off_step_coordinates(count, float(step_counts[i]))
+            exceptions_of_count = off if off is not None and off.numel() else None
+            note_counts(count, steps[i], BY_ELEMENT if off is None else ON_STEP, exceptions_of_count)
+
+
+class _CpuKernel:
+    """The C++ kernel with one step's scalars."""
+
+    def __init__(self, ops, w1s, w2s, lr, weight_decay, eps, grad_factor, stochastic, betas, step_counts) -> None:
+        self.ops, self.w1s, self.w2s, self.betas, self.step_counts = ops, w1s, w2s, betas, step_counts
+        self.lr, self.weight_decay, self.eps, self.grad_factor, self.stochastic = (
+            lr, weight_decay, eps, grad_factor, stochastic
         )  # fmt: skip
-    for i in left:  # layouts or dtype pairs the kernel cannot walk in one pass: the same math, eagerly
-        dtype = math_dtype(params[i], exp_avgs[i])
-        scalars = [torch.tensor(x, dtype=torch.float64).to(dtype) for x in (-lr, -lr * weight_decay, eps, grad_factor)]
-        w1, w2 = (w[i if w.numel() > 1 else 0] for w in (w1s, w2s))
-        coeffs = [c.to(dtype) for c in (w1, 1 - w2, w2)]
-        per_coordinate = ()
+
+    def __call__(self, tensors: list[list[Tensor]], gathered=(), fill: Tensor | None = None) -> None:
+        """Update the tensors (lists of params, grads, exp_avgs, exp_avg_sqs and, with per_coordinate_steps,
+        counts) and the gathered coordinates (pairs of the tensor's index and its GatheredCoordinates), whose
+        counts are their own; ``fill``: the kernel's per-tensor count to write (−1: walk the counts)."""
+        lists = [list(lst) for lst in tensors]
+        for _, copies in gathered:
+            for lst, copy in zip(lists, copies.copies):
+                lst.append(copy)
+        if gathered:
+            order = list(range(len(tensors[0]))) + [i for i, _ in gathered]  # for each tensor's coefficients
+            w1s, w2s = (w if w.numel() == 1 else w[order] for w in (self.w1s, self.w2s))
+            fill = torch.cat([fill, fill.new_full((len(gathered),), -1)])
+        else:
+            w1s, w2s = self.w1s, self.w2s
+        params, grads, exp_avgs, exp_avg_sqs, *counts = lists
+        counts = counts[0] if counts else []
+        dtype, cpu = math_dtype(params[0], exp_avgs[0]), torch.device("cpu")
+        max_step = self.step_counts.max()  # a coordinate's count is at most its tensor's step
+        table = _NO_TABLE
         if counts:
-            rows = coordinate_table(step_counts.max(), [counts[i]], beta1, beta2, dtype, cpu)
-            per_coordinate = (counts[i], (beta1, beta2) if rows is None else rows)
-        _adamnx_kernel(
-            params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], *coeffs, *scalars, None, stochastic, *per_coordinate
-        )
+            table = coordinate_table(max_step, counts, *self.betas, dtype, cpu)
+        if table is None:  # counts too long for a table: every tensor evaluates its coefficients per element, eagerly
+            left = range(len(params))
+        else:
+            seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if self.stochastic else 0
+            left = self.ops.fused_step_(
+                params, grads, exp_avgs, exp_avg_sqs, counts, w1s, w2s, table, _NO_TABLE if fill is None else fill,
+                self.lr, self.weight_decay, self.eps, self.grad_factor, self.stochastic, seed,
+            )  # fmt: skip
+        for k in left:  # layouts or dtype pairs the kernel cannot walk in one pass: the same math, eagerly
+            dtype = math_dtype(params[k], exp_avgs[k])
+            scalars = [
+                torch.tensor(x, dtype=torch.float64).to(dtype)
+                for x in (-self.lr, -self.lr * self.weight_decay, self.eps, self.grad_factor)
+            ]
+            w1, w2 = (w[k if w.numel() > 1 else 0] for w in (w1s, w2s))
+            coeffs = [c.to(dtype) for c in (w1, 1 - w2, w2)]
+            per_coordinate = ()
+            if counts:
+                rows = coordinate_table(max_step, [counts[k]], *self.betas, dtype, cpu)
+                per_coordinate = (counts[k], self.betas if rows is None else rows)
+            _adamnx_kernel(
+                params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], *coeffs, *scalars, None, self.stochastic,
+                *per_coordinate,
+            )  # fmt: skip
 
 
 _NO_TABLE = torch.empty(0)  # fused_step_'s table argument without per_coordinate_steps
@@ -395,21 +464,54 @@ def _compiled_step(
     w1s, w2s = coefficients(new_steps.to(device), (beta1, beta2))
     coeffs = [c.to(dtype) for c in (w1s, 1 - w2s, w2s)]
     scalars = (*shared, inf_t)
-    table = None
-    if counts is not None:  # a coordinate's count is at most its tensor's step
-        table = coordinate_table(new_steps.max(), counts, beta1, beta2, dtype, device)
+    views = _real_views(params, grads, exp_avgs, exp_avg_sqs)
+    if counts is None:
+        _run_accelerator_kernel(views, range(len(params)), coeffs, scalars, stochastic, None)
+        torch._foreach_add_(steps, increment)
+        return
+
+    # per_coordinate_steps. Tensors whose counts are all on their step (ON_STEP, without exceptions) take the
+    # kernel without counts, as without the guard, and their counts advance with their step; the others gather
+    # their coefficients from the table (which one host sync sizes), or evaluate them per element without one.
+    knowns = [known_counts(c, s) for c, s in zip(counts, steps)]
+    host_steps = new_steps.cpu()
+    own = [
+        i
+        for i, known in enumerate(knowns)
+        if known is not None and known[0] == ON_STEP and known[1] is None and 1 < host_steps[i] < MAX_COUNT - 1
+    ]
+    rest = [i for i in range(len(params)) if i not in own]
+    if own:
+        _run_accelerator_kernel(views, own, coeffs, scalars, stochastic, None)
+    if rest:  # a coordinate's count is at most its tensor's step
+        table = coordinate_table(host_steps.max(), [counts[i] for i in rest], beta1, beta2, dtype, device)
         # None: counts too long for a table; each tensor then evaluates its coefficients per element, eagerly
         table = (beta1, beta2) if table is None else table
+        _run_accelerator_kernel([*views, counts], rest, coeffs, scalars, stochastic, table)
+    count_increment = 1 if inf_t is None else increment.to(torch.int32)
+    for i in own:
+        counts[i].add_(count_increment)  # skipped (inf) with the step, so the counts stay on it
+    torch._foreach_add_(steps, increment)
+    for i, known in enumerate(knowns):
+        if type(counts[i]) is not Tensor:
+            continue
+        if known is not None:
+            note_counts(counts[i], steps[i], *known)
+        else:  # looked at once: only ON_STEP without exceptions saves the kernel work here
+            off = off_step_coordinates(counts[i], float(steps[i]))
+            note_counts(counts[i], steps[i], ON_STEP if off is not None and not off.numel() else BY_ELEMENT)
 
-    views = _real_views(params, grads, exp_avgs, exp_avg_sqs)
-    if counts is not None:
-        views.append(counts)
+
+def _run_accelerator_kernel(views, indices, coeffs, scalars, stochastic, table) -> None:
+    """The inductor kernel on tensors ``indices`` of ``views`` (params, grads, exp_avgs, exp_avg_sqs[, counts]),
+    CHUNK at a time; single elements and tensors that are not one dense block, eagerly."""
     compiled: list[list[Tensor]] = [[] for _ in views]
     compiled_idx: list[int] = []
     eager: list[tuple[int, tuple[Tensor, ...]]] = []
-    for i, tensors in enumerate(zip(*views)):
+    for i in indices:
+        tensors = [lst[i] for lst in views]
         numel = tensors[0].numel()
-        flat = dense_1d_views(list(tensors)) if numel > 1 and not isinstance(table, tuple) else None
+        flat = dense_1d_views(tensors) if numel > 1 and not isinstance(table, tuple) else None
         if flat is not None:
             compiled_idx.append(i)
             for lst, t in zip(compiled, flat):
@@ -417,9 +519,9 @@ def _compiled_step(
         elif numel:  # 1 element (dynamo would specialise it) or not one dense block: same function, eager
             eager.append((i, tensors))
     if compiled_idx:
-        index = torch.tensor(compiled_idx, device=device) if len(compiled_idx) < len(params) else None
+        every = len(compiled_idx) == len(views[0])
+        index = None if every else torch.tensor(compiled_idx, device=views[0][0].device)
         chunk_coeffs = coeffs if index is None else [c.index_select(0, index) for c in coeffs]
-        _run_compiled(compiled, chunk_coeffs, scalars, stochastic, table)
+        _run_compiled(compiled, chunk_coeffs, scalars, stochastic, None if table is None else table)
     for i, tensors in eager:
         _adamnx_kernel(*tensors[:4], *(c[i] for c in coeffs), *scalars, stochastic, *tensors[4:], table)
-    torch._foreach_add_(steps, increment)

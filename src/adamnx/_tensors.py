@@ -6,23 +6,36 @@ the coefficients of a step read on the host, dense 1-D views, and stochastic rou
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import OrderedDict, defaultdict
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from adamnx.schedule import coefficients
 
 __all__ = [
+    "BY_ELEMENT",
+    "BY_ROW",
+    "ON_STEP",
+    "AdvancedCounts",
+    "GatheredCoordinates",
     "advance_counts",
     "advance_counts_",
+    "advance_known_counts_",
     "coordinate_table",
     "count_coefficients",
     "dense_1d_views",
     "group_by_device_and_dtype",
     "host_coefficients",
+    "known_counts",
     "math_dtype",
+    "note_counts",
+    "off_step_coordinates",
+    "row_coefficients",
     "stochastic_round_to_bf16",
 ]
 
@@ -221,3 +234,172 @@ def count_coefficients(
         index = index.clamp(0, source.shape[1] - 1)
     w1, beta2_hat, w2 = (row.index_select(0, index).view(count.shape) for row in source)
     return w1, beta2_hat, w2
+
+
+# --------------------------------------------------------------------------- what is known about a tensor's counts
+# Counts are rarely arbitrary. In a dense layer every coordinate starts at step 1 (but for a few whose first
+# gradient was exactly zero), so the counts equal the tensor's step; in an embedding a row starts as a whole, so
+# counts are constant along each row. A step that knows this updates the tensor with its own coefficients and the
+# few exceptions apart (ON_STEP), or gathers one set of coefficients per row (BY_ROW), instead of one per element
+# (BY_ELEMENT); all give the same bits, since the table's row t is the tensor's own coefficients at step t.
+# What is known is kept per count tensor together with the versions of the count and step tensors it was noted at:
+# any other in-place write to either (a user's edit) makes it unknown, and the counts are looked at again.
+
+ON_STEP, BY_ROW, BY_ELEMENT = "on step", "by row", "by element"
+
+# Rows shorter than this gather nearly as many coefficients as elements: such tensors go element by element.
+_MIN_ROW = 8
+# ON_STEP takes at most one coordinate in this many as an exception (each is gathered, updated and scattered).
+_EXCEPTION_RATIO = 32
+
+
+class _Known:
+    __slots__ = ("count_version", "exceptions", "kind", "step", "step_version")
+
+    def __init__(self, kind: str, exceptions: Tensor | None, count: Tensor, step: Tensor) -> None:
+        self.kind, self.exceptions = kind, exceptions
+        self.count_version, self.step, self.step_version = count._version, step, step._version
+
+
+_KNOWN_COUNTS = WeakIdKeyDictionary()
+
+
+def known_counts(count: Tensor, step: Tensor) -> tuple[str, Tensor | None] | None:
+    """How ``count``'s values vary (and its exceptions), as noted after the last step, if neither it nor ``step``
+    has changed since; None when unknown."""
+    known = _KNOWN_COUNTS.get(count)
+    if known is None or known.step is not step:
+        return None
+    try:
+        unchanged = known.count_version == count._version and known.step_version == step._version
+    except RuntimeError:  # inference tensors keep no version: nothing can be known
+        return None
+    return (known.kind, known.exceptions) if unchanged else None
+
+
+def note_counts(count: Tensor, step: Tensor, kind: str, exceptions: Tensor | None = None) -> None:
+    """Note how ``count`` varies, once this step has written it and ``step`` (see known_counts)."""
+    if type(count) is Tensor:  # DTensors and other subclasses are not tracked
+        with contextlib.suppress(RuntimeError):
+            _KNOWN_COUNTS[count] = _Known(kind, exceptions, count, step)
+
+
+def _has_rows(count: Tensor) -> bool:
+    return count.dim() >= 2 and count.is_contiguous() and count.numel() >= _MIN_ROW * count.shape[0] > 0
+
+
+def off_step_coordinates(count: Tensor, step: float) -> Tensor | None:
+    """The flat indices of the coordinates whose count differs from ``step``, when they are few enough to be
+    ON_STEP's exceptions (None otherwise, or when the counts are not one contiguous block)."""
+    if not count.is_contiguous() or not count.numel():
+        return None
+    off = (count.view(-1) != step).nonzero().squeeze(1)
+    return off if off.numel() * _EXCEPTION_RATIO <= count.numel() else None
+
+
+def _count_kind(count: Tensor, step: float) -> tuple[str, Tensor | None]:
+    """How ``count`` varies at a tensor step of ``step``, looked at (a pass or two over the counts)."""
+    off = off_step_coordinates(count, step)
+    if off is not None:
+        return ON_STEP, off if off.numel() else None
+    if _has_rows(count):
+        rows = count.view(count.shape[0], -1)
+        if bool((rows == rows[:, :1]).all()):
+            return BY_ROW, None
+    return BY_ELEMENT, None
+
+
+class AdvancedCounts(NamedTuple):
+    """How a tensor's counts vary after advance_known_counts_: ``kind``, and with it ``exceptions`` (ON_STEP: the
+    flat indices of the coordinates whose count is not the step, or None when there are none) or ``rows``
+    (BY_ROW: each row's count, 1-D)."""
+
+    kind: str
+    exceptions: Tensor | None = None
+    rows: Tensor | None = None
+
+
+def advance_known_counts_(
+    count: Tensor, grad: Tensor, known: tuple[str, Tensor | None] | None, step: float
+) -> AdvancedCounts:
+    """advance_counts_ for a step after which the tensor's step is ``step``, given what was known of the counts
+    before it (from known_counts, or None): returns how the new counts vary.
+
+    Known ON_STEP (past the first step): every coordinate but the exceptions has started and advances, with no
+    pass over the gradient. Known BY_ROW: one count per row; a row that has not started starts when its gradient
+    is non-zero, and a row whose gradient is zero only in part makes the tensor BY_ELEMENT from then on.
+    """
+    if step >= MAX_COUNT - 1 or type(count) is not Tensor:  # near saturation, or a DTensor: element by element
+        advance_counts_(count, grad, may_saturate=step >= MAX_COUNT - 1)
+        return AdvancedCounts(BY_ELEMENT)
+    kind, exceptions = known if known is not None else _count_kind(count, step - 1)
+    if kind == ON_STEP and step > 1:
+        if exceptions is None:
+            count.add_(1)
+            return AdvancedCounts(ON_STEP)
+        flat = count.view(-1)
+        new = advance_counts(flat.index_select(0, exceptions), grad.reshape(-1).index_select(0, exceptions))
+        flat.fill_(int(step)).index_copy_(0, exceptions, new)
+        return AdvancedCounts(ON_STEP, exceptions)
+    first = kind == ON_STEP  # the first step (every count 0): the exceptions are found after it
+    row_counts = None
+    if kind != BY_ELEMENT and _has_rows(count):
+        rows = count.view(count.shape[0], -1)
+        row_counts = _advance_row_counts(rows[:, 0], grad.reshape(rows.shape))
+        if row_counts is not None:
+            rows.copy_(row_counts[:, None].expand(rows.shape))
+    if row_counts is None:
+        advance_counts_(count, grad, may_saturate=False)
+    if first:  # the coordinates whose first gradient was zero are the exceptions, if they are few
+        off = off_step_coordinates(count, step)
+        if off is not None:
+            return AdvancedCounts(ON_STEP, off if off.numel() else None)
+    return AdvancedCounts(BY_ROW, rows=row_counts) if row_counts is not None else AdvancedCounts(BY_ELEMENT)
+
+
+def _advance_row_counts(row_counts: Tensor, grad_rows: Tensor) -> Tensor | None:
+    """Each row's count after this step (rows that have started advance), or None when a row that has not
+    started gets a gradient that is zero only in part (its coordinates would then start at different steps), or
+    has a NaN (which hides whether it has a zero)."""
+    advanced = row_counts + 1
+    not_started = (row_counts == 0).nonzero().squeeze(1)
+    if not_started.numel():
+        few = not_started.numel() * 8 < row_counts.numel()
+        magnitudes = (grad_rows.index_select(0, not_started) if few else grad_rows).abs()
+        largest, smallest = magnitudes.amax(1), magnitudes.amin(1)  # two passes, faster than counting non-zeros
+        if not few:
+            largest, smallest = largest.index_select(0, not_started), smallest.index_select(0, not_started)
+        starts = largest != 0
+        if bool((starts & (smallest == 0)).any() or largest.isnan().any()):
+            return None
+        advanced.index_copy_(0, not_started, starts.to(advanced.dtype))
+    return advanced
+
+
+def row_coefficients(
+    source: Tensor | tuple[float, float], row_counts: Tensor, dtype: torch.dtype, clamp: bool, ndim: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """count_coefficients for BY_ROW counts: one set per row, shaped (rows, 1, ..., 1) to broadcast over the param."""
+    shape = (-1,) + (1,) * (ndim - 1)
+    w1, beta2_hat, w2 = count_coefficients(source, row_counts, dtype, clamp)
+    return w1.view(shape), beta2_hat.view(shape), w2.view(shape)
+
+
+class GatheredCoordinates:
+    """Copies of some coordinates (flat ``indices``) of a tensor's (param, grad, exp_avg, exp_avg_sq, count), to
+    update apart from the rest (ON_STEP's exceptions) and write back."""
+
+    def __init__(self, views: list[Tensor], indices: Tensor) -> None:
+        self.views, self.indices = views, indices
+        self.copies = [view.index_select(0, indices) for view in views]
+
+    @classmethod
+    def save(cls, tensors: list[Tensor], indices: Tensor) -> GatheredCoordinates | None:
+        """None when the five tensors are not dense blocks of one layout (flat indices need one)."""
+        views = dense_1d_views(tensors)
+        return None if views is None else cls(views, indices)
+
+    def write_back(self, counts: bool) -> None:
+        """Write the param, the moments and, with ``counts``, the counts back (the grad is only read)."""
+        for i in (0, 2, 3, 4) if counts else (0, 2, 3):
+            self.views[i].index_copy_(0, self.indices, self.copies[i])

@@ -11,14 +11,20 @@ from torch import Tensor
 
 from adamnx._fused import fused_adamnx
 from adamnx._tensors import (
-    MAX_COUNT,
+    BY_ROW,
+    ON_STEP,
+    GatheredCoordinates,
     advance_counts_,
+    advance_known_counts_,
     coordinate_table,
     count_coefficients,
     dense_1d_views,
     group_by_device_and_dtype,
     host_coefficients,
+    known_counts,
     math_dtype,
+    note_counts,
+    row_coefficients,
     stochastic_round_to_bf16,
 )
 from adamnx.schedule import check_betas, coefficients
@@ -188,18 +194,22 @@ def _single_tensor_adamnx(
             param, grad = torch.view_as_real(param), torch.view_as_real(grad)
             exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
 
+        guarded = coord_step is not None and not on_device  # per_coordinate_steps, coefficients read on the host
+        known = known_counts(coord_step, step_t) if guarded else None  # before this step writes either
         step_t += 1
         dtype = math_dtype(param, exp_avg)
         step_lr = lr.to(dtype) if isinstance(lr, Tensor) else lr  # lr·λ formed in the math dtype, not lr's
         tensors = (param, grad, exp_avg, exp_avg_sq)
-        if coord_step is not None and not on_device:  # per_coordinate_steps: coefficients gathered by count
+        stochastic = stochastic_rounding and param.dtype == torch.bfloat16
+        wider = stochastic or param.dtype != dtype or exp_avg.dtype != dtype  # math wider than the tensors hold
+        exceptions = None
+        if guarded:
             step = step_t.item()
-            counts = advance_counts_(coord_step, grad, may_saturate=step >= MAX_COUNT)
-            table = coordinate_table(step, [counts], beta1, beta2, dtype, param.device)
-            source = (beta1, beta2) if table is None else table  # None: counts too long for a table
-            cut = [(tensors, (counts,))] if differentiable else _in_pieces(tensors, (counts,))
-            clamp = table is not None and table.shape[1] <= step  # a complete table: longer counts read its last row
-            pieces = [(piece, count_coefficients(source, c, dtype, clamp)) for piece, (c,) in cut]
+            counts = advance_known_counts_(coord_step, grad, known, step)
+            note_counts(coord_step, step_t, counts.kind, counts.exceptions)
+            pieces, exceptions = _guarded_pieces(
+                tensors, coord_step, counts, step, beta1, beta2, dtype, wider=wider, differentiable=differentiable
+            )
         else:
             if coord_step is not None:  # on the device: every coordinate's coefficients evaluated in the graph
                 w1, w2 = _device_coefficients(advance_counts_(coord_step, grad, True).clamp_min(1), beta1, beta2, dtype)
@@ -212,8 +222,7 @@ def _single_tensor_adamnx(
             _differentiable_update(*tensors, *pieces[0][1], step_lr, weight_decay, eps, dtype)
             continue
 
-        stochastic = stochastic_rounding and param.dtype == torch.bfloat16
-        if stochastic or param.dtype != dtype or exp_avg.dtype != dtype:  # wider math than the tensors hold
+        if wider:
             if len(pieces) == 1:  # not yet cut: bounded temporaries (see _piece_size)
                 pieces = _in_pieces(*pieces[0])
             for piece, coefficients_of_piece in pieces:
@@ -221,6 +230,59 @@ def _single_tensor_adamnx(
         else:
             for piece, coefficients_of_piece in pieces:
                 _update_in_place(*piece, *coefficients_of_piece, step_lr, weight_decay, eps)
+            if exceptions is not None:
+                exceptions.update(step_lr, weight_decay, eps)
+
+
+def _guarded_pieces(tensors, count, counts, step, beta1, beta2, dtype, *, wider, differentiable):
+    """(piece, coefficients) pairs of one tensor with per-coordinate counts (already advanced, varying as
+    ``counts`` says), and the _Exceptions to update after them, or None.
+
+    The tensor's own coefficients when its counts equal its step (its exceptions then updated apart); one set
+    per row (broadcast) when counts are constant along rows; else one per element, piece by piece. Wider math and
+    differentiable updates work on copies: they take per-element coefficients but for exception-free ON_STEP."""
+    in_place = not (wider or differentiable)
+    if counts.kind == ON_STEP and (counts.exceptions is None or in_place):
+        exceptions = None
+        if counts.exceptions is not None:
+            source = _table_source(step, [count], beta1, beta2, dtype, tensors[0].device)
+            exceptions = _Exceptions.save(tensors, count, counts.exceptions, *source, dtype)
+        if counts.exceptions is None or exceptions is not None:
+            w1, w2 = host_coefficients(step, beta1, beta2)
+            return [(tensors, (w1, 1 - w2, w2))], exceptions
+    source, clamp = _table_source(step, [count], beta1, beta2, dtype, tensors[0].device)
+    if counts.kind == BY_ROW and in_place:
+        return [(tensors, row_coefficients(source, counts.rows, dtype, clamp, count.dim()))], None
+    cut = [(tensors, (count,))] if differentiable else _in_pieces(tensors, (count,))
+    return [(piece, count_coefficients(source, c, dtype, clamp)) for piece, (c,) in cut], None
+
+
+def _table_source(max_step, counts, beta1, beta2, dtype, device):
+    """What count_coefficients reads for ``counts`` (each at most ``max_step``): the table, or the betas when the
+    counts are too long for one; and whether a count may lie past the table's end (a complete table)."""
+    table = coordinate_table(max_step, counts, beta1, beta2, dtype, device)
+    source = (beta1, beta2) if table is None else table
+    return source, table is not None and table.shape[1] <= max_step
+
+
+class _Exceptions:
+    """The coordinates of an ON_STEP tensor whose count is not its step: copied before the tensor's update (which
+    gives every coordinate the tensor's coefficients), then updated with their own and written back."""
+
+    def __init__(self, gathered: GatheredCoordinates, coefficients: tuple[Tensor, Tensor, Tensor]) -> None:
+        self.gathered, self.coefficients = gathered, coefficients
+
+    @classmethod
+    def save(cls, tensors, count, indices, source, clamp, dtype):
+        """None when the tensors and counts are not dense blocks of one layout (flat indices need one)."""
+        gathered = GatheredCoordinates.save([*tensors, count], indices)
+        if gathered is None:
+            return None
+        return cls(gathered, count_coefficients(source, gathered.copies[4], dtype, clamp))
+
+    def update(self, lr, weight_decay, eps) -> None:
+        _update_in_place(*self.gathered.copies[:4], *self.coefficients, lr, weight_decay, eps)
+        self.gathered.write_back(counts=False)  # the counts advanced already
 
 
 def _update_in_place(param, grad, exp_avg, exp_avg_sq, w1, beta2_hat, w2, lr, weight_decay, eps) -> None:
@@ -364,12 +426,15 @@ def _multi_tensor_adamnx(
             d_grads = torch._foreach_neg(d_grads)
 
         dtype = math_dtype(d_params[0], d_exp_avgs[0])
+        guarded = bool(d_counts) and not on_device  # per_coordinate_steps, coefficients read on the host
+        knowns = [known_counts(c, s) for c, s in zip(d_counts[0], d_steps)] if guarded else []
         torch._foreach_add_(d_steps, 1.0)
         tensors = (d_params, d_grads, d_exp_avgs, d_exp_avg_sqs)
         stochastic = stochastic_rounding and d_params[0].dtype == torch.bfloat16
         wider = stochastic or d_params[0].dtype != dtype or d_exp_avgs[0].dtype != dtype  # math wider than stored
-        if d_counts and not on_device:  # per_coordinate_steps: coefficients gathered by count, piece by piece
-            buckets = _gathered_buckets(tensors, d_counts[0], d_steps, beta1, beta2, dtype)
+        exceptions = []
+        if guarded:
+            buckets, exceptions = _guarded_buckets(tensors, d_counts[0], d_steps, knowns, beta1, beta2, dtype, wider)
         else:
             if d_counts:  # on the device: every coordinate's coefficients evaluated in the graph
                 shaped = [
@@ -395,20 +460,57 @@ def _multi_tensor_adamnx(
                 _foreach_update_copies(*bucket, dtype, group_lr, weight_decay, eps, stochastic)
             else:
                 _foreach_update_in_place(*bucket, group_lr, weight_decay, eps)
+        for tensor_exceptions in exceptions:  # after their tensors' updates, which they overwrite
+            tensor_exceptions.update(group_lr, weight_decay, eps)
 
 
-def _gathered_buckets(tensors, counts, steps, beta1, beta2, dtype):
-    """per_coordinate_steps on the host: advance every count, then buckets of pieces (bounded temporaries) with
-    each piece's coefficients gathered from the table by count."""
-    max_step = max(s.item() for s in steps)  # a coordinate's count is at most its tensor's step
-    for count, grad in zip(counts, tensors[1]):
-        advance_counts_(count, grad, may_saturate=max_step >= MAX_COUNT)
-    table = coordinate_table(max_step, counts, beta1, beta2, dtype, tensors[0][0].device)
-    source = (beta1, beta2) if table is None else table  # None: counts too long for a table
-    clamp = table is not None and table.shape[1] <= max_step  # a complete table: longer counts read its last row
-    for *pieces, piece_counts in _buckets_of_pieces(tensors, (counts,)):
-        gathered = [count_coefficients(source, c, dtype, clamp) for c in piece_counts]
-        yield (*pieces, *map(list, zip(*gathered)))
+def _guarded_buckets(tensors, counts, steps, knowns, beta1, beta2, dtype, wider):
+    """per_coordinate_steps on the host: advance every count, then buckets of tensors with their coefficients (as
+    _guarded_pieces, for lists), and the _Exceptions to update after the buckets.
+
+    The tensors whose counts equal their step take their own coefficients, as without the guard; those whose
+    counts are constant along rows one set per row; the rest go piece by piece (bounded temporaries), with each
+    piece's coefficients gathered from the table by count."""
+    step_values = [s.item() for s in steps]
+    advanced = []
+    for count, grad, known, step, step_t in zip(counts, tensors[1], knowns, step_values, steps):
+        advanced.append(advance_known_counts_(count, grad, known, step))
+        note_counts(count, step_t, advanced[-1].kind, advanced[-1].exceptions)
+    source = clamp = None
+    if any(c.kind != ON_STEP or c.exceptions is not None for c in advanced):  # a count may not be its step
+        max_step = max(step_values)  # a coordinate's count is at most its tensor's step
+        source, clamp = _table_source(max_step, counts, beta1, beta2, dtype, tensors[0][0].device)
+    exceptions, own, by_row, by_element = [], [], [], []
+    for i, (count, tensor_counts) in enumerate(zip(counts, advanced)):
+        if tensor_counts.kind == ON_STEP and tensor_counts.exceptions is not None and not wider:
+            saved = _Exceptions.save([t[i] for t in tensors], count, tensor_counts.exceptions, source, clamp, dtype)
+            if saved is not None:
+                exceptions.append(saved)
+                own.append(i)
+                continue
+        if tensor_counts.kind == ON_STEP and tensor_counts.exceptions is None:
+            own.append(i)
+        elif tensor_counts.kind == BY_ROW and not wider:  # wider: bounded pieces need per-element weights
+            by_row.append(i)
+        else:
+            by_element.append(i)
+
+    def select(indices):
+        return tuple([lst[i] for i in indices] for lst in tensors)
+
+    buckets = []
+    if own:
+        pairs = [host_coefficients(step_values[i], beta1, beta2) for i in own]
+        weights = ([w1 for w1, _ in pairs], [1 - w2 for _, w2 in pairs], [w2 for _, w2 in pairs])
+        buckets += _buckets_of_pieces(select(own), weights) if wider else [(*select(own), *weights)]
+    if by_row:
+        rows = [row_coefficients(source, advanced[i].rows, dtype, clamp, counts[i].dim()) for i in by_row]
+        buckets.append((*select(by_row), *map(list, zip(*rows))))
+    if by_element:
+        for *pieces, piece_counts in _buckets_of_pieces(select(by_element), ([counts[i] for i in by_element],)):
+            gathered = [count_coefficients(source, c, dtype, clamp) for c in piece_counts]
+            buckets.append((*pieces, *map(list, zip(*gathered))))
+    return buckets, exceptions
 
 
 def _foreach_update_in_place(params, grads, exp_avgs, exp_avg_sqs, w1, beta2_hat, w2, lr, weight_decay, eps):

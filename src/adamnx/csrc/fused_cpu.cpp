@@ -237,6 +237,8 @@ struct Step {
   int64_t seed;                           // stochastic rounding's random stream for this step
   const std::vector<Tensor>& counts;      // per_coordinate_steps: int32 counts shaped like the params, or empty
   const Tensor& table;                    // ... and their coefficient table (3, L) in the math dtype
+  const int64_t* fill;                    // ... and per tensor, -1 or the count every coordinate has after the
+                                          // step (all on the tensor's step: its coefficients, counts only written)
 };
 
 template <typename P, typename S, bool kStochastic>
@@ -278,13 +280,18 @@ void run_step(const Step& step) {
       const P* grad = step.grads[i].const_data_ptr<P>();
       S* exp_avg = step.exp_avgs[i].data_ptr<S>();
       S* exp_avg_sq = step.exp_avg_sqs[i].data_ptr<S>();
-      if (per_coordinate) {
+      const bool on_step = per_coordinate && step.fill != nullptr && step.fill[i] >= 0;
+      if (per_coordinate && !on_step) {
         update_range_per_coordinate<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq,
                                                           step.counts[i].data_ptr<int32_t>(), lo, hi, table,
                                                           scalars, keys[k]);
       } else {
         update_range<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, lo, hi, w1[k], b2[k], w2[k], scalars,
                                            keys[k]);
+        if (on_step) {  // written, never read: a quarter of the traffic of reading and writing them
+          int32_t* count = step.counts[i].data_ptr<int32_t>();
+          std::fill(count + lo, count + hi, static_cast<int32_t>(step.fill[i]));
+        }
       }
     }
   });
@@ -319,8 +326,8 @@ bool run_for_param_type(at::ScalarType state_type, bool stochastic, const Step& 
 std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                                  const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
                                  const std::vector<Tensor>& counts, const Tensor& w1s, const Tensor& w2s,
-                                 const Tensor& table, double lr, double weight_decay, double eps, double grad_factor,
-                                 bool stochastic_rounding, int64_t seed) {
+                                 const Tensor& table, const Tensor& fill, double lr, double weight_decay, double eps,
+                                 double grad_factor, bool stochastic_rounding, int64_t seed) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
                   static_cast<int64_t>(exp_avg_sqs.size()) == n,
@@ -334,6 +341,15 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
   const bool per_coordinate = !counts.empty();
   TORCH_CHECK(!per_coordinate || static_cast<int64_t>(counts.size()) == n,
               "adamnx fused_step_: counts must be empty or one tensor per param");
+  TORCH_CHECK(fill.numel() == 0 || (per_coordinate && fill.scalar_type() == at::kLong && fill.is_contiguous() &&
+                                     fill.device().is_cpu() && fill.numel() == n),
+              "adamnx fused_step_: fill must be empty or, with counts, a contiguous int64 CPU tensor with one value "
+              "per tensor");
+  const int64_t* fill_values = fill.numel() ? fill.const_data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; fill_values != nullptr && i < n; ++i) {
+    TORCH_CHECK(fill_values[i] >= -1 && fill_values[i] <= std::numeric_limits<int32_t>::max(),
+                "adamnx fused_step_: fill values must be -1 or int32 counts");
+  }
   std::vector<int64_t> rejected;
   if (n == 0) return rejected;
   const at::ScalarType param_type = params[0].scalar_type(), state_type = exp_avgs[0].scalar_type();
@@ -346,7 +362,7 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
   }
   Step step{params,  grads,        exp_avgs,          exp_avg_sqs, {}, w1s.const_data_ptr<double>(),
             w2s.const_data_ptr<double>(), w1s.numel() == n ? 1 : 0, lr, weight_decay, eps, grad_factor, seed,
-            counts,  table};
+            counts,  table, fill_values};
   step.index.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
     const Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
@@ -412,7 +428,8 @@ double advance_steps_(const std::vector<Tensor>& steps, double increment, const 
 TORCH_LIBRARY(adamnx, m) {
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] counts, Tensor w1s, Tensor w2s, Tensor table, float lr, float weight_decay, float eps, "
+      "Tensor(d!)[] counts, Tensor w1s, Tensor w2s, Tensor table, Tensor fill, float lr, float weight_decay, "
+      "float eps, "
       "float grad_factor, "
       "bool stochastic_rounding, int seed) -> int[]");
   m.def("advance_steps_(Tensor(a!)[] steps, float increment, Tensor(b!) out) -> float");
