@@ -7,6 +7,7 @@ Each scenario trains the same tiny float64 MLP on the same global batches as the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -89,13 +90,13 @@ def fsdp2(rank, world, out):
     import adamnx.functional as functional
 
     seen = []
-    original = functional._multi_tensor_adamnx
+    row = functional.BACKENDS["foreach"]
 
     def recording(params, *args, **kwargs):
         seen.append(sorted({type(p).__name__ for p in params}))
-        return original(params, *args, **kwargs)
+        return row.step(params, *args, **kwargs)
 
-    functional._multi_tensor_adamnx = recording
+    functional.BACKENDS["foreach"] = dataclasses.replace(row, step=recording)
     model, opt = _fsdp_model_and_opt(foreach=True)
     _train(model, opt, rank, world, STEPS)
     _save_params(model, out, rank, {"foreach_param_types": seen})

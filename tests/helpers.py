@@ -10,6 +10,7 @@ import torch
 
 import adamnx._fused
 from adamnx import AdamNX
+from adamnx.functional import BACKENDS
 from adamnx.reference import AdamNXReference
 
 
@@ -56,16 +57,23 @@ class Implementation:
         return cls(params, **self.kwargs, **kwargs)
 
 
-# Every implementation a user can select. "fused" is the C++ kernel on the CPU; "fused-inductor" is the kernel
-# fused=True runs on CUDA, run here on the CPU.
-IMPLEMENTATIONS = {
-    "for-loop": Implementation({"foreach": False}),
-    "foreach": Implementation({"foreach": True}),
-    "capturable": Implementation({"foreach": False, "capturable": True}),
-    "foreach-capturable": Implementation({"foreach": True, "capturable": True}),
-    "fused": Implementation({"fused": True}),
-    "fused-inductor": Implementation({"fused": True}, inductor_on_cpu=True),
-}
+def _implementations() -> dict[str, Implementation]:
+    """Every row of the backend table (adamnx.functional.BACKENDS), each followed by its variants: capturable=True
+    where that runs another path ("capturable" is the for-loop's), and "fused-inductor", the kernel fused=True runs
+    on CUDA, run here on the CPU ("fused" is the C++ kernel there)."""
+    table = {}
+    for name, backend in BACKENDS.items():
+        table[name] = Implementation(dict(backend.options))
+        if backend.capturable:
+            capturable = "capturable" if name == "for-loop" else f"{name}-capturable"
+            table[capturable] = Implementation({**backend.options, "capturable": True})
+        if name == "fused":
+            table["fused-inductor"] = Implementation(dict(backend.options), inductor_on_cpu=True)
+    return table
+
+
+# Every implementation a user can select: a new row of the backend table is run by every test parametrized over it.
+IMPLEMENTATIONS = _implementations()
 
 # The hyperparameter grid of the parity tests: β2 ∈ {0.9, 0.99, 0.999}, wd ∈ {0, 0.01}, maximize on/off.
 HYPERPARAMETERS = [

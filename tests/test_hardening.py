@@ -4,6 +4,7 @@ differentiable unrolls, flag combinations, and which kernel a test row runs."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 from collections.abc import Callable
@@ -485,11 +486,10 @@ def test_tensor_lr_with_the_default_implementation_on_an_accelerator_falls_back_
     """torch's rule: where foreach is the default, a Tensor lr (not capturable) runs the for-loop instead."""
     monkeypatch.setattr(adamnx.functional, "_FOREACH_DEFAULT_DEVICES", ("cpu",))  # the CPU plays the accelerator
     used = []
-    for name in ("_single_tensor_adamnx", "_multi_tensor_adamnx"):
-        original = getattr(adamnx.functional, name)
-        monkeypatch.setattr(
-            adamnx.functional, name, lambda *a, _f=original, _n=name, **k: (used.append(_n), _f(*a, **k))
-        )
+    for name in ("for-loop", "foreach"):
+        row = adamnx.functional.BACKENDS[name]
+        recording = lambda *a, _f=row.step, _n=name, **k: (used.append(_n), _f(*a, **k))  # noqa: E731
+        monkeypatch.setitem(adamnx.functional.BACKENDS, name, dataclasses.replace(row, step=recording))
     results = []
     for lr in (0.1, torch.tensor(0.1)):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
@@ -498,7 +498,7 @@ def test_tensor_lr_with_the_default_implementation_on_an_accelerator_falls_back_
             p.grad = p.detach() * 3
             opt.step()
         results.append(p.detach())
-    assert used == ["_multi_tensor_adamnx"] * 3 + ["_single_tensor_adamnx"] * 3
+    assert used == ["foreach"] * 3 + ["for-loop"] * 3
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
 
 
@@ -604,8 +604,8 @@ def test_each_fused_row_runs_its_own_kernel(monkeypatch):
     import adamnx._fused
 
     calls = []
-    monkeypatch.setattr(adamnx._fused, "_cpu_step", lambda *args, **kwargs: calls.append("C++"))
-    monkeypatch.setattr(adamnx._fused, "_compiled_step", lambda *args, **kwargs: calls.append("inductor"))
+    monkeypatch.setitem(adamnx._fused.FUSED_KERNELS, "cpu", lambda *args, **kwargs: calls.append("C++"))
+    monkeypatch.setitem(adamnx._fused.FUSED_KERNELS, "cuda", lambda *args, **kwargs: calls.append("inductor"))
     for impl in ("fused", "fused-inductor", "fused"):
         p = torch.nn.Parameter(torch.ones(3))
         opt = IMPLEMENTATIONS[impl]([p])

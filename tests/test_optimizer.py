@@ -153,11 +153,14 @@ def test_tensor_betas_are_accepted_as_floats():
 
 
 def test_foreach_default_follows_torch_cpu_uses_the_loop(monkeypatch):
+    import dataclasses
+
     import adamnx.functional as F
 
     chosen = []
-    monkeypatch.setattr(F, "_single_tensor_adamnx", lambda *a, **k: chosen.append("loop"))
-    monkeypatch.setattr(F, "_multi_tensor_adamnx", lambda *a, **k: chosen.append("foreach"))
+    for name, label in (("for-loop", "loop"), ("foreach", "foreach")):
+        fake = dataclasses.replace(F.BACKENDS[name], step=lambda *a, _label=label, **k: chosen.append(_label))
+        monkeypatch.setitem(F.BACKENDS, name, fake)
     p = _param()
     p.grad = torch.ones(3)
     AdamNX([p]).step()

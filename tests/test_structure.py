@@ -1,4 +1,5 @@
-"""The package's structure: no module imports itself back through others, eagerly or lazily."""
+"""The package's structure: no module imports itself back through others, eagerly or lazily; every backend is
+tested."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ast
 from pathlib import Path
 
 import adamnx
+from adamnx.functional import BACKENDS, backend_name
+from helpers import IMPLEMENTATIONS
 
 PACKAGE = Path(adamnx.__file__).parent
 
@@ -81,3 +84,16 @@ def test_the_package_has_no_import_cycles_but_the_known_one():
 def test_the_cycle_finder_finds_a_lazy_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [{"a", "b", "c"}]
+
+
+def test_every_backend_row_is_run_by_the_test_table():
+    """A row of adamnx.functional.BACKENDS is selected by some implementation of tests/helpers.py, with and without
+    capturable=True where that runs another path, so every test parametrized over the table runs it."""
+    selected = {
+        (backend_name(impl.kwargs.get("fused"), impl.kwargs.get("foreach")), impl.kwargs.get("capturable", False))
+        for impl in IMPLEMENTATIONS.values()
+    }
+    for name, backend in BACKENDS.items():
+        assert (name, False) in selected, name
+        assert not backend.capturable or (name, True) in selected, name
+        assert IMPLEMENTATIONS[name].kwargs == dict(backend.options)  # the test names are the table's

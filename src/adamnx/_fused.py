@@ -14,6 +14,11 @@ Two kernels apply the same math, in the for-loop path's order of operations, wit
   tensors whose memory is not one dense block shared by p, g, m, v run the same function eagerly.
 
 Low-precision params get float32 math on both.
+
+:func:`fused_adamnx` is the ``"fused"`` row of ``adamnx.functional.BACKENDS``; it steps each group of tensors
+sharing a device and dtype with that device's kernel, the row of :data:`FUSED_KERNELS` (device type → kernel),
+whose keys are the devices ``fused=True`` accepts. A kernel for another device is one module and one row there
+(see :mod:`adamnx._backends`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from torch import Tensor
 
 from adamnx import _cpu_extension
+from adamnx._backends import Hyperparameters
 from adamnx._tensors import (
     BY_ELEMENT,
     MAX_COUNT,
@@ -47,7 +53,7 @@ from adamnx._tensors import (
 )
 from adamnx.schedule import coefficients
 
-__all__ = ["fused_adamnx"]
+__all__ = ["FUSED_KERNELS", "fused_adamnx", "prepare_fused"]
 
 
 def _adamnx_kernel(
@@ -271,17 +277,11 @@ def fused_adamnx(
     state_steps: list[Tensor],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    hp: Hyperparameters,
     *,
     has_complex: bool,
     capturable: bool,
     differentiable: bool,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    stochastic_rounding: bool = False,
     coord_steps: list[Tensor] | None = None,
 ) -> None:
     if not params:
@@ -290,14 +290,26 @@ def fused_adamnx(
         raise RuntimeError("`fused` does not support `differentiable=True`")
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, *([coord_steps] if coord_steps is not None else []))
     for d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps, *d_counts in group_by_device_and_dtype(*lists):
-        on_cpu = d_params[0].device.type == "cpu" and not INDUCTOR_ON_CPU
-        step = _cpu_step if on_cpu else _compiled_step
-        stochastic = stochastic_rounding and d_params[0].dtype == torch.bfloat16
+        step = _kernel(d_params[0].device.type)
+        stochastic = hp.stochastic_rounding and d_params[0].dtype == torch.bfloat16
         step(
-            d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps, grad_scale, found_inf,
-            has_complex=has_complex, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
-            maximize=maximize, stochastic=stochastic, counts=d_counts[0] if d_counts else None,
+            d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps, grad_scale, found_inf, hp,
+            has_complex=has_complex, stochastic=stochastic, counts=d_counts[0] if d_counts else None,
         )  # fmt: skip
+
+
+def _kernel(device_type: str):
+    """The row of FUSED_KERNELS that steps this device type's tensors. Inside inductor_on_cpu() the CPU gets CUDA's
+    (the inductor kernel); so does a device without a row, which only the functional form lets through."""
+    if device_type == "cpu" and INDUCTOR_ON_CPU:
+        device_type = "cuda"
+    return FUSED_KERNELS.get(device_type, FUSED_KERNELS["cuda"])
+
+
+def prepare_fused(device_types: set[str]) -> None:
+    """The fused row's ``prepare``: build or load the C++ kernel before a step of CPU tensors changes anything."""
+    if "cpu" in device_types:
+        ensure_cpu_kernel()
 
 
 @torch.compiler.disable  # under torch.compile(opt.step): plain Python (the CPU kernel runs outside graphs anyway)
@@ -321,11 +333,11 @@ def _shared_coefficients(step: float, beta1: float, beta2: float) -> tuple[Tenso
 # Under torch.compile(opt.step) the C++ kernel runs as it is, outside the graph: tracing into it would gain nothing.
 @torch.compiler.disable
 def _cpu_step(
-    params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf,
-    *, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, stochastic, counts=None,
+    params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf, hp,
+    *, has_complex, stochastic, counts=None,
 ) -> None:  # fmt: skip
-    """One step of CPU tensors sharing a dtype: the C++ kernel, one call for all of them (two with
-    per_coordinate_steps: the tensors whose counts are on their step take the call without counts)."""
+    """One step of CPU tensors sharing a dtype: the C++ kernel, one call for all of them."""
+    beta1, beta2, lr, weight_decay, eps, maximize = hp.beta1, hp.beta2, hp.lr, hp.weight_decay, hp.eps, hp.maximize
     ops = _cpu_extension.load()
     # On the CPU, reading GradScaler's tensors costs nothing (no device to sync with).
     if found_inf is not None and found_inf.item():
@@ -438,11 +450,12 @@ _NO_TABLE = torch.empty(0)  # fused_step_'s table argument without per_coordinat
 
 
 def _compiled_step(
-    params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf,
-    *, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, stochastic, counts=None,
+    params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, found_inf, hp,
+    *, has_complex, stochastic, counts=None,
 ) -> None:  # fmt: skip
     """One step of accelerator tensors sharing a device and dtype: the inductor kernel, no host sync (one, to size
     the coefficient table, with per_coordinate_steps)."""
+    beta1, beta2, lr, weight_decay, eps, maximize = hp.beta1, hp.beta2, hp.lr, hp.weight_decay, hp.eps, hp.maximize
     device = params[0].device
     dtype = math_dtype(params[0], exp_avgs[0])
     f64 = {"dtype": torch.float64, "device": device}
@@ -525,3 +538,7 @@ def _run_accelerator_kernel(views, indices, coeffs, scalars, stochastic, table) 
         _run_compiled(compiled, chunk_coeffs, scalars, stochastic, None if table is None else table)
     for i, tensors in eager:
         _adamnx_kernel(*tensors[:4], *(c[i] for c in coeffs), *scalars, stochastic, *tensors[4:], table)
+
+
+# fused=True's kernel of each device type (a group of tensors sharing a device and dtype): the devices it accepts.
+FUSED_KERNELS = {"cpu": _cpu_step, "cuda": _compiled_step}

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adamnx._backends import FLOATING_DTYPES
 from adamnx._tensors import MAX_COUNT
+from adamnx.functional import backends_for
 
 __all__ = ["FLOATING_DTYPES", "as_float", "check_hyperparameters", "check_state_dict"]
 
-FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Options a group may lack (older checkpoints, the authors' implementation) and the value it then gets.
 OPTION_DEFAULTS = {
     "maximize": False,
@@ -109,7 +110,10 @@ def check_hyperparameters(group: Mapping[str, Any], *, read_tensors: bool = True
     if group.get("foreach") and group.get("differentiable"):
         raise RuntimeError("`foreach` does not support `differentiable=True`")
     state_dtype = group.get("state_dtype")
-    if state_dtype is not None and state_dtype not in FLOATING_DTYPES:
+    # The moments' dtypes that every backend the flags may run can keep (each row's state_dtypes).
+    if state_dtype is not None and any(
+        state_dtype not in b.state_dtypes for b in backends_for(group.get("fused"), group.get("foreach"))
+    ):
         raise ValueError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
     if group.get("differentiable") and (state_dtype is not None or group.get("stochastic_rounding")):
         raise RuntimeError("`differentiable=True` does not support state_dtype or stochastic_rounding")

@@ -2,6 +2,13 @@
 
 Shaped like ``torch.optim.adamw.adamw``: it takes flat lists of tensors and updates them in place.
 Every implementation takes its coefficients from :func:`adamnx.schedule.coefficients`.
+
+The implementations are the rows of one table, ``BACKENDS`` (name → ``adamnx._backends.Backend``: its step
+function, the options that select it, the devices and dtypes it supports): :func:`adamnx` builds the step's
+hyperparameters once (``adamnx._backends.Hyperparameters``), picks the row from ``fused``/``foreach`` and calls
+its step. ``fused=True`` dispatches once more, per device, through ``adamnx._fused.FUSED_KERNELS``. How to add a
+backend (a Triton kernel, MPS, 8-bit state), and how its tests then come from the same table: the docstring of
+``adamnx._backends``.
 """
 
 from __future__ import annotations
@@ -9,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adamnx._fused import fused_adamnx
+from adamnx._backends import FLOATING_DTYPES, Backend, Hyperparameters
+from adamnx._fused import FUSED_KERNELS, fused_adamnx, prepare_fused
 from adamnx._tensors import (
     BY_ROW,
     ON_STEP,
@@ -76,17 +84,9 @@ def adamnx(
             foreach = False  # torch.optim's rule: the for-loop takes a Tensor lr that foreach would refuse
     if isinstance(beta1, float) and isinstance(beta2, float):
         check_betas(beta1, beta2)  # before any counter advances: a step that raises changes nothing
-    if fused:
-        if foreach:
-            raise RuntimeError("`fused` and `foreach` cannot both be True")
-        impl = fused_adamnx
-    elif foreach:
-        if differentiable:
-            raise RuntimeError("`foreach` does not support `differentiable=True`")
-        impl = _multi_tensor_adamnx
-    else:
-        impl = _single_tensor_adamnx
-    impl(
+    backend = BACKENDS[backend_name(fused, foreach, differentiable)]
+    hp = Hyperparameters(beta1, beta2, lr, weight_decay, eps, maximize, stochastic_rounding)
+    backend.step(
         params,
         grads,
         exp_avgs,
@@ -94,18 +94,33 @@ def adamnx(
         state_steps,
         grad_scale,
         found_inf,
+        hp,
         has_complex=has_complex,
         capturable=capturable,
         differentiable=differentiable,
-        beta1=beta1,
-        beta2=beta2,
-        lr=lr,
-        weight_decay=weight_decay,
-        eps=eps,
-        maximize=maximize,
-        stochastic_rounding=stochastic_rounding,
         coord_steps=coord_steps,
     )
+
+
+def backend_name(fused: bool | None, foreach: bool | None, differentiable: bool = False) -> str:
+    """The row of ``BACKENDS`` that the flags select, once the default has set ``foreach`` (see :func:`adamnx`)."""
+    if fused:
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot both be True")
+        return "fused"
+    if foreach:
+        if differentiable:
+            raise RuntimeError("`foreach` does not support `differentiable=True`")
+        return "foreach"
+    return "for-loop"
+
+
+def backends_for(fused: bool | None, foreach: bool | None) -> list[Backend]:
+    """The rows a group with these flags may run: one, or both defaults when neither flag is set (the default rule
+    chooses by device at each step). A group's params and state_dtype must suit every one."""
+    if fused is None and foreach is None:
+        return [BACKENDS["for-loop"], BACKENDS["foreach"]]
+    return [BACKENDS[backend_name(fused, foreach)]]
 
 
 def _in_math_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -162,19 +177,15 @@ def _single_tensor_adamnx(
     state_steps: list[Tensor],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    hp: Hyperparameters,
     *,
     has_complex: bool,
     capturable: bool,
     differentiable: bool,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    stochastic_rounding: bool,
     coord_steps: list[Tensor] | None = None,
 ) -> None:
+    beta1, beta2, lr, weight_decay, eps = hp.beta1, hp.beta2, hp.lr, hp.weight_decay, hp.eps
+    maximize, stochastic_rounding = hp.maximize, hp.stochastic_rounding
     _reject_amp_scaling(grad_scale, found_inf)
     # On-device coefficients whenever reading the counter would sync the host or break a compiled graph.
     on_device = capturable or torch.compiler.is_compiling()
@@ -393,19 +404,15 @@ def _multi_tensor_adamnx(
     state_steps: list[Tensor],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    hp: Hyperparameters,
     *,
     has_complex: bool,
     capturable: bool,
     differentiable: bool,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    stochastic_rounding: bool,
     coord_steps: list[Tensor] | None = None,
 ) -> None:
+    beta1, beta2, lr, weight_decay, eps = hp.beta1, hp.beta2, hp.lr, hp.weight_decay, hp.eps
+    maximize, stochastic_rounding = hp.maximize, hp.stochastic_rounding
     if len(params) == 0:
         return
     _reject_amp_scaling(grad_scale, found_inf)
@@ -585,3 +592,13 @@ def _buckets_of_pieces(tensors: tuple[list[Tensor], ...], coefficients: tuple[li
             size += piece[0].numel()
     if bucket:
         yield tuple(map(list, zip(*bucket)))
+
+
+# The implementations, by name (see the module docstring and adamnx._backends for how to add one).
+BACKENDS: dict[str, Backend] = {
+    "for-loop": Backend(_single_tensor_adamnx, {"foreach": False}, capturable=True),
+    "foreach": Backend(_multi_tensor_adamnx, {"foreach": True}, capturable=True),
+    "fused": Backend(
+        fused_adamnx, {"fused": True}, devices=tuple(FUSED_KERNELS), dtypes=FLOATING_DTYPES, prepare=prepare_fused
+    ),
+}

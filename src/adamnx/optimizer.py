@@ -8,20 +8,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamnx._fused import ensure_cpu_kernel
+from adamnx._backends import Backend
 from adamnx._validation import (
-    FLOATING_DTYPES,
     MAX_COORD_STEP,
     OPTION_DEFAULTS,
     as_float,
     check_hyperparameters,
     check_state_dict,
 )
-from adamnx.functional import adamnx
+from adamnx.functional import adamnx, backends_for
 
 __all__ = ["AdamNX"]
-
-_FUSED_DEVICES = ("cpu", "cuda")
 
 
 def _normalised(group: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +132,7 @@ class AdamNX(torch.optim.Optimizer):
             "per_coordinate_steps": per_coordinate_steps,
         }
         check_hyperparameters(defaults)  # before the base class builds any group or state
-        self._fused_groups: dict[int, tuple] = {}  # group id → ids of its params that passed fused's checks
+        self._supported_groups: dict[int, tuple] = {}  # group id → its rows and the ids of its params they accept
         super().__init__(params, _normalised(defaults))
 
     @property
@@ -152,7 +149,7 @@ class AdamNX(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._fused_groups = {}  # new group objects (a copy, a pickle, a load): check them again
+        self._supported_groups = {}  # new group objects (a copy, a pickle, a load): check them again
         # Fill options that older checkpoints (including the authors' implementation) do not have.
         for group in self.param_groups:
             for key, value in OPTION_DEFAULTS.items():
@@ -272,17 +269,20 @@ class AdamNX(torch.optim.Optimizer):
             self._check_params(group)
 
     def _check_params(self, group: dict[str, Any]) -> None:
-        """The gradients and state of a group's params: sparse, moved or cast params, fused support, counters."""
-        fused, state_dtype, differentiable = group["fused"], group["state_dtype"], group["differentiable"]
+        """The gradients and state of a group's params: sparse, moved or cast params, the support of the backends
+        the group may run (devices and dtypes, fused's), counters."""
+        state_dtype, differentiable = group["state_dtype"], group["differentiable"]
         capturable = group["capturable"]
-        # Params that have state are checked for fused support once per group and list of params (fused may have
-        # been switched on since their state was created, or by a checkpoint); their device and dtype cannot
+        # The rows of the backend table whose devices or dtypes are limited (fused's), or none.
+        limited = [b for b in backends_for(group["fused"], group["foreach"]) if b.devices or b.dtypes]
+        # Params that have state are checked for those rows' support once per group and list of params (fused may
+        # have been switched on since their state was created, or by a checkpoint); their device and dtype cannot
         # change unnoticed since (the moved-or-cast check below).
         # (Under torch.compile the checks are traced, as constants and guards: nothing to remember.)
-        remember = fused and not torch.compiler.is_compiling()
-        param_ids = tuple(map(id, group["params"])) if remember else ()
-        fused_checked = remember and self._fused_groups.get(id(group)) == param_ids
-        cpu_kernel = False
+        remember = bool(limited) and not torch.compiler.is_compiling()
+        checked = (tuple(map(id, limited)), tuple(map(id, group["params"]))) if remember else ()
+        support_checked = remember and self._supported_groups.get(id(group)) == checked
+        device_types: set[str] = set()
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -295,8 +295,10 @@ class AdamNX(torch.optim.Optimizer):
                     "does not allow: step non-leaf params (p = p0.clone()), as with torch.optim"
                 )
             state = self.state.get(p)
-            if fused and not (fused_checked and state):
-                cpu_kernel |= self._check_fused_support(p)
+            if limited and not (support_checked and state):
+                for backend in limited:
+                    self._check_support(backend, p)
+                device_types.add(p.device.type)
             if not state:
                 if state_dtype is not None and p.is_complex():
                     raise RuntimeError("state_dtype is not supported for complex parameters")
@@ -316,10 +318,11 @@ class AdamNX(torch.optim.Optimizer):
                     f"capturable=True needs the step counter on the param's device ({p.device}), it is on "
                     f"{state['step'].device}: call opt.load_state_dict(opt.state_dict()) after switching capturable on"
                 )
-        if cpu_kernel:
-            ensure_cpu_kernel()  # build (or load) it now (then cached): no compiler fails before anything changes
+        for backend in limited:
+            if backend.prepare is not None and device_types:
+                backend.prepare(device_types)  # build (or load) it now (then cached): fails before anything changes
         if remember:
-            self._fused_groups[id(group)] = param_ids
+            self._supported_groups[id(group)] = checked
 
     @staticmethod
     def _is_state_init_probe(group: dict[str, Any], p: Tensor) -> bool:
@@ -359,13 +362,15 @@ class AdamNX(torch.optim.Optimizer):
         return bool(torch.stack([t.to(per_tensor[0].device) for t in per_tensor]).all())
 
     @staticmethod
-    def _check_fused_support(p: Tensor) -> bool:
-        """Refuse a param fused=True cannot step; whether it needs the CPU kernel."""
-        if p.device.type not in _FUSED_DEVICES or not (p.dtype in FLOATING_DTYPES or p.is_complex()):
+    def _check_support(backend: Backend, p: Tensor) -> None:
+        """Refuse a param the backend cannot step (a device or a real dtype not in its row)."""
+        devices, dtypes = backend.devices, backend.dtypes
+        if (devices is not None and p.device.type not in devices) or not (
+            dtypes is None or p.dtype in dtypes or p.is_complex()
+        ):
             raise RuntimeError(
-                f"fused=True supports floating-point params on {_FUSED_DEVICES}; got {p.dtype} on {p.device.type}"
+                f"{backend.option()} supports floating-point params on {devices}; got {p.dtype} on {p.device.type}"
             )
-        return p.device.type == "cpu"
 
     def _check_graph_capture(self) -> None:
         if torch.compiler.is_compiling() or not torch.cuda.is_available():
