@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import pickle
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("mnist1d")
+# find_spec, not importorskip: the check imports nothing (mnist1d would pull in scipy and matplotlib, ~1 s that
+# every collection pays, `-m "not slow"` included); the tests import what they use
+if importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("mnist1d") is None:
+    pytest.skip("needs matplotlib and mnist1d (the bench extra)", allow_module_level=True)
 
 from adamnx.bench.config import ConfigError, load_config
 from adamnx.bench.harness import run_bench

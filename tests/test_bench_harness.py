@@ -3,6 +3,7 @@ learning rates, threads, the registry, the JAX side (resumable, AdaX-W), and rep
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("mnist1d")
+# find_spec, not importorskip: the check imports nothing (mnist1d would pull in scipy and matplotlib, ~1 s that
+# every collection pays, `-m "not slow"` included); the tests import what they use
+if importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("mnist1d") is None:
+    pytest.skip("needs matplotlib and mnist1d (the bench extra)", allow_module_level=True)
 
 from adamnx.bench import harness, registry
 from adamnx.bench.config import load_config, recorded_sweep
