@@ -295,13 +295,13 @@ def _kinds_test_gradients(n_steps: int) -> tuple[list[tuple[int, ...]], list[lis
     never); by row (rows starting at different steps, some never); by row until a row starts with a zero inside
     it (then by element); and 1-D with coordinates starting at different steps (by element)."""
     g = torch.Generator().manual_seed(11)
-    shapes = [(64, 64), (64, 64), (300, 16), (200, 16), (500,)]
+    shapes = [(128, 128), (128, 128), (1100, 16), (1025, 16), (20_000,)]
     starts = [
-        torch.ones(64, 64, dtype=torch.long),
-        torch.ones(64, 64, dtype=torch.long),
-        torch.randint(1, 40, (300, 1), generator=g).repeat(1, 16),
-        torch.randint(1, 10, (200, 1), generator=g).repeat(1, 16),
-        torch.randint(1, 40, (500,), generator=g),
+        torch.ones(128, 128, dtype=torch.long),
+        torch.ones(128, 128, dtype=torch.long),
+        torch.randint(1, 40, (1100, 1), generator=g).repeat(1, 16),
+        torch.randint(1, 10, (1025, 1), generator=g).repeat(1, 16),
+        torch.randint(1, 40, (20_000,), generator=g),
     ]
     starts[1].view(-1)[[3, 700, 701, 4000]] = torch.tensor([5, 12, 12, 10**6])
     starts[2][::9] = 10**6

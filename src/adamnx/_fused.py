@@ -37,6 +37,7 @@ from adamnx._backends import Hyperparameters
 from adamnx._tensors import (
     BY_ELEMENT,
     MAX_COUNT,
+    MIN_TRACKED_NUMEL,
     ON_STEP,
     GatheredCoordinates,
     advance_counts,
@@ -367,25 +368,30 @@ def _cpu_step(
         return
     # Tensors whose counts are on their step (ON_STEP) take their own coefficients, as without the guard, and
     # their counts are only written; their exceptions are gathered first and updated as tensors of their own.
-    fill = torch.full((len(steps),), -1, dtype=torch.int64)
+    step_values = step_counts.tolist()
+    fill = [-1] * len(steps)
     exceptions = []
     for i, known in enumerate(knowns):
-        if known is not None and known[0] == ON_STEP and 1 < step_counts[i] < MAX_COUNT - 1:
+        if known is not None and known[0] == ON_STEP and 1 < step_values[i] < MAX_COUNT - 1:
             gathered = None if known[1] is None else GatheredCoordinates.save([t[i] for t in tensors], known[1])
             if known[1] is None or gathered is not None:
-                fill[i] = int(step_counts[i])
+                fill[i] = int(step_values[i])
                 if gathered is not None:
                     exceptions.append((i, gathered))
-    kernel(tensors, exceptions, fill)
+    kernel(tensors, exceptions, torch.tensor(fill, dtype=torch.int64))
     for _, gathered in exceptions:
         gathered.write_back(counts=True)
     if shards:
         return
     for i, (count, known) in enumerate(zip(tensors[4], knowns)):
-        if known is not None:  # unchanged, as far as the kernel is concerned
+        if fill[i] >= 0:  # on its step still, at the versions this step left
             note_counts(count, steps[i], *known)
-        else:  # looked at once (the kernel walks any counts; only ON_STEP saves it work)
-            off = off_step_coordinates(count, float(step_counts[i]))
+        elif known is not None:  # the kernel walked the counts element by element: rows may no longer hold
+            note_counts(count, steps[i], BY_ELEMENT)
+        elif (
+            count.numel() >= MIN_TRACKED_NUMEL
+        ):  # looked at once (the kernel walks any counts; only ON_STEP saves it work)
+            off = off_step_coordinates(count, step_values[i])
             exceptions_of_count = off if off is not None and off.numel() else None
             note_counts(count, steps[i], BY_ELEMENT if off is None else ON_STEP, exceptions_of_count)
 
@@ -508,9 +514,11 @@ def _compiled_step(
     for i, known in enumerate(knowns):
         if type(counts[i]) is not Tensor:
             continue
-        if known is not None:
+        if i in own:
             note_counts(counts[i], steps[i], *known)
-        else:  # looked at once: only ON_STEP without exceptions saves the kernel work here
+        elif known is not None:  # the kernel walked the counts element by element: rows may no longer hold
+            note_counts(counts[i], steps[i], BY_ELEMENT)
+        elif inf_t is None and counts[i].numel() >= MIN_TRACKED_NUMEL:  # looked at once (a skipped step: not yet)
             off = off_step_coordinates(counts[i], float(steps[i]))
             note_counts(counts[i], steps[i], ON_STEP if off is not None and not off.numel() else BY_ELEMENT)
 

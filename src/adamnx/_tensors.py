@@ -6,14 +6,13 @@ the coefficients of a step read on the host, dense 1-D views, and stochastic rou
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import weakref
 from collections import OrderedDict, defaultdict
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from adamnx.schedule import coefficients
 
@@ -247,6 +246,8 @@ def count_coefficients(
 
 ON_STEP, BY_ROW, BY_ELEMENT = "on step", "by row", "by element"
 
+# Tensors smaller than this go element by element: looking at their counts costs more than it saves.
+MIN_TRACKED_NUMEL = 1 << 14
 # Rows shorter than this gather nearly as many coefficients as elements: such tensors go element by element.
 _MIN_ROW = 8
 # ON_STEP takes at most one coordinate in this many as an exception (each is gathered, updated and scattered).
@@ -254,34 +255,53 @@ _EXCEPTION_RATIO = 32
 
 
 class _Known:
-    __slots__ = ("count_version", "exceptions", "kind", "step", "step_version")
+    __slots__ = ("count", "count_version", "exceptions", "kind", "memory", "step", "step_version")
 
-    def __init__(self, kind: str, exceptions: Tensor | None, count: Tensor, step: Tensor) -> None:
-        self.kind, self.exceptions = kind, exceptions
-        self.count_version, self.step, self.step_version = count._version, step, step._version
+    def __init__(self, count: weakref.ref, step: Tensor) -> None:
+        self.count, self.step = count, step
+        self.kind, self.exceptions, self.count_version, self.step_version, self.memory = BY_ELEMENT, None, -1, -1, 0
 
 
-_KNOWN_COUNTS = WeakIdKeyDictionary()
+# Keyed by id(count), each entry with a weak reference to its count tensor that removes it when the tensor goes
+# (a dict of ids is several times faster to look up than a WeakIdKeyDictionary, with hundreds of tensors a step).
+_KNOWN_COUNTS: dict[int, _Known] = {}
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    known = _KNOWN_COUNTS.get(key)
+    if known is not None and known.count is ref:
+        del _KNOWN_COUNTS[key]
 
 
 def known_counts(count: Tensor, step: Tensor) -> tuple[str, Tensor | None] | None:
     """How ``count``'s values vary (and its exceptions), as noted after the last step, if neither it nor ``step``
     has changed since; None when unknown."""
-    known = _KNOWN_COUNTS.get(count)
-    if known is None or known.step is not step:
+    known = _KNOWN_COUNTS.get(id(count))
+    if known is None or known.count() is not count or known.step is not step:
         return None
     try:
         unchanged = known.count_version == count._version and known.step_version == step._version
     except RuntimeError:  # inference tensors keep no version: nothing can be known
         return None
-    return (known.kind, known.exceptions) if unchanged else None
+    # `.data = other` swaps the memory but keeps the version: the address tells
+    return (known.kind, known.exceptions) if unchanged and known.memory == count.data_ptr() else None
 
 
 def note_counts(count: Tensor, step: Tensor, kind: str, exceptions: Tensor | None = None) -> None:
     """Note how ``count`` varies, once this step has written it and ``step`` (see known_counts)."""
-    if type(count) is Tensor:  # DTensors and other subclasses are not tracked
-        with contextlib.suppress(RuntimeError):
-            _KNOWN_COUNTS[count] = _Known(kind, exceptions, count, step)
+    if type(count) is not Tensor:  # DTensors and other subclasses are not tracked
+        return
+    key = id(count)
+    known = _KNOWN_COUNTS.get(key)
+    if known is None or known.count() is not count or known.step is not step:
+        known = _Known(weakref.ref(count, functools.partial(_forget, key)), step)
+        _KNOWN_COUNTS[key] = known
+    try:
+        versions = count._version, step._version
+    except RuntimeError:  # inference tensors keep no version
+        versions = -1, -1
+    known.kind, known.exceptions, (known.count_version, known.step_version) = kind, exceptions, versions
+    known.memory = count.data_ptr()
 
 
 def _has_rows(count: Tensor) -> bool:
@@ -329,7 +349,8 @@ def advance_known_counts_(
     pass over the gradient. Known BY_ROW: one count per row; a row that has not started starts when its gradient
     is non-zero, and a row whose gradient is zero only in part makes the tensor BY_ELEMENT from then on.
     """
-    if step >= MAX_COUNT - 1 or type(count) is not Tensor:  # near saturation, or a DTensor: element by element
+    # near saturation, a DTensor, or too small for the fast paths to pay: element by element
+    if step >= MAX_COUNT - 1 or type(count) is not Tensor or count.numel() < MIN_TRACKED_NUMEL:
         advance_counts_(count, grad, may_saturate=step >= MAX_COUNT - 1)
         return AdvancedCounts(BY_ELEMENT)
     kind, exceptions = known if known is not None else _count_kind(count, step - 1)
@@ -347,7 +368,11 @@ def advance_known_counts_(
         rows = count.view(count.shape[0], -1)
         row_counts = _advance_row_counts(rows[:, 0], grad.reshape(rows.shape))
         if row_counts is not None:
-            rows.copy_(row_counts[:, None].expand(rows.shape))
+            started = row_counts.nonzero().squeeze(1)  # rows that have not started keep their zeros
+            if started.numel() * 2 < row_counts.numel():
+                rows.index_copy_(0, started, row_counts[started, None].expand(-1, rows.shape[1]))
+            else:
+                rows.copy_(row_counts[:, None].expand(rows.shape))
     if row_counts is None:
         advance_counts_(count, grad, may_saturate=False)
     if first:  # the coordinates whose first gradient was zero are the exceptions, if they are few
@@ -359,18 +384,19 @@ def advance_known_counts_(
 
 def _advance_row_counts(row_counts: Tensor, grad_rows: Tensor) -> Tensor | None:
     """Each row's count after this step (rows that have started advance), or None when a row that has not
-    started gets a gradient that is zero only in part (its coordinates would then start at different steps), or
-    has a NaN (which hides whether it has a zero)."""
+    started gets a gradient that is zero only in part (its coordinates would then start at different steps)."""
     advanced = row_counts + 1
     not_started = (row_counts == 0).nonzero().squeeze(1)
     if not_started.numel():
         few = not_started.numel() * 8 < row_counts.numel()
-        magnitudes = (grad_rows.index_select(0, not_started) if few else grad_rows).abs()
-        largest, smallest = magnitudes.amax(1), magnitudes.amin(1)  # two passes, faster than counting non-zeros
+        rows = grad_rows.index_select(0, not_started) if few else grad_rows
+        # A row starts when it is not all zero: its largest or smallest value is not 0 (NaN included). Two
+        # reductions and no temporary; only the rows that start are then checked element by element.
+        starts = (rows.amax(1) != 0) | (rows.amin(1) != 0)
         if not few:
-            largest, smallest = largest.index_select(0, not_started), smallest.index_select(0, not_started)
-        starts = largest != 0
-        if bool((starts & (smallest == 0)).any() or largest.isnan().any()):
+            starts = starts.index_select(0, not_started)
+        starting = not_started[starts]
+        if starting.numel() and not bool(grad_rows.index_select(0, starting).ne(0).all()):
             return None
         advanced.index_copy_(0, not_started, starts.to(advanced.dtype))
     return advanced
