@@ -354,9 +354,9 @@ def advance_known_counts_(
         advance_counts_(count, grad, may_saturate=step >= MAX_COUNT - 1)
         return AdvancedCounts(BY_ELEMENT)
     kind, exceptions = known if known is not None else _count_kind(count, step - 1)
-    if kind == ON_STEP and step > 1:
+    if kind == ON_STEP and step > 1:  # counts written, not read (the exceptions' advanced apart)
         if exceptions is None:
-            count.add_(1)
+            count.fill_(int(step))
             return AdvancedCounts(ON_STEP)
         flat = count.view(-1)
         new = advance_counts(flat.index_select(0, exceptions), grad.reshape(-1).index_select(0, exceptions))
