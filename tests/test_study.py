@@ -15,7 +15,7 @@ if importlib.util.find_spec("matplotlib") is None:
     pytest.skip("needs matplotlib (the bench extra)", allow_module_level=True)
 
 from adamnx.bench.config import ConfigError, load_config
-from adamnx.bench.optimizers import OPTIMIZERS
+from adamnx.bench.optimizers import optimizer_spec
 from adamnx.bench.study import (
     RATIOS,
     _pvalues,
@@ -34,7 +34,7 @@ def test_each_point_has_the_horizon_it_asks_for():
     assert sorted({r.ratio for r in points}) == sorted(RATIOS)
     for r in points:
         assert 3000 / horizon(r.beta2) == pytest.approx(r.ratio, rel=1e-9)
-        assert OPTIMIZERS[r.name].kwargs["betas"] == (0.9, r.beta2)
+        assert optimizer_spec(r.name).kwargs["betas"] == (0.9, r.beta2)
     pairs = {r.ratio: {p.base for p in points if p.ratio == r.ratio} for r in points}
     assert all(bases == {"adamnx", "adamw"} for bases in pairs.values())
     (band,) = [r for r in runs if r.ratio is None]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adamnx.bench.optimizers import OPTIMIZERS
+from adamnx.bench.optimizers import optimizer_spec
 from adamnx.bench.tasks import Splits, Task
 
 __all__ = ["JaxTrainer", "adaxw", "make_optimizer"]
@@ -52,7 +52,7 @@ def make_optimizer(name: str, schedule, weight_decay: float | None = None) -> tu
 
     from adamnx.optax import adamnx
 
-    kwargs = dict(OPTIMIZERS[name].kwargs)
+    kwargs = dict(optimizer_spec(name).kwargs)
     if weight_decay is not None and "weight_decay" in kwargs:
         kwargs["weight_decay"] = weight_decay
     b1, b2 = kwargs.get("betas", (None, None))

@@ -20,7 +20,16 @@ from torch import Tensor
 from adamnx import AdamNX
 from adamnx.schedule import first_moment_weight, second_moment_weight
 
-__all__ = ["DECAY_RULES", "OPTIMIZERS", "DecayRuleAdam", "OptimizerSpec", "adamnx_beta2", "build_optimizer"]
+__all__ = [
+    "DECAY_RULES",
+    "OPTIMIZERS",
+    "DecayRuleAdam",
+    "OptimizerSpec",
+    "adamnx_beta2",
+    "build_optimizer",
+    "optimizer_spec",
+    "with_beta2",
+]
 
 
 def _adamnx_rule(t: float, beta2: float) -> float:
@@ -166,10 +175,21 @@ for _rule in DECAY_RULES:
     )
 
 
-def build_optimizer(name: str, params: Any, lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
-    if name not in OPTIMIZERS:
+# Variants made by with_beta2 (the horizon study's): kept apart so that OPTIMIZERS stays the fixed table the
+# registry names, whatever ran before in the same process.
+_VARIANTS: dict[str, OptimizerSpec] = {}
+
+
+def optimizer_spec(name: str) -> OptimizerSpec:
+    """The spec of a named optimizer or of a variant that with_beta2 made."""
+    spec = OPTIMIZERS.get(name) or _VARIANTS.get(name)
+    if spec is None:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name].make(params, lr, weight_decay)
+    return spec
+
+
+def build_optimizer(name: str, params: Any, lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    return optimizer_spec(name).make(params, lr, weight_decay)
 
 
 def adamnx_beta2(name: str) -> float | None:
@@ -198,7 +218,7 @@ def with_beta2(name: str, beta2: float) -> str:
     new = f"{name}-b2={beta2:.4f}"
     call = base.constructor.split("(", 1)[0]
     wd = base.kwargs.get("weight_decay", 0.0)
-    OPTIMIZERS[new] = OptimizerSpec(
+    _VARIANTS[new] = OptimizerSpec(
         base.build,
         {**base.kwargs, "betas": (beta1, beta2)},
         f"{call}(params, lr, betas=({beta1}, {beta2!r}), weight_decay={wd})",

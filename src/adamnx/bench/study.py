@@ -21,7 +21,7 @@ from typing import Any
 from adamnx.bench.config import BenchConfig, ConfigError, to_dict
 from adamnx.bench.environment import environment
 from adamnx.bench.harness import Prepared, prepare
-from adamnx.bench.optimizers import OPTIMIZERS, with_beta2
+from adamnx.bench.optimizers import optimizer_spec, with_beta2
 from adamnx.bench.runner import save_json, train_one
 from adamnx.bench.tasks import get_task
 from adamnx.schedule import beta2_for_horizon, horizon, second_moment_weight
@@ -416,7 +416,7 @@ def run_study(
             results.append(result)
     summary = summarize_study(cfg, runs, results)
     summary["environment"] = env
-    summary["constructors"] = {r.name: OPTIMIZERS[r.name].constructor for r in runs}
+    summary["constructors"] = {r.name: optimizer_spec(r.name).constructor for r in runs}
     save_json(out_dir / "summary.json", summary)
     write_plot(out_dir / "horizon.png", summary)
     (out_dir / "report.md").write_text(_report(cfg, summary, sweep_file))

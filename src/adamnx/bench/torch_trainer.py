@@ -14,7 +14,7 @@ from torch import Tensor
 
 from adamnx.bench.batches import augment_generator
 from adamnx.bench.hessian import top_hessian_eigenvalue
-from adamnx.bench.optimizers import OPTIMIZERS, build_optimizer, second_moment_tensors
+from adamnx.bench.optimizers import build_optimizer, optimizer_spec, second_moment_tensors
 from adamnx.bench.tasks import Splits, Task, normalize_cifar, paper_lr_lambda
 
 __all__ = ["TorchTrainer", "resolve_device", "world"]
@@ -69,12 +69,12 @@ class TorchTrainer:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.lr = cfg.lr_for(optimizer)
         wd = None if cfg.weight_decay < 0 else cfg.weight_decay  # < 0: each optimizer's own default
-        group_wd = wd if wd is not None else OPTIMIZERS[optimizer].kwargs.get("weight_decay", 0.0)
+        group_wd = wd if wd is not None else optimizer_spec(optimizer).kwargs.get("weight_decay", 0.0)
         self.opt = build_optimizer(optimizer, task.param_groups(self.model, group_wd), self.lr, wd)
         schedule = paper_lr_lambda(cfg.steps) if cfg.schedule == "paper" else (lambda step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.constructor = OPTIMIZERS[optimizer].constructor
+        self.constructor = optimizer_spec(optimizer).constructor
 
     def _batch(self, idx: Tensor, step: int) -> tuple[Tensor, Tensor]:
         x = self.task.augment(self.splits.x_train[idx], augment_generator(self.seed, step))
