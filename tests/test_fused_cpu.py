@@ -119,21 +119,39 @@ def test_kernel_checks_its_arguments():
     w = torch.zeros(1, dtype=torch.float64)
     none = torch.empty(0)
     with pytest.raises(RuntimeError, match="same length"):
-        ops.fused_step_([p], [p, p], [p], [p], [], w, w, none, none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+        ops.fused_step_([p], [p, p], [p], [p], [], w, w, none, none, [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
     with pytest.raises(RuntimeError, match="float64"):
-        ops.fused_step_([p], [p], [p], [p], [], w.float(), w, none, none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+        ops.fused_step_([p], [p], [p], [p], [], w.float(), w, none, none, [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
     counts = torch.zeros(3, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="one tensor per param"):
-        ops.fused_step_([p], [p], [p], [p], [counts, counts], w, w, none, none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+        ops.fused_step_(
+            [p], [p], [p], [p], [counts, counts], w, w, none, none, [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0
+        )
     for table in (none, torch.zeros(3, 4, dtype=torch.float64), torch.zeros(2, 4), torch.zeros(4, 3).t()):
         with pytest.raises(RuntimeError, match="count table"):  # float32 params: a contiguous float32 (3, L)
-            ops.fused_step_([p], [p], [p], [p], [counts], w, w, table, none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+            ops.fused_step_([p], [p], [p], [p], [counts], w, w, table, none, [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
     table = torch.zeros(3, 4)
     for fill in (torch.zeros(2, dtype=torch.int64), torch.zeros(1), torch.tensor([-2]), torch.tensor([2**31])):
         with pytest.raises(RuntimeError, match="fill"):  # one int64 per tensor, −1 or an int32 count
-            ops.fused_step_([p], [p], [p], [p], [counts], w, w, table, fill, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+            ops.fused_step_([p], [p], [p], [p], [counts], w, w, table, fill, [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
     with pytest.raises(RuntimeError, match="fill"):  # a count to write needs counts
-        ops.fused_step_([p], [p], [p], [p], [], w, w, none, torch.tensor([1]), 1e-3, 0.0, 1e-8, 1.0, False, 0)
+        ops.fused_step_([p], [p], [p], [p], [], w, w, none, torch.tensor([1]), [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+    # rows: one (2, R) int32 per param with counts, R dividing the numel, and one int32 flag per param
+    broken = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="rows must be empty"):  # rows need counts
+        ops.fused_step_([p], [p], [p], [p], [], w, w, none, none, [broken], broken, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+    with pytest.raises(RuntimeError, match="rows must be empty"):  # and a flag per param
+        ops.fused_step_([p], [p], [p], [p], [counts], w, w, table, none, [broken], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+    wrong_rows = (torch.zeros(2, 2, dtype=torch.int32), torch.zeros(2, 3), torch.zeros(3, 3, dtype=torch.int32))
+    for rows in wrong_rows:
+        with pytest.raises(RuntimeError, match="a tensor's rows"):
+            ops.fused_step_(
+                [p], [p], [p], [p], [counts], w, w, table, none, [rows], broken, 1e-3, 0.0, 1e-8, 1.0, False, 0
+            )
+    rows = torch.zeros(2, 3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="a tensor's rows"):  # a tensor walks by row or is on its step, not both
+        one = torch.tensor([1])
+        ops.fused_step_([p], [p], [p], [p], [counts], w, w, table, one, [rows], broken, 1e-3, 0.0, 1e-8, 1.0, False, 0)
 
 
 # --------------------------------------------------------------------------- the build

@@ -321,9 +321,80 @@ def _kinds_test_gradients(n_steps: int) -> tuple[list[tuple[int, ...]], list[lis
 
 def _per_element_only(monkeypatch):
     """Nothing is recognised: every tensor goes element by element."""
-    monkeypatch.setattr(tensors_module, "_count_kind", lambda count, step: (tensors_module.BY_ELEMENT, None))
-    monkeypatch.setattr(tensors_module, "off_step_coordinates", lambda count, step: None)
-    monkeypatch.setattr(adamnx._fused, "off_step_coordinates", lambda count, step: None)
+    unknown = tensors_module.KnownCounts(tensors_module.BY_ELEMENT)
+    for module in (tensors_module, adamnx._fused):
+        monkeypatch.setattr(module, "observe_counts", lambda count, step: unknown)
+    for module in (tensors_module, adamnx._fused):
+        monkeypatch.setattr(module, "off_step_coordinates", lambda count, step: None)
+
+
+def test_a_row_cut_by_the_thread_split_starts_as_element_by_element(monkeypatch):
+    """The C++ kernel splits a step's elements between threads without regard to rows: a row that starts while
+    cut in two goes element by element, and the tensor is looked at again (by row once more: the row started as a
+    whole)."""
+    rows, length = 1001, 33  # 33,033 elements: two threads split row 500
+    g = torch.Generator().manual_seed(3)
+    start = torch.randint(1, 6, (rows, 1), generator=g).repeat(1, length)
+    start[500] = 3
+    grads = [[torch.randn(rows, length, generator=g) * (start <= t)] for t in range(1, 9)]
+    params0 = [torch.randn(rows, length, generator=g)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        params, opt = run_torch(params0, grads, impl="fused", **HYPER)
+        state = opt.state[params[0]]
+        assert tensors_module.known_counts(state["coord_step"], state["step"]).kind == "by row"
+        with monkeypatch.context() as patch:
+            _per_element_only(patch)
+            expected, loop = run_torch(params0, grads, impl="fused", **HYPER)
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("coord_step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[key], loop.state[expected[0]][key]), key
+    assert torch.equal(params[0], expected[0])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rows_walked_by_the_cpu_kernel_give_the_per_element_bits(threads, dtype, monkeypatch):
+    """The C++ kernel's walk by row (stretches of rows with one count, rows that start whole, one with a NaN in its
+    gradient, rows cut by the thread split, rows that start in part: then element by element) against element by
+    element, across a checkpoint."""
+    rows, length = 741, 23  # 17,043 elements: thread splits fall inside rows
+    g = torch.Generator().manual_seed(5)
+    start = torch.randint(1, 14, (rows, 1), generator=g).repeat(1, length)
+    start[::7] = 10**6  # never
+    start[100:400] = 10**6  # a long stretch that never starts
+    grads = []
+    for t in range(1, 16):
+        grad = torch.randn(rows, length, generator=g) * (start <= t)
+        if t == 6:
+            grad[3, :5] = 0.0  # started rows keep counting through zero gradients
+        if t == 9:
+            grad[21] = torch.randn(length, generator=g)  # starts whole: NaN is a non-zero gradient
+            grad[21, 4] = float("nan")
+        if t == 12:  # rows 7 and 14 start in part: the tensor goes element by element from here
+            grad[7, 2], grad[14, :] = 1.0, torch.randn(length, generator=g)
+            grad[14, 11] = 0.0
+        grads.append([grad.to(dtype)])
+    params0 = [torch.randn(rows, length, generator=g).to(dtype)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        params, opt = _run_with_checkpoint("fused", params0, grads, at=4)
+        with monkeypatch.context() as patch:
+            _per_element_only(patch)
+            expected, loop = run_torch(params0, grads, impl="fused", **HYPER)
+    finally:
+        torch.set_num_threads(previous)
+    state, other = opt.state[params[0]], loop.state[expected[0]]
+    assert torch.equal(state["coord_step"], other["coord_step"])
+    for ours, theirs in (
+        (state["exp_avg"], other["exp_avg"]),
+        (state["exp_avg_sq"], other["exp_avg_sq"]),
+        (params[0], expected[0]),
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)  # bitwise, NaN in row 21 included
 
 
 def _run_with_checkpoint(impl, params0, grads, at: int):
@@ -343,7 +414,7 @@ def _run_with_checkpoint(impl, params0, grads, at: int):
 def test_recognised_counts_give_the_per_element_bits(impl, monkeypatch):
     params0, grads = _kinds_test_gradients(40)
     params, opt = _run_with_checkpoint(impl, params0, grads, at=17)  # the loaded counts are looked at again
-    if impl in ("for-loop", "foreach"):
+    if impl != "fused-inductor":  # the inductor kernel knows on step only
         kinds = [tensors_module.known_counts(opt.state[p]["coord_step"], opt.state[p]["step"]) for p in params]
         assert [k[0] for k in kinds] == ["on step", "on step", "by row", "by element", "by element"]
         assert kinds[0][1] is None and kinds[1][1].tolist() == [3, 700, 701, 4000]

@@ -18,9 +18,11 @@ HYPER = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1, "per_coordinate_
 
 
 def _per_element_only(monkeypatch):
-    monkeypatch.setattr(tensors_module, "_count_kind", lambda count, step: (tensors_module.BY_ELEMENT, None))
-    monkeypatch.setattr(tensors_module, "off_step_coordinates", lambda count, step: None)
-    monkeypatch.setattr(adamnx._fused, "off_step_coordinates", lambda count, step: None)
+    unknown = tensors_module.KnownCounts(tensors_module.BY_ELEMENT)
+    for module in (tensors_module, adamnx._fused):
+        monkeypatch.setattr(module, "observe_counts", lambda count, step: unknown)
+    for module in (tensors_module, adamnx._fused):
+        monkeypatch.setattr(module, "off_step_coordinates", lambda count, step: None)
 
 
 def _both(run, monkeypatch):

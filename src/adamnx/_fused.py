@@ -36,6 +36,7 @@ from adamnx import _cpu_extension
 from adamnx._backends import Hyperparameters
 from adamnx._tensors import (
     BY_ELEMENT,
+    BY_ROW,
     MAX_COUNT,
     MIN_TRACKED_NUMEL,
     ON_STEP,
@@ -44,11 +45,13 @@ from adamnx._tensors import (
     coordinate_table,
     count_coefficients,
     dense_1d_views,
+    forget_counts,
     group_by_device_and_dtype,
     host_coefficients,
     known_counts,
     math_dtype,
     note_counts,
+    observe_counts,
     off_step_coordinates,
     stochastic_round_to_bf16,
 )
@@ -368,32 +371,57 @@ def _cpu_step(
         return
     # Tensors whose counts are on their step (ON_STEP) take their own coefficients, as without the guard, and
     # their counts are only written; their exceptions are gathered first and updated as tensors of their own.
+    # Tensors whose counts are constant by row (BY_ROW) read one count per row.
     step_values = step_counts.tolist()
-    fill = [-1] * len(steps)
-    exceptions = []
+    fill, rows, exceptions = [-1] * len(steps), [_NO_ROWS] * len(steps), []
     for i, known in enumerate(knowns):
-        if known is not None and known[0] == ON_STEP and 1 < step_values[i] < MAX_COUNT - 1:
-            gathered = None if known[1] is None else GatheredCoordinates.save([t[i] for t in tensors], known[1])
-            if known[1] is None or gathered is not None:
+        if known is None or not 1 < step_values[i] < MAX_COUNT - 1:
+            continue
+        if known.kind == ON_STEP:
+            gathered = None
+            if known.exceptions is not None:
+                gathered = GatheredCoordinates.save([t[i] for t in tensors], known.exceptions)
+            if known.exceptions is None or gathered is not None:
                 fill[i] = int(step_values[i])
                 if gathered is not None:
                     exceptions.append((i, gathered))
-    kernel(tensors, exceptions, torch.tensor(fill, dtype=torch.int64))
+        elif known.kind == BY_ROW and tensors[0][i].is_contiguous() and tensors[4][i].is_contiguous():
+            rows[i] = _row_counts(tensors[4][i], known.rows)
+    left, rows_broken = kernel(tensors, exceptions, torch.tensor(fill, dtype=torch.int64), rows)
     for _, gathered in exceptions:
         gathered.write_back(counts=True)
-    if shards:
-        return
-    for i, (count, known) in enumerate(zip(tensors[4], knowns)):
-        if fill[i] >= 0:  # on its step still, at the versions this step left
+    if not shards:
+        _note_after_step(tensors[4], steps, step_values, knowns, fill, rows, rows_broken, left)
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.int32)  # fused_step_'s rows argument for a tensor not walked by row
+
+
+def _row_counts(count: Tensor, before: Tensor | None) -> Tensor:
+    """fused_step_'s (2, R) rows of a BY_ROW tensor: each row's count before the step (kept from the last step, or
+    read off its first column) and room for the counts after it."""
+    rows = torch.empty(2, count.shape[0], dtype=torch.int32)
+    rows[0].copy_(before if before is not None else count.view(count.shape[0], -1)[:, 0])
+    return rows
+
+
+def _note_after_step(counts, steps, step_values, knowns, fill, rows, rows_broken, left) -> None:
+    """What is known of each tensor's counts after the C++ kernel's step (see known_counts)."""
+    left = set(left)
+    for i, (count, known) in enumerate(zip(counts, knowns)):
+        if i in left:  # updated eagerly, element by element
+            forget_counts(count)
+        elif fill[i] >= 0:  # on its step still, at the versions this step left
             note_counts(count, steps[i], *known)
-        elif known is not None:  # the kernel walked the counts element by element: rows may no longer hold
+        elif rows[i].numel():
+            if i in rows_broken:  # a row started in part: looked at again after the next step
+                forget_counts(count)
+            else:
+                note_counts(count, steps[i], BY_ROW, rows=rows[i][1])
+        elif known is not None:  # the kernel walked the counts element by element
             note_counts(count, steps[i], BY_ELEMENT)
-        elif (
-            count.numel() >= MIN_TRACKED_NUMEL
-        ):  # looked at once (the kernel walks any counts; only ON_STEP saves it work)
-            off = off_step_coordinates(count, step_values[i])
-            exceptions_of_count = off if off is not None and off.numel() else None
-            note_counts(count, steps[i], BY_ELEMENT if off is None else ON_STEP, exceptions_of_count)
+        elif count.numel() >= MIN_TRACKED_NUMEL:  # looked at once (the kernel walks any counts)
+            note_counts(count, steps[i], *observe_counts(count, step_values[i]))
 
 
 class _CpuKernel:
@@ -405,10 +433,13 @@ class _CpuKernel:
             lr, weight_decay, eps, grad_factor, stochastic
         )  # fmt: skip
 
-    def __call__(self, tensors: list[list[Tensor]], gathered=(), fill: Tensor | None = None) -> None:
+    def __call__(
+        self, tensors: list[list[Tensor]], gathered=(), fill: Tensor | None = None, rows=()
+    ) -> tuple[list[int], set[int]]:
         """Update the tensors (lists of params, grads, exp_avgs, exp_avg_sqs and, with per_coordinate_steps,
         counts) and the gathered coordinates (pairs of the tensor's index and its GatheredCoordinates), whose
-        counts are their own; ``fill``: the kernel's per-tensor count to write (−1: walk the counts)."""
+        counts are their own; ``fill``: the kernel's per-tensor count to write (−1: walk the counts); ``rows``:
+        fused_step_'s rows, per tensor. Returns the tensors updated eagerly instead and those whose rows broke."""
         lists = [list(lst) for lst in tensors]
         for _, copies in gathered:
             for lst, copy in zip(lists, copies.copies):
@@ -417,6 +448,8 @@ class _CpuKernel:
             order = list(range(len(tensors[0]))) + [i for i, _ in gathered]  # for each tensor's coefficients
             w1s, w2s = (w if w.numel() == 1 else w[order] for w in (self.w1s, self.w2s))
             fill = torch.cat([fill, fill.new_full((len(gathered),), -1)])
+            if rows:
+                rows = [*rows, *[_NO_ROWS] * len(gathered)]
         else:
             w1s, w2s = self.w1s, self.w2s
         params, grads, exp_avgs, exp_avg_sqs, *counts = lists
@@ -426,12 +459,14 @@ class _CpuKernel:
         table = _NO_TABLE
         if counts:
             table = coordinate_table(max_step, counts, *self.betas, dtype, cpu)
+        rows_broken = torch.zeros(len(params) if rows else 0, dtype=torch.int32)
         if table is None:  # counts too long for a table: every tensor evaluates its coefficients per element, eagerly
             left = range(len(params))
         else:
             seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if self.stochastic else 0
             left = self.ops.fused_step_(
                 params, grads, exp_avgs, exp_avg_sqs, counts, w1s, w2s, table, _NO_TABLE if fill is None else fill,
+                list(rows), rows_broken,
                 self.lr, self.weight_decay, self.eps, self.grad_factor, self.stochastic, seed,
             )  # fmt: skip
         for k in left:  # layouts or dtype pairs the kernel cannot walk in one pass: the same math, eagerly
@@ -444,12 +479,13 @@ class _CpuKernel:
             coeffs = [c.to(dtype) for c in (w1, 1 - w2, w2)]
             per_coordinate = ()
             if counts:
-                rows = coordinate_table(max_step, [counts[k]], *self.betas, dtype, cpu)
-                per_coordinate = (counts[k], self.betas if rows is None else rows)
+                own_table = coordinate_table(max_step, [counts[k]], *self.betas, dtype, cpu)
+                per_coordinate = (counts[k], self.betas if own_table is None else own_table)
             _adamnx_kernel(
                 params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], *coeffs, *scalars, None, self.stochastic,
                 *per_coordinate,
             )  # fmt: skip
+        return list(left), set(rows_broken.nonzero().view(-1).tolist())
 
 
 _NO_TABLE = torch.empty(0)  # fused_step_'s table argument without per_coordinate_steps

@@ -20,19 +20,21 @@ __all__ = [
     "BY_ELEMENT",
     "BY_ROW",
     "ON_STEP",
-    "AdvancedCounts",
     "GatheredCoordinates",
+    "KnownCounts",
     "advance_counts",
     "advance_counts_",
     "advance_known_counts_",
     "coordinate_table",
     "count_coefficients",
     "dense_1d_views",
+    "forget_counts",
     "group_by_device_and_dtype",
     "host_coefficients",
     "known_counts",
     "math_dtype",
     "note_counts",
+    "observe_counts",
     "off_step_coordinates",
     "row_coefficients",
     "stochastic_round_to_bf16",
@@ -254,12 +256,22 @@ _MIN_ROW = 8
 _EXCEPTION_RATIO = 32
 
 
+class KnownCounts(NamedTuple):
+    """How a tensor's counts vary: ``kind``, and with it ``exceptions`` (ON_STEP: the flat indices of the
+    coordinates whose count is not the step, or None when there are none) or ``rows`` (BY_ROW: each row's count,
+    1-D int32, or None when not kept)."""
+
+    kind: str
+    exceptions: Tensor | None = None
+    rows: Tensor | None = None
+
+
 class _Known:
-    __slots__ = ("count", "count_version", "exceptions", "kind", "memory", "step", "step_version")
+    __slots__ = ("count", "count_version", "counts", "memory", "step", "step_version")
 
     def __init__(self, count: weakref.ref, step: Tensor) -> None:
         self.count, self.step = count, step
-        self.kind, self.exceptions, self.count_version, self.step_version, self.memory = BY_ELEMENT, None, -1, -1, 0
+        self.counts, self.count_version, self.step_version, self.memory = KnownCounts(BY_ELEMENT), -1, -1, 0
 
 
 # Keyed by id(count), each entry with a weak reference to its count tensor that removes it when the tensor goes
@@ -273,9 +285,9 @@ def _forget(key: int, ref: weakref.ref) -> None:
         del _KNOWN_COUNTS[key]
 
 
-def known_counts(count: Tensor, step: Tensor) -> tuple[str, Tensor | None] | None:
-    """How ``count``'s values vary (and its exceptions), as noted after the last step, if neither it nor ``step``
-    has changed since; None when unknown."""
+def known_counts(count: Tensor, step: Tensor) -> KnownCounts | None:
+    """How ``count``'s values vary, as noted after the last step, if neither it nor ``step`` has changed since;
+    None when unknown."""
     known = _KNOWN_COUNTS.get(id(count))
     if known is None or known.count() is not count or known.step is not step:
         return None
@@ -284,10 +296,19 @@ def known_counts(count: Tensor, step: Tensor) -> tuple[str, Tensor | None] | Non
     except RuntimeError:  # inference tensors keep no version: nothing can be known
         return None
     # `.data = other` swaps the memory but keeps the version: the address tells
-    return (known.kind, known.exceptions) if unchanged and known.memory == count.data_ptr() else None
+    return known.counts if unchanged and known.memory == count.data_ptr() else None
 
 
-def note_counts(count: Tensor, step: Tensor, kind: str, exceptions: Tensor | None = None) -> None:
+def forget_counts(count: Tensor) -> None:
+    """Forget what was noted of ``count`` (the next step looks at it again)."""
+    known = _KNOWN_COUNTS.get(id(count))
+    if known is not None and known.count() is count:
+        del _KNOWN_COUNTS[id(count)]
+
+
+def note_counts(
+    count: Tensor, step: Tensor, kind: str, exceptions: Tensor | None = None, rows: Tensor | None = None
+) -> None:
     """Note how ``count`` varies, once this step has written it and ``step`` (see known_counts)."""
     if type(count) is not Tensor:  # DTensors and other subclasses are not tracked
         return
@@ -300,7 +321,7 @@ def note_counts(count: Tensor, step: Tensor, kind: str, exceptions: Tensor | Non
         versions = count._version, step._version
     except RuntimeError:  # inference tensors keep no version
         versions = -1, -1
-    known.kind, known.exceptions, (known.count_version, known.step_version) = kind, exceptions, versions
+    known.counts, (known.count_version, known.step_version) = KnownCounts(kind, exceptions, rows), versions
     known.memory = count.data_ptr()
 
 
@@ -317,31 +338,19 @@ def off_step_coordinates(count: Tensor, step: float) -> Tensor | None:
     return off if off.numel() * _EXCEPTION_RATIO <= count.numel() else None
 
 
-def _count_kind(count: Tensor, step: float) -> tuple[str, Tensor | None]:
+def observe_counts(count: Tensor, step: float) -> KnownCounts:
     """How ``count`` varies at a tensor step of ``step``, looked at (a pass or two over the counts)."""
     off = off_step_coordinates(count, step)
     if off is not None:
-        return ON_STEP, off if off.numel() else None
+        return KnownCounts(ON_STEP, off if off.numel() else None)
     if _has_rows(count):
         rows = count.view(count.shape[0], -1)
         if bool((rows == rows[:, :1]).all()):
-            return BY_ROW, None
-    return BY_ELEMENT, None
+            return KnownCounts(BY_ROW, rows=rows[:, 0].clone())
+    return KnownCounts(BY_ELEMENT)
 
 
-class AdvancedCounts(NamedTuple):
-    """How a tensor's counts vary after advance_known_counts_: ``kind``, and with it ``exceptions`` (ON_STEP: the
-    flat indices of the coordinates whose count is not the step, or None when there are none) or ``rows``
-    (BY_ROW: each row's count, 1-D)."""
-
-    kind: str
-    exceptions: Tensor | None = None
-    rows: Tensor | None = None
-
-
-def advance_known_counts_(
-    count: Tensor, grad: Tensor, known: tuple[str, Tensor | None] | None, step: float
-) -> AdvancedCounts:
+def advance_known_counts_(count: Tensor, grad: Tensor, known: KnownCounts | None, step: float) -> KnownCounts:
     """advance_counts_ for a step after which the tensor's step is ``step``, given what was known of the counts
     before it (from known_counts, or None): returns how the new counts vary.
 
@@ -352,21 +361,23 @@ def advance_known_counts_(
     # near saturation, a DTensor, or too small for the fast paths to pay: element by element
     if step >= MAX_COUNT - 1 or type(count) is not Tensor or count.numel() < MIN_TRACKED_NUMEL:
         advance_counts_(count, grad, may_saturate=step >= MAX_COUNT - 1)
-        return AdvancedCounts(BY_ELEMENT)
-    kind, exceptions = known if known is not None else _count_kind(count, step - 1)
+        return KnownCounts(BY_ELEMENT)
+    known = known if known is not None else observe_counts(count, step - 1)
+    kind, exceptions = known.kind, known.exceptions
     if kind == ON_STEP and step > 1:  # counts written, not read (the exceptions' advanced apart)
         if exceptions is None:
             count.fill_(int(step))
-            return AdvancedCounts(ON_STEP)
+            return KnownCounts(ON_STEP)
         flat = count.view(-1)
         new = advance_counts(flat.index_select(0, exceptions), grad.reshape(-1).index_select(0, exceptions))
         flat.fill_(int(step)).index_copy_(0, exceptions, new)
-        return AdvancedCounts(ON_STEP, exceptions)
+        return KnownCounts(ON_STEP, exceptions)
     first = kind == ON_STEP  # the first step (every count 0): the exceptions are found after it
     row_counts = None
     if kind != BY_ELEMENT and _has_rows(count):
         rows = count.view(count.shape[0], -1)
-        row_counts = _advance_row_counts(rows[:, 0], grad.reshape(rows.shape))
+        before = known.rows if known.rows is not None else rows[:, 0]  # kept: no strided read of the counts
+        row_counts = _advance_row_counts(before, grad.reshape(rows.shape))
         if row_counts is not None:
             started = row_counts.nonzero().squeeze(1)  # rows that have not started keep their zeros
             if started.numel() * 2 < row_counts.numel():
@@ -378,8 +389,8 @@ def advance_known_counts_(
     if first:  # the coordinates whose first gradient was zero are the exceptions, if they are few
         off = off_step_coordinates(count, step)
         if off is not None:
-            return AdvancedCounts(ON_STEP, off if off.numel() else None)
-    return AdvancedCounts(BY_ROW, rows=row_counts) if row_counts is not None else AdvancedCounts(BY_ELEMENT)
+            return KnownCounts(ON_STEP, off if off.numel() else None)
+    return KnownCounts(BY_ROW, rows=row_counts) if row_counts is not None else KnownCounts(BY_ELEMENT)
 
 
 def _advance_row_counts(row_counts: Tensor, grad_rows: Tensor) -> Tensor | None:

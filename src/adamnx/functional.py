@@ -217,7 +217,7 @@ def _single_tensor_adamnx(
         if guarded:
             step = step_t.item()
             counts = advance_known_counts_(coord_step, grad, known, step)
-            note_counts(coord_step, step_t, counts.kind, counts.exceptions)
+            note_counts(coord_step, step_t, *counts)
             pieces, exceptions = _guarded_pieces(
                 tensors, coord_step, counts, step, beta1, beta2, dtype, wider=wider, differentiable=differentiable
             )
@@ -482,7 +482,7 @@ def _guarded_buckets(tensors, counts, steps, knowns, beta1, beta2, dtype, wider)
     advanced = []
     for count, grad, known, step, step_t in zip(counts, tensors[1], knowns, step_values, steps):
         advanced.append(advance_known_counts_(count, grad, known, step))
-        note_counts(count, step_t, advanced[-1].kind, advanced[-1].exceptions)
+        note_counts(count, step_t, *advanced[-1])
     source = clamp = None
     if any(c.kind != ON_STEP or c.exceptions is not None for c in advanced):  # a count may not be its step
         max_step = max(step_values)  # a coordinate's count is at most its tensor's step

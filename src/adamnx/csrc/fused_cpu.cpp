@@ -207,6 +207,88 @@ void update_range_per_coordinate(P* __restrict__ param, const P* __restrict__ gr
   flush(end);
 }
 
+// update_range_per_coordinate for counts known to be constant along each row of `row_length` elements (an
+// embedding), given each row's count before the step (`rows_before`): one count read per row, not one per element.
+// A row that has started advances as a whole; one that has not starts as a whole when its gradient is non-zero
+// everywhere. A row whose gradient is zero only in part, or a part of a row (the thread split cuts at most one
+// row per thread) that starts, goes element by element, and `broken` tells the caller that the counts may no
+// longer be constant along rows. The row's count after the step goes to `rows_after`, written by the thread that
+// holds the row's first element (the only writer). Same coefficients, same bits as element by element.
+template <typename P, typename S, typename M, bool kStochastic>
+void update_range_by_row(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
+                         S* __restrict__ exp_avg_sq, int32_t* __restrict__ count, const int32_t* rows_before,
+                         int32_t* rows_after, int64_t row_length, int64_t begin, int64_t end,
+                         const CountTable<M>& table, const StepScalars<M>& s, uint32_t key, int32_t* broken) {
+  constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
+  const int32_t last = static_cast<int32_t>(table.last);
+  // Consecutive rows with the same coefficients run update_range together (rows of an embedding are short: a call
+  // per row would cost more than the rows' arithmetic).
+  int64_t run_begin = begin;
+  int32_t run_row = -1;  // the table row of the pending run [run_begin, lo), −1: none
+  auto flush = [&](int64_t run_end) {
+    if (run_row >= 0 && run_end > run_begin) {
+      update_range<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, run_begin, run_end, table.w1[run_row],
+                                         table.b2[run_row], table.w2[run_row], s, key);
+    }
+    run_row = -1;
+  };
+  auto extend_run = [&](int64_t lo, int32_t k) {  // the pending run goes on from lo with table row k
+    if (k != run_row) {
+      flush(lo);
+      run_begin = lo;
+      run_row = k;
+    }
+  };
+  const int64_t first_row = begin / row_length, end_row = (end + row_length - 1) / row_length;
+  auto owned = [&](int64_t r) { return r * row_length >= begin; };  // the thread holding a row's first element
+  // Rows go a stretch of equal counts at a time (in an embedding, long stretches of rows that have not started):
+  // one pass over the stretch's gradient tells whether any of it starts. Stretches stay short enough for that
+  // gradient to be in cache still when update_range reads it.
+  const int64_t max_stretch = std::max<int64_t>(1, 4096 / row_length);
+  for (int64_t r0 = first_row, r1; r0 < end_row; r0 = r1) {
+    const int32_t before = rows_before[r0];
+    const int64_t stretch_end = std::min(end_row, r0 + max_stretch);
+    for (r1 = r0 + 1; r1 < stretch_end && rows_before[r1] == before; ++r1) {
+    }
+    const int64_t lo = std::max(begin, r0 * row_length), hi = std::min(end, r1 * row_length);
+    if (before != 0) {  // started: the stretch advances as a whole (saturating)
+      const int32_t after = before + (before != kMax);
+      extend_run(lo, std::min(std::max(after, 0), last));
+      std::fill(count + lo, count + hi, after);
+      for (int64_t r = r0; r < r1; ++r) {
+        if (owned(r)) rows_after[r] = after;
+      }
+      continue;
+    }
+    int32_t any = 0;  // an integer, not a bool: the compiler vectorises an integer OR
+    for (int64_t i = lo; i < hi; ++i) any |= static_cast<M>(grad[i]) * s.grad_factor != M(0);
+    if (any == 0) {  // none starts: counts stay 0 (only read)
+      extend_run(lo, 0);
+      for (int64_t r = r0; r < r1; ++r) {
+        if (owned(r)) rows_after[r] = 0;
+      }
+      continue;
+    }
+    for (int64_t r = r0; r < r1; ++r) {  // some rows start: row by row
+      const int64_t row_lo = std::max(begin, r * row_length), row_hi = std::min(end, (r + 1) * row_length);
+      int64_t nonzero = 0;
+      for (int64_t i = row_lo; i < row_hi; ++i) nonzero += static_cast<M>(grad[i]) * s.grad_factor != M(0);
+      if (nonzero != 0 && nonzero != row_length) {  // in part, or a part of a row: element by element
+        flush(row_lo);
+        update_range_per_coordinate<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, count, row_lo, row_hi,
+                                                          table, s, key);
+        __atomic_store_n(broken, 1, __ATOMIC_RELAXED);
+        continue;
+      }
+      const int32_t after = nonzero != 0;  // a whole row starts, or stays 0
+      extend_run(row_lo, std::min(after, last));
+      if (after) std::fill(count + row_lo, count + row_hi, after);
+      if (owned(r)) rows_after[r] = after;
+    }
+  }
+  flush(end);
+}
+
 // Whether p, g, m, v each cover one dense block of memory with the same layout, so that walking the blocks
 // in memory order visits corresponding elements (contiguous, channels_last, any dense permutation).
 bool same_dense_layout(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v) {
@@ -239,6 +321,9 @@ struct Step {
   const Tensor& table;                    // ... and their coefficient table (3, L) in the math dtype
   const int64_t* fill;                    // ... and per tensor, -1 or the count every coordinate has after the
                                           // step (all on the tensor's step: its coefficients, counts only written)
+  const std::vector<Tensor>& rows;        // ... and per tensor, empty or (2, R) int32: the counts of its R rows
+                                          // before the step (read) and after it (written), counts constant by row
+  int32_t* rows_broken;                   // ... and per tensor, set to 1 where a row's counts stopped being equal
 };
 
 template <typename P, typename S, bool kStochastic>
@@ -281,7 +366,15 @@ void run_step(const Step& step) {
       S* exp_avg = step.exp_avgs[i].data_ptr<S>();
       S* exp_avg_sq = step.exp_avg_sqs[i].data_ptr<S>();
       const bool on_step = per_coordinate && step.fill != nullptr && step.fill[i] >= 0;
-      if (per_coordinate && !on_step) {
+      const bool by_row = per_coordinate && !step.rows.empty() && step.rows[i].numel() > 0;
+      if (by_row) {
+        const Tensor& rows = step.rows[i];
+        int32_t* before = rows.data_ptr<int32_t>();
+        update_range_by_row<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq,
+                                                  step.counts[i].data_ptr<int32_t>(), before, before + rows.size(1),
+                                                  step.params[i].numel() / rows.size(1), lo, hi, table, scalars,
+                                                  keys[k], step.rows_broken + i);
+      } else if (per_coordinate && !on_step) {
         update_range_per_coordinate<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq,
                                                           step.counts[i].data_ptr<int32_t>(), lo, hi, table,
                                                           scalars, keys[k]);
@@ -326,7 +419,8 @@ bool run_for_param_type(at::ScalarType state_type, bool stochastic, const Step& 
 std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                                  const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
                                  const std::vector<Tensor>& counts, const Tensor& w1s, const Tensor& w2s,
-                                 const Tensor& table, const Tensor& fill, double lr, double weight_decay, double eps,
+                                 const Tensor& table, const Tensor& fill, const std::vector<Tensor>& rows,
+                                 const Tensor& rows_broken, double lr, double weight_decay, double eps,
                                  double grad_factor, bool stochastic_rounding, int64_t seed) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
@@ -350,6 +444,21 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
     TORCH_CHECK(fill_values[i] >= -1 && fill_values[i] <= std::numeric_limits<int32_t>::max(),
                 "adamnx fused_step_: fill values must be -1 or int32 counts");
   }
+  TORCH_CHECK(rows.empty() || (per_coordinate && static_cast<int64_t>(rows.size()) == n &&
+                                rows_broken.scalar_type() == at::kInt && rows_broken.is_contiguous() &&
+                                rows_broken.device().is_cpu() && rows_broken.numel() == n),
+              "adamnx fused_step_: rows must be empty or, with counts, one tensor per param, and rows_broken a "
+              "contiguous int32 CPU tensor with one value per param");
+  for (int64_t i = 0; i < static_cast<int64_t>(rows.size()); ++i) {
+    const Tensor& r = rows[i];
+    if (r.numel() == 0) continue;
+    // Rows are runs of consecutive elements: the param and its counts must be contiguous.
+    TORCH_CHECK(r.scalar_type() == at::kInt && r.is_contiguous() && r.device().is_cpu() && r.dim() == 2 &&
+                    r.size(0) == 2 && params[i].numel() % r.size(1) == 0 && params[i].is_contiguous() &&
+                    counts[i].is_contiguous() && (fill_values == nullptr || fill_values[i] == -1),
+                "adamnx fused_step_: a tensor's rows must be a contiguous (2, R) int32 CPU tensor, R dividing the "
+                "numel of a contiguous param with contiguous counts, and its fill -1");
+  }
   std::vector<int64_t> rejected;
   if (n == 0) return rejected;
   const at::ScalarType param_type = params[0].scalar_type(), state_type = exp_avgs[0].scalar_type();
@@ -362,7 +471,7 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
   }
   Step step{params,  grads,        exp_avgs,          exp_avg_sqs, {}, w1s.const_data_ptr<double>(),
             w2s.const_data_ptr<double>(), w1s.numel() == n ? 1 : 0, lr, weight_decay, eps, grad_factor, seed,
-            counts,  table, fill_values};
+            counts,  table, fill_values, rows, rows.empty() ? nullptr : rows_broken.data_ptr<int32_t>()};
   step.index.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
     const Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
@@ -428,7 +537,8 @@ double advance_steps_(const std::vector<Tensor>& steps, double increment, const 
 TORCH_LIBRARY(adamnx, m) {
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] counts, Tensor w1s, Tensor w2s, Tensor table, Tensor fill, float lr, float weight_decay, "
+      "Tensor(d!)[] counts, Tensor w1s, Tensor w2s, Tensor table, Tensor fill, Tensor(e!)[] rows, "
+      "Tensor(f!) rows_broken, float lr, float weight_decay, "
       "float eps, "
       "float grad_factor, "
       "bool stochastic_rounding, int seed) -> int[]");
