@@ -33,6 +33,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using at::Tensor;
@@ -114,6 +118,28 @@ void update_range(P* __restrict__ param, const P* __restrict__ grad, S* __restri
       exp_avg_sq[i] = static_cast<S>(v);
     }
   }
+}
+
+// Write `value` to out[0, n) with streaming stores where the CPU has them: counts that are only written (a tensor
+// on its step, an embedding's started rows) then cost their 4 bytes of writes, without the read of each line that
+// an ordinary store first makes (that read alone was about a tenth of the step's memory traffic). Streaming stores
+// are weakly ordered: each thread calls streaming_fence once it is done.
+inline void fill_counts(int32_t* out, int64_t n, int32_t value) {
+#if defined(__AVX2__)
+  int64_t i = 0;
+  for (; i < n && reinterpret_cast<uintptr_t>(out + i) % 32 != 0; ++i) out[i] = value;
+  const __m256i values = _mm256_set1_epi32(value);
+  for (; i + 8 <= n; i += 8) _mm256_stream_si256(reinterpret_cast<__m256i*>(out + i), values);
+  for (; i < n; ++i) out[i] = value;
+#else
+  std::fill(out, out + n, value);
+#endif
+}
+
+inline void streaming_fence() {
+#if defined(__AVX2__)
+  _mm_sfence();
+#endif
 }
 
 // The per-coordinate table: rows (1 − β1_t, β̂2_t, 1 − β̂2_t) of `length` entries each, row t for count t.
@@ -254,7 +280,7 @@ void update_range_by_row(P* __restrict__ param, const P* __restrict__ grad, S* _
     if (before != 0) {  // started: the stretch advances as a whole (saturating)
       const int32_t after = before + (before != kMax);
       extend_run(lo, std::min(std::max(after, 0), last));
-      std::fill(count + lo, count + hi, after);
+      fill_counts(count + lo, hi - lo, after);
       for (int64_t r = r0; r < r1; ++r) {
         if (owned(r)) rows_after[r] = after;
       }
@@ -383,10 +409,11 @@ void run_step(const Step& step) {
                                            keys[k]);
         if (on_step) {  // written, never read: a quarter of the traffic of reading and writing them
           int32_t* count = step.counts[i].data_ptr<int32_t>();
-          std::fill(count + lo, count + hi, static_cast<int32_t>(step.fill[i]));
+          fill_counts(count + lo, hi - lo, static_cast<int32_t>(step.fill[i]));
         }
       }
     }
+    streaming_fence();  // this thread's streaming stores, visible before the step returns
   });
 }
 
