@@ -97,3 +97,15 @@ def test_every_backend_row_is_run_by_the_test_table():
         assert (name, False) in selected, name
         assert not backend.capturable or (name, True) in selected, name
         assert IMPLEMENTATIONS[name].kwargs == dict(backend.options)  # the test names are the table's
+
+
+def test_the_bench_times_and_stresses_every_backend_row():
+    """`adamnx perf` and `adamnx stress` take their AdamNX candidates from the same table: a new row is timed, with
+    and without the late-activation guard, and stressed, with nothing else to edit."""
+    from adamnx.bench.perf import _candidates
+    from adamnx.bench.stress import CANDIDATES
+
+    for name in BACKENDS:
+        bench_name = name.replace("-", "")
+        assert {f"adamnx-{bench_name}", f"adamnx-{bench_name}-guard"} <= set(_candidates()), name
+        assert {f"adamnx-{bench_name}", f"adamnx-{bench_name}+guard"} <= set(CANDIDATES), name

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -59,15 +60,17 @@ class _AuthorsLoop:
 
 def _candidates() -> dict[str, Any]:
     from adamnx import AdamNX
+    from adamnx.functional import BACKENDS
 
+    # Every row of the backend table (for-loop, foreach, fused: ``adamnx-forloop``, ...), fastest first, and each
+    # with the late-activation guard (per-coordinate step counts), against the same implementation without it.
+    rows = {f"adamnx-{name.replace('-', '')}": backend.options for name, backend in reversed(BACKENDS.items())}
     return {
-        "adamnx-fused": lambda ps: AdamNX(ps, fused=True),
-        "adamnx-foreach": lambda ps: AdamNX(ps, foreach=True),
-        "adamnx-forloop": lambda ps: AdamNX(ps, foreach=False),
-        # the late-activation guard (per-coordinate step counts), against the same implementation without it
-        "adamnx-fused-guard": lambda ps: AdamNX(ps, fused=True, per_coordinate_steps=True),
-        "adamnx-foreach-guard": lambda ps: AdamNX(ps, foreach=True, per_coordinate_steps=True),
-        "adamnx-forloop-guard": lambda ps: AdamNX(ps, foreach=False, per_coordinate_steps=True),
+        **{name: functools.partial(AdamNX, **options) for name, options in rows.items()},
+        **{
+            f"{name}-guard": functools.partial(AdamNX, **options, per_coordinate_steps=True)
+            for name, options in rows.items()
+        },
         "adamw-fused": lambda ps: torch.optim.AdamW(ps, fused=True),
         "adamw-foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
         "adamw-forloop": lambda ps: torch.optim.AdamW(ps, foreach=False),

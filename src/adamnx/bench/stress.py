@@ -25,7 +25,13 @@ from adamnx import AdamNX
 
 __all__ = ["add_arguments", "run_from_args", "run_stress"]
 
-_IMPLEMENTATIONS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+def _implementations() -> dict[str, dict]:
+    """Every row of adamnx.functional.BACKENDS, by the name the bench gives it (``forloop``, ``foreach``, ``fused``),
+    with the constructor options that select it."""
+    from adamnx.functional import BACKENDS
+
+    return {name.replace("-", ""): dict(backend.options) for name, backend in BACKENDS.items()}
 
 
 def _adamnx(impl: dict, guard: bool):
@@ -35,7 +41,7 @@ def _adamnx(impl: dict, guard: bool):
 CANDIDATES = {
     **{
         f"adamnx-{name}{'+guard' if guard else ''}": _adamnx(impl, guard)
-        for name, impl in _IMPLEMENTATIONS.items()
+        for name, impl in _implementations().items()
         for guard in (False, True)
     },
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
