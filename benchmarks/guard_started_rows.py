@@ -23,7 +23,8 @@ def _optimizer(rows: int, dim: int, guard: bool) -> AdamNX:
     start = torch.randint(1, 30, (rows, 1), generator=gen)  # each row starts at its own step
     opt = AdamNX([param], lr=1e-3, fused=True, per_coordinate_steps=guard)
     for t in range(1, 32):
-        param.grad = torch.randn(rows, dim, generator=gen) * (start <= t)
+        # never exactly 0 (randn is, now and then): a row that starts with a zero in it would end the walk by row
+        param.grad = (torch.rand(rows, dim, generator=gen) + 0.5) * (start <= t)
         opt.step()
     return opt
 
