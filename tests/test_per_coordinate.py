@@ -450,3 +450,30 @@ def test_counts_edited_in_place_are_looked_at_again(impl, monkeypatch):
         expected, _ = run()
     for p, q in zip(params, expected):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused"])
+def test_counts_edited_past_the_version_counter_are_seen_after_a_state_dict_round_trip(impl, monkeypatch):
+    """An edit through ``.data`` does not bump the count tensor's version, so the fast paths cannot see it; the
+    documented remedy, ``opt.load_state_dict(opt.state_dict())`` after the edit, makes every count looked at again."""
+    params0, grads = _kinds_test_gradients(30)  # tensor 2 is by row
+
+    def run():
+        params, opt = run_torch(params0, grads[:10], impl=impl, **HYPER)
+        state = opt.state[params[2]]
+        state["coord_step"].data[5] = 0  # restart row 5 (re-initialised, say)
+        state["exp_avg"].data[5], state["exp_avg_sq"].data[5] = 0.0, 0.0
+        opt.load_state_dict(opt.state_dict())
+        for step in grads[10:]:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            opt.step()
+        return params, opt
+
+    params, opt = run()
+    with monkeypatch.context() as patch:
+        _per_element_only(patch)
+        expected, loop = run()
+    for p, q in zip(params, expected):
+        assert torch.equal(opt.state[p]["coord_step"], loop.state[q]["coord_step"])
+        assert torch.equal(p, q)
