@@ -87,9 +87,6 @@ def _flags() -> list[str]:
         "-std=c++17",
         "-O3",
         "-fno-math-errno",  # lets sqrt vectorise; results are IEEE sqrt either way
-        # No fused multiply-adds the source does not write: every loop rounds a*b + c the same way (the walks by
-        # row, by block and by element must give the same bits), whatever the compiler would contract.
-        "-ffp-contract=off",
         "-fopenmp",  # at::parallel_for is OpenMP inline code: torch's own OpenMP runtime runs it
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *_isa_flags(),
