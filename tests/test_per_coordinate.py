@@ -403,11 +403,16 @@ def _run_with_checkpoint(impl, params0, grads, at: int):
     saved = copy.deepcopy(opt.state_dict())
     resumed = IMPLEMENTATIONS[impl](params, **HYPER)
     resumed.load_state_dict(saved)
-    for step in grads[at:]:
+    _step_through(resumed, params, grads[at:])
+    return params, resumed
+
+
+def _step_through(opt, params, grads) -> None:
+    """Step ``opt`` once per entry of ``grads`` (one gradient per param)."""
+    for step in grads:
         for p, gr in zip(params, step):
             p.grad = gr.clone()
-        resumed.step()
-    return params, resumed
+        opt.step()
 
 
 @pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused", "fused-inductor"])
@@ -437,10 +442,7 @@ def test_counts_edited_in_place_are_looked_at_again(impl, monkeypatch):
         opt.state[params[0]]["coord_step"][2, 2] = 0
         opt.state[params[0]]["exp_avg"][2, 2] = 0.0
         opt.state[params[0]]["exp_avg_sq"][2, 2] = 0.0
-        for step in grads[10:]:
-            for p, gr in zip(params, step):
-                p.grad = gr.clone()
-            opt.step()
+        _step_through(opt, params, grads[10:])
         return params, opt
 
     params, opt = run()
@@ -464,13 +466,11 @@ def test_counts_edited_past_the_version_counter_are_seen_after_a_state_dict_roun
         state["coord_step"].data[5] = 0  # restart row 5 (re-initialised, say)
         state["exp_avg"].data[5], state["exp_avg_sq"].data[5] = 0.0, 0.0
         opt.load_state_dict(opt.state_dict())
-        for step in grads[10:]:
-            for p, gr in zip(params, step):
-                p.grad = gr.clone()
-            opt.step()
+        _step_through(opt, params, grads[10:])
         return params, opt
 
     params, opt = run()
+    assert opt.state[params[2]]["coord_step"][5].eq(20).all()  # restarted: counted from step 11 to 30
     with monkeypatch.context() as patch:
         _per_element_only(patch)
         expected, loop = run()

@@ -151,6 +151,38 @@ struct CountTable {
   int64_t last;  // length − 1: longer counts read the last row (the coefficients no longer change there)
 };
 
+// A pending run of consecutive elements that share one row of the count table: the walks below collect such
+// elements and update them with one call of update_range's vectorised loop. A run ends where the row changes, and
+// after kRun elements, so that what the walk has just read of it (counts, gradient) is still in cache.
+template <typename P, typename S, typename M, bool kStochastic>
+struct PendingRun {
+  static constexpr int64_t kRun = 4096;
+  P* param;
+  const P* grad;
+  S* exp_avg;
+  S* exp_avg_sq;
+  const CountTable<M>& table;
+  const StepScalars<M>& s;
+  uint32_t key;
+  int64_t begin = 0;
+  int32_t row = -1;  // the table row of the run [begin, ...), −1: none
+
+  void flush(int64_t end) {
+    if (row >= 0 && end > begin) {
+      update_range<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, begin, end, table.w1[row], table.b2[row],
+                                         table.w2[row], s, key);
+    }
+    row = -1;
+  }
+  void extend(int64_t at, int32_t table_row) {  // the elements from `at` on take table row `table_row`
+    if (table_row != row || at - begin >= kRun) {
+      flush(at);
+      begin = at;
+      row = table_row;
+    }
+  }
+};
+
 // update_range with per-coordinate counts: count ← count + 1 once a coordinate has had a non-zero gradient (0
 // before; saturating at 2^31 − 1), then the coefficients of that count.
 //
@@ -163,19 +195,11 @@ template <typename P, typename S, typename M, bool kStochastic>
 void update_range_per_coordinate(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
                                  S* __restrict__ exp_avg_sq, int32_t* __restrict__ count, int64_t begin, int64_t end,
                                  const CountTable<M>& table, const StepScalars<M>& s, uint32_t key) {
-  constexpr int64_t kBlock = 32, kRun = 4096;
+  constexpr int64_t kBlock = 32;
   constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
   const M neg_lr = s.neg_lr, neg_lr_wd = s.neg_lr_wd, eps = s.eps, grad_factor = s.grad_factor;
   const int32_t last = static_cast<int32_t>(table.last);
-  int64_t run_begin = begin;
-  int32_t run_row = -1;  // the row of the pending run of agreeing blocks [run_begin, b), −1: none
-  auto flush = [&](int64_t run_end) {
-    if (run_row >= 0 && run_end > run_begin) {
-      update_range<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, run_begin, run_end, table.w1[run_row],
-                                         table.b2[run_row], table.w2[run_row], s, key);
-    }
-    run_row = -1;
-  };
+  PendingRun<P, S, M, kStochastic> run{param, grad, exp_avg, exp_avg_sq, table, s, key};  // of agreeing blocks
   auto advance = [&](int32_t c, int64_t i) -> int32_t {  // started ? c + 1 (saturating) : 0
     const int32_t started = (c != 0) | (static_cast<M>(grad[i]) * grad_factor != M(0));
     return (c + (c != kMax)) & -started;
@@ -205,15 +229,10 @@ void update_range_per_coordinate(P* __restrict__ param, const P* __restrict__ gr
       for (int64_t j = 0; j < n; ++j) count[b + j] = next[j];
     }
     if (differ == 0) {
-      const int32_t row = std::min(std::max(first, 0), last);
-      if (row != run_row || b - run_begin >= kRun) {
-        flush(b);
-        run_begin = b;
-        run_row = row;
-      }
+      run.extend(b, std::min(std::max(first, 0), last));
       continue;
     }
-    flush(b);
+    run.flush(b);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t i = b + j;
       const int32_t k = std::min(std::max(next[j], 0), last);
@@ -230,7 +249,7 @@ void update_range_per_coordinate(P* __restrict__ param, const P* __restrict__ gr
       exp_avg_sq[i] = static_cast<S>(v);
     }
   }
-  flush(end);
+  run.flush(end);
 }
 
 // update_range_per_coordinate for counts known to be constant along each row of `row_length` elements (an
@@ -249,28 +268,13 @@ void update_range_by_row(P* __restrict__ param, const P* __restrict__ grad, S* _
   const int32_t last = static_cast<int32_t>(table.last);
   // Consecutive rows with the same coefficients run update_range together (rows of an embedding are short: a call
   // per row would cost more than the rows' arithmetic).
-  int64_t run_begin = begin;
-  int32_t run_row = -1;  // the table row of the pending run [run_begin, lo), −1: none
-  auto flush = [&](int64_t run_end) {
-    if (run_row >= 0 && run_end > run_begin) {
-      update_range<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, run_begin, run_end, table.w1[run_row],
-                                         table.b2[run_row], table.w2[run_row], s, key);
-    }
-    run_row = -1;
-  };
-  auto extend_run = [&](int64_t lo, int32_t k) {  // the pending run goes on from lo with table row k
-    if (k != run_row) {
-      flush(lo);
-      run_begin = lo;
-      run_row = k;
-    }
-  };
+  PendingRun<P, S, M, kStochastic> run{param, grad, exp_avg, exp_avg_sq, table, s, key};
   const int64_t first_row = begin / row_length, end_row = (end + row_length - 1) / row_length;
   auto owned = [&](int64_t r) { return r * row_length >= begin; };  // the thread holding a row's first element
   // Rows go a stretch of equal counts at a time (in an embedding, long stretches of rows that have not started):
-  // one pass over the stretch's gradient tells whether any of it starts. Stretches stay short enough for that
-  // gradient to be in cache still when update_range reads it.
-  const int64_t max_stretch = std::max<int64_t>(1, 4096 / row_length);
+  // one pass over the stretch's gradient tells whether any of it starts. Stretches are no longer than a run, so
+  // that gradient is still in cache when update_range reads it.
+  const int64_t max_stretch = std::max<int64_t>(1, PendingRun<P, S, M, kStochastic>::kRun / row_length);
   for (int64_t r0 = first_row, r1; r0 < end_row; r0 = r1) {
     const int32_t before = rows_before[r0];
     const int64_t stretch_end = std::min(end_row, r0 + max_stretch);
@@ -279,7 +283,7 @@ void update_range_by_row(P* __restrict__ param, const P* __restrict__ grad, S* _
     const int64_t lo = std::max(begin, r0 * row_length), hi = std::min(end, r1 * row_length);
     if (before != 0) {  // started: the stretch advances as a whole (saturating)
       const int32_t after = before + (before != kMax);
-      extend_run(lo, std::min(std::max(after, 0), last));
+      run.extend(lo, std::min(std::max(after, 0), last));
       fill_counts(count + lo, hi - lo, after);
       for (int64_t r = r0; r < r1; ++r) {
         if (owned(r)) rows_after[r] = after;
@@ -289,7 +293,7 @@ void update_range_by_row(P* __restrict__ param, const P* __restrict__ grad, S* _
     int32_t any = 0;  // an integer, not a bool: the compiler vectorises an integer OR
     for (int64_t i = lo; i < hi; ++i) any |= static_cast<M>(grad[i]) * s.grad_factor != M(0);
     if (any == 0) {  // none starts: counts stay 0 (only read)
-      extend_run(lo, 0);
+      run.extend(lo, 0);
       for (int64_t r = r0; r < r1; ++r) {
         if (owned(r)) rows_after[r] = 0;
       }
@@ -300,19 +304,19 @@ void update_range_by_row(P* __restrict__ param, const P* __restrict__ grad, S* _
       int64_t nonzero = 0;
       for (int64_t i = row_lo; i < row_hi; ++i) nonzero += static_cast<M>(grad[i]) * s.grad_factor != M(0);
       if (nonzero != 0 && nonzero != row_length) {  // in part, or a part of a row: element by element
-        flush(row_lo);
+        run.flush(row_lo);
         update_range_per_coordinate<P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, count, row_lo, row_hi,
                                                           table, s, key);
         __atomic_store_n(broken, 1, __ATOMIC_RELAXED);
         continue;
       }
       const int32_t after = nonzero != 0;  // a whole row starts, or stays 0
-      extend_run(row_lo, std::min(after, last));
+      run.extend(row_lo, std::min(after, last));
       if (after) std::fill(count + row_lo, count + row_hi, after);
       if (owned(r)) rows_after[r] = after;
     }
   }
-  flush(end);
+  run.flush(end);
 }
 
 // Whether p, g, m, v each cover one dense block of memory with the same layout, so that walking the blocks
