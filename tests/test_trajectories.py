@@ -1,0 +1,43 @@
+"""Every implementation gives the bits it gave before the plan/executor redesign (tests/trajectories.py says how)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import IMPLEMENTATIONS
+from trajectories import GOLDEN, SCENARIOS, machine, run, summary, supports
+
+RECORDED = json.loads(GOLDEN.read_text())
+SAME_MACHINE = RECORDED["machine"] == machine()
+# On a machine that rounds differently (another torch, other vector instructions: the coefficients' exp/expm1 differ in
+# their last bit now and then), the sums agree to a few float32 ulps; low-precision runs to a few bf16 ulps.
+TOLERANCE = {"bf16": 2e-2, "f16": 2e-2}
+
+CASES = [
+    (impl, scenario)
+    for impl in IMPLEMENTATIONS
+    for scenario in SCENARIOS
+    if supports(impl, scenario) and f"{impl}/{scenario}" in RECORDED["results"]
+]
+
+
+def test_every_recorded_run_is_still_run():
+    """A run recorded before the redesign is not silently dropped from the comparison."""
+    assert {f"{impl}/{scenario}" for impl, scenario in CASES} == set(RECORDED["results"])
+
+
+@pytest.mark.parametrize(("impl", "scenario"), CASES, ids=[f"{i}/{s}" for i, s in CASES])
+def test_the_final_state_is_what_it_was_before_the_redesign(impl, scenario):
+    expected = RECORDED["results"][f"{impl}/{scenario}"]
+    actual = {name: summary(t) for name, t in run(impl, scenario).items()}
+    assert sorted(actual) == sorted(expected)
+    if SAME_MACHINE:
+        changed = [name for name in expected if actual[name][0] != expected[name][0]]
+        assert not changed, f"bits changed in {changed}"
+        return
+    rtol = TOLERANCE.get(scenario.split("-")[0], 1e-5)
+    for name, (_, total, magnitude) in expected.items():
+        assert actual[name][1] == pytest.approx(total, rel=rtol, abs=rtol * magnitude), name
+        assert actual[name][2] == pytest.approx(magnitude, rel=rtol), name
