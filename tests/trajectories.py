@@ -191,10 +191,12 @@ def run(impl: str, scenario: str) -> dict[str, torch.Tensor]:
 
 
 def summary(tensor: torch.Tensor) -> list:
-    """A tensor's exact bits (a hash of its dtype, shape and bytes) and, for machines that round differently, its sum
+    """A tensor's exact bits (a hash of its dtype, shape and bytes, a zero's sign aside) and, for machines that round differently, its sum
     and the sum of its absolute values (float64, to 9 digits)."""
     t = tensor.detach().cpu().contiguous()
     real = torch.view_as_real(t) if t.is_complex() else t
+    if real.is_floating_point():  # -0.0 as 0.0: torch.lerp's scalar and tensor-weight loops differ in a zero's sign
+        real = real + 0.0
     digest = hashlib.sha256(f"{t.dtype} {tuple(t.shape)} ".encode())
     digest.update(real.reshape(-1).view(torch.uint8).numpy().tobytes())
     wide = real.double()
