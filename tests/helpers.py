@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import adamnx._fused
-from adamnx import AdamNX
-from adamnx.functional import BACKENDS
+from adamnx import AdamNX, backends
+from adamnx.backends import BACKENDS, Backend
 from adamnx.reference import AdamNXReference
 
 
@@ -33,11 +32,13 @@ class ErrorOptimizerInput:
     params: Any = field(default=None)
 
 
-class _InductorOnCPU(AdamNX):
-    """AdamNX whose fused step runs the accelerator (inductor) kernel on the CPU."""
+class _Selecting(AdamNX):
+    """AdamNX whose steps run the row ``_row`` of the backend table, on the CPU too (see backends.selected)."""
+
+    _row = ""
 
     def step(self, closure=None):
-        with adamnx._fused.inductor_on_cpu():
+        with backends.selected(self._row):
             return super().step(closure)
 
 
@@ -50,30 +51,44 @@ class Implementation:
     """
 
     kwargs: dict[str, Any]
-    inductor_on_cpu: bool = False
+    backend: Backend
 
     def __call__(self, params, **kwargs) -> AdamNX:
-        cls = _InductorOnCPU if self.inductor_on_cpu else AdamNX
+        # Always this row, whatever else the table holds (a row registered before it) and on the CPU too.
+        cls = type(f"AdamNX_{self.backend.name}", (_Selecting,), {"_row": self.backend.name})
         return cls(params, **self.kwargs, **kwargs)
 
 
 def _implementations() -> dict[str, Implementation]:
-    """Every row of the backend table (adamnx.functional.BACKENDS), each followed by its variants: capturable=True
-    where that runs another path ("capturable" is the for-loop's), and "fused-inductor", the kernel fused=True runs
-    on CUDA, run here on the CPU ("fused" is the C++ kernel there)."""
+    """Every row of the backend table (adamnx.backends.BACKENDS), each followed by its capturable=True variant where
+    the row runs one ("capturable" is the for-loop's). Each runs its own row, under backends.selected: a row that
+    does not step CPU tensors (the accelerator kernel) runs on the CPU too."""
     table = {}
     for name, backend in BACKENDS.items():
-        table[name] = Implementation(dict(backend.options))
+        table[name] = Implementation(dict(backend.options), backend)
         if backend.capturable:
             capturable = "capturable" if name == "for-loop" else f"{name}-capturable"
-            table[capturable] = Implementation({**backend.options, "capturable": True})
-        if name == "fused":
-            table["fused-inductor"] = Implementation(dict(backend.options), inductor_on_cpu=True)
+            table[capturable] = Implementation({**backend.options, "capturable": True}, backend)
     return table
 
 
 # Every implementation a user can select: a new row of the backend table is run by every test parametrized over it.
 IMPLEMENTATIONS = _implementations()
+
+
+def implementations(**capabilities: Any) -> list[str]:
+    """The implementations whose rows have these capabilities (``amp=True``, ``differentiable=True``, ...), and
+    ``capturable=True`` for the capturable variants only."""
+    out = []
+    for name, impl in IMPLEMENTATIONS.items():
+        row = impl.backend
+        wanted_capturable = capabilities.get("capturable")
+        if wanted_capturable is not None and impl.kwargs.get("capturable", False) != wanted_capturable:
+            continue
+        if all(getattr(row, key) == value for key, value in capabilities.items() if key != "capturable"):
+            out.append(name)
+    return out
+
 
 # The hyperparameter grid of the parity tests: β2 ∈ {0.9, 0.99, 0.999}, wd ∈ {0, 0.01}, maximize on/off.
 HYPERPARAMETERS = [

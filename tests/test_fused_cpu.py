@@ -1,9 +1,8 @@
-"""The fused CPU kernel (csrc/fused_cpu.cpp): every dtype pair, thread splits, stochastic rounding, the eager
-fallback for layouts it cannot walk, and its build (cache, missing or failing compiler)."""
+"""The fused CPU kernel (backends/csrc/fused_cpu.cpp): every dtype pair, thread splits, stochastic rounding, layouts
+it cannot walk in place, and its build (cache, missing or failing compiler)."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamnx import AdamNX, _cpu_extension
+from adamnx import AdamNX
+from adamnx.backends import _cpu_extension
 from helpers import rel_err
 
 
@@ -103,14 +103,17 @@ def test_stochastic_rounding_is_seeded_by_torch_and_picks_neighbours():
     assert a.mean().item() == pytest.approx(1.0 + 2.0**-10, abs=2e-5)  # unbiased
 
 
-def test_layouts_the_kernel_cannot_walk_fall_back_to_the_same_math():
-    """A grad whose memory order differs from its param's (channels_last vs contiguous) runs the eager kernel."""
+def test_layouts_the_kernel_cannot_walk_give_the_bits_of_contiguous_tensors():
+    """A grad whose memory order differs from its param's (channels_last vs contiguous): the kernel steps contiguous
+    copies, so the result is bitwise what contiguous tensors give."""
     torch.manual_seed(0)
     p0 = torch.randn(2, 3, 4, 5)
-    grads = [[torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)] for _ in range(10)]
-    fused, _ = _run([p0], grads, fused=True)
+    grads = [[torch.randn(2, 3, 4, 5)] for _ in range(10)]
+    contiguous, _ = _run([p0], grads, fused=True)
+    mixed, _ = _run([p0], [[g.to(memory_format=torch.channels_last)] for (g,) in grads], fused=True)
+    assert torch.equal(mixed[0], contiguous[0])
     loop, _ = _run([p0], grads, foreach=False)
-    assert rel_err(fused[0], loop[0].detach().double().numpy()) <= 1e-6
+    assert rel_err(mixed[0], loop[0].detach().double().numpy()) <= 1e-6
 
 
 def test_kernel_checks_its_arguments():
@@ -118,40 +121,33 @@ def test_kernel_checks_its_arguments():
     p = torch.zeros(3)
     w = torch.zeros(1, dtype=torch.float64)
     none = torch.empty(0)
+
+    def call(lists=([p], [p], [p], [p]), lags=(), w1=w, relative=none, table=none, broken=none):
+        return ops.fused_step_(*lists, list(lags), w1, w, relative, table, broken, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+
     with pytest.raises(RuntimeError, match="same length"):
-        ops.fused_step_([p], [p, p], [p], [p], [], w, w, none, none, [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+        call(lists=([p], [p, p], [p], [p]))
     with pytest.raises(RuntimeError, match="float64"):
-        ops.fused_step_([p], [p], [p], [p], [], w.float(), w, none, none, [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
-    counts = torch.zeros(3, dtype=torch.int32)
+        call(w1=w.float())
+    lag = torch.zeros(3, dtype=torch.int32)
+    one = torch.zeros(1, dtype=torch.int64)
+    flag = torch.zeros(1, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="one tensor per param"):
-        ops.fused_step_(
-            [p], [p], [p], [p], [counts, counts], w, w, none, none, [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0
-        )
+        call(lags=[lag, lag], relative=one, table=torch.zeros(3, 4), broken=flag)
+    for relative in (none, torch.zeros(2, dtype=torch.int64), torch.zeros(1)):
+        with pytest.raises(RuntimeError, match="relative_steps"):  # one int64 per param
+            call(lags=[lag], relative=relative, table=torch.zeros(3, 4), broken=flag)
+    for broken in (none, torch.zeros(2, dtype=torch.int32), torch.zeros(1)):
+        with pytest.raises(RuntimeError, match="broken"):  # one int32 flag per param
+            call(lags=[lag], relative=one, table=torch.zeros(3, 4), broken=broken)
     for table in (none, torch.zeros(3, 4, dtype=torch.float64), torch.zeros(2, 4), torch.zeros(4, 3).t()):
         with pytest.raises(RuntimeError, match="count table"):  # float32 params: a contiguous float32 (3, L)
-            ops.fused_step_([p], [p], [p], [p], [counts], w, w, table, none, [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
-    table = torch.zeros(3, 4)
-    for fill in (torch.zeros(2, dtype=torch.int64), torch.zeros(1), torch.tensor([-2]), torch.tensor([2**31])):
-        with pytest.raises(RuntimeError, match="fill"):  # one int64 per tensor, −1 or an int32 count
-            ops.fused_step_([p], [p], [p], [p], [counts], w, w, table, fill, [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
-    with pytest.raises(RuntimeError, match="fill"):  # a count to write needs counts
-        ops.fused_step_([p], [p], [p], [p], [], w, w, none, torch.tensor([1]), [], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
-    # rows: one (2, R) int32 per param with counts, R dividing the numel, and one int32 flag per param
-    broken = torch.zeros(1, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="rows must be empty"):  # rows need counts
-        ops.fused_step_([p], [p], [p], [p], [], w, w, none, none, [broken], broken, 1e-3, 0.0, 1e-8, 1.0, False, 0)
-    with pytest.raises(RuntimeError, match="rows must be empty"):  # and a flag per param
-        ops.fused_step_([p], [p], [p], [p], [counts], w, w, table, none, [broken], none, 1e-3, 0.0, 1e-8, 1.0, False, 0)
-    wrong_rows = (torch.zeros(2, 2, dtype=torch.int32), torch.zeros(2, 3), torch.zeros(3, 3, dtype=torch.int32))
-    for rows in wrong_rows:
-        with pytest.raises(RuntimeError, match="a tensor's rows"):
-            ops.fused_step_(
-                [p], [p], [p], [p], [counts], w, w, table, none, [rows], broken, 1e-3, 0.0, 1e-8, 1.0, False, 0
-            )
-    rows = torch.zeros(2, 3, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="a tensor's rows"):  # a tensor walks by row or is on its step, not both
-        one = torch.tensor([1])
-        ops.fused_step_([p], [p], [p], [p], [counts], w, w, table, one, [rows], broken, 1e-3, 0.0, 1e-8, 1.0, False, 0)
+            call(lags=[lag], relative=one, table=table, broken=flag)
+    # lags it cannot read (another dtype, another shape): the tensor is left to the caller, untouched
+    for bad in (lag.long(), torch.zeros(2, dtype=torch.int32), torch.zeros(3, 1, dtype=torch.int32)):
+        before = p.clone()
+        assert call(lags=[bad], relative=one, table=torch.zeros(3, 4), broken=flag) == [0]
+        assert torch.equal(p, before)
 
 
 # --------------------------------------------------------------------------- the build
@@ -224,15 +220,6 @@ def test_params_with_different_step_counts_get_their_own_coefficients():
     assert fused_opt.state[fused[1]]["step"].item() == 22 and fused_opt.state[fused[0]]["step"].item() == 30
     for a, b in zip(fused, loop):
         assert rel_err(a, b.detach().numpy()) <= 1e-13
-
-
-def test_advance_steps_reports_a_shared_count_or_nan():
-    ops = _cpu_extension.load()
-    steps = [torch.tensor(3.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float32)]
-    out = torch.empty(2, dtype=torch.float64)
-    assert ops.advance_steps_(steps, 1.0, out) == 4.0 and out.tolist() == [4.0, 4.0]
-    steps[0] += 1
-    assert math.isnan(ops.advance_steps_(steps, 1.0, out)) and out.tolist() == [6.0, 5.0]
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import adamnx.functional
+import adamnx.backends
+import adamnx.backends._pieces
 from adamnx import AdamNX
 from helpers import IMPLEMENTATIONS, rel_err, run_torch
 
@@ -363,15 +364,17 @@ def test_coord_step_survives_save_and_load_bitwise_for_every_param_dtype(dtype):
     p.grad = torch.ones(4, dtype=dtype)
     opt.step()
     counts = torch.tensor([0, 257, 70_000, 2**31 - 1], dtype=torch.int32)
-    opt.state[p]["coord_step"].copy_(counts)
-    opt.state[p]["step"].fill_(2**31 - 1)
+    saved = opt.state_dict()
+    saved["state"][0]["coord_step"], saved["state"][0]["step"] = counts, torch.tensor(2.0**31 - 1)
+    opt.load_state_dict(saved)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
     fresh = AdamNX([p], per_coordinate_steps=True, state_dtype=opt.param_groups[0]["state_dtype"])
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    loaded = fresh.state[p]["coord_step"]
+    loaded = fresh.state_dict()["state"][0]["coord_step"]
     assert loaded.dtype == torch.int32 and torch.equal(loaded, counts)
+    assert torch.equal(fresh.coord_steps(p), counts)
 
 
 # --------------------------------------------------------------------------- a step that raises changes nothing
@@ -484,12 +487,12 @@ def test_invalid_flag_combinations_raise_what_adamw_raises(flags):
 
 def test_tensor_lr_with_the_default_implementation_on_an_accelerator_falls_back_to_the_loop(monkeypatch):
     """torch's rule: where foreach is the default, a Tensor lr (not capturable) runs the for-loop instead."""
-    monkeypatch.setattr(adamnx.functional, "_FOREACH_DEFAULT_DEVICES", ("cpu",))  # the CPU plays the accelerator
+    monkeypatch.setattr(adamnx.backends, "_FOREACH_DEFAULT_DEVICES", ("cpu",))  # the CPU plays the accelerator
     used = []
     for name in ("for-loop", "foreach"):
-        row = adamnx.functional.BACKENDS[name]
-        recording = lambda *a, _f=row.step, _n=name, **k: (used.append(_n), _f(*a, **k))  # noqa: E731
-        monkeypatch.setitem(adamnx.functional.BACKENDS, name, dataclasses.replace(row, step=recording))
+        row = adamnx.backends.BACKENDS[name]
+        recording = lambda plan, _f=row.execute, _n=name: (used.append(_n), _f(plan))  # noqa: E731
+        monkeypatch.setitem(adamnx.backends.BACKENDS, name, dataclasses.replace(row, execute=recording))
     results = []
     for lr in (0.1, torch.tensor(0.1)):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
@@ -601,11 +604,12 @@ def test_an_implementation_row_cannot_be_spread_into_the_constructor():
 
 
 def test_each_fused_row_runs_its_own_kernel(monkeypatch):
-    import adamnx._fused
+    from adamnx.backends import BACKENDS
 
     calls = []
-    monkeypatch.setitem(adamnx._fused.FUSED_KERNELS, "cpu", lambda *args, **kwargs: calls.append("C++"))
-    monkeypatch.setitem(adamnx._fused.FUSED_KERNELS, "cuda", lambda *args, **kwargs: calls.append("inductor"))
+    for name, label in (("fused", "C++"), ("fused-inductor", "inductor")):
+        fake = dataclasses.replace(BACKENDS[name], execute=lambda plan, _label=label: calls.append(_label))
+        monkeypatch.setitem(BACKENDS, name, fake)
     for impl in ("fused", "fused-inductor", "fused"):
         p = torch.nn.Parameter(torch.ones(3))
         opt = IMPLEMENTATIONS[impl]([p])
@@ -629,14 +633,14 @@ def test_torch_compile_fullgraph_still_compiles_the_step():
 
 
 def test_switching_fused_on_without_a_compiler_changes_nothing(monkeypatch):
-    import adamnx._cpu_extension
+    from adamnx.backends import _cpu_extension
 
     opt, params = _trained("for-loop")
 
     def no_compiler():
-        raise adamnx._cpu_extension.CompilerNotFoundError("no C++ compiler was found")
+        raise _cpu_extension.CompilerNotFoundError("no C++ compiler was found")
 
-    monkeypatch.setattr(adamnx._cpu_extension, "load", no_compiler)
+    monkeypatch.setattr(_cpu_extension, "load", no_compiler)
     opt.param_groups[1]["fused"] = True  # a group whose params already have state
     before = _snapshot(opt)
     for p in params:
@@ -649,7 +653,7 @@ def test_switching_fused_on_without_a_compiler_changes_nothing(monkeypatch):
 def test_a_fused_kernel_that_cannot_compile_finishes_the_step_eagerly(monkeypatch):
     """fused=True on an accelerator without Triton: raising would leave earlier tensors, dtypes and groups stepped
     and later ones not; the step finishes with the same function run eagerly, with one warning."""
-    import adamnx._fused
+    from adamnx.backends import fused_inductor
 
     def no_triton(*key):
         def kernel(*args):
@@ -658,9 +662,9 @@ def test_a_fused_kernel_that_cannot_compile_finishes_the_step_eagerly(monkeypatc
         return kernel
 
     calls = []
-    monkeypatch.setattr(adamnx._fused, "_compiled_chunk", lambda *key: calls.append(key) or no_triton(*key))
-    monkeypatch.setattr(adamnx._fused, "_UNCOMPILABLE", set())
-    adamnx._fused._warn_eager_fallback_once.cache_clear()
+    monkeypatch.setattr(fused_inductor, "_compiled_chunk", lambda *key: calls.append(key) or no_triton(*key))
+    monkeypatch.setattr(fused_inductor, "_UNCOMPILABLE", set())
+    fused_inductor._warn_eager_fallback_once.cache_clear()
     shapes = [(6,), (1,), (3, 4)]  # the 1-element one runs eagerly anyway
     g = torch.Generator().manual_seed(0)
     params0 = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -737,17 +741,18 @@ def test_differentiable_unroll_gives_a_gradient_to_a_tensor_lr():
     assert torch.autograd.gradcheck(unroll, (lr,))
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "foreach", "foreach-capturable"])
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_wider_math_in_pieces_equals_the_whole_tensor_update(impl, dtype, monkeypatch):
-    """Low-precision params are updated in float32 pieces (bounded temporaries): bitwise the whole-tensor result."""
+    """Low-precision params are updated in float32 pieces (bounded temporaries, where the executor cuts them):
+    bitwise the whole-tensor result."""
     shapes = [(7, 5), (3,), (11,), (2, 2, 2)]
     g = torch.Generator().manual_seed(4)
     params0 = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     grads = [[torch.randn(s, generator=g).to(dtype) for s in shapes] for _ in range(5)]
     results = []
     for piece in (1 << 20, 4):
-        monkeypatch.setattr(adamnx.functional, "_PIECE", {"cpu": piece})
+        monkeypatch.setattr(adamnx.backends._pieces, "_PIECE", {"cpu": piece})
         for coords in (False, True):
             params = [p.clone().requires_grad_(True) for p in params0]
             opt = IMPLEMENTATIONS[impl](params, lr=1e-2, per_coordinate_steps=coords)

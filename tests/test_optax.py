@@ -259,7 +259,7 @@ def test_per_coordinate_float64_parity_with_reference_and_torch(b2):
     for i, (theta, m, v, count) in enumerate(ref):
         assert counts[i].dtype == np.int32
         np.testing.assert_array_equal(counts[i], count)
-        np.testing.assert_array_equal(counts[i], topt.state[tparams[i]]["coord_step"].numpy())
+        np.testing.assert_array_equal(counts[i], topt.coord_steps(tparams[i]).numpy())
         # float64 against float64 through the same coefficient function: rounding only (seen: ≤ 4e-15)
         assert _rel(params[i], theta) <= 1e-12 and _rel(params[i], tparams[i].detach().numpy()) <= 1e-12
         assert _rel(mu[i], m) <= 1e-12 and _rel(nu[i], v) <= 1e-12

@@ -155,12 +155,12 @@ def test_tensor_betas_are_accepted_as_floats():
 def test_foreach_default_follows_torch_cpu_uses_the_loop(monkeypatch):
     import dataclasses
 
-    import adamnx.functional as F
+    from adamnx.backends import BACKENDS
 
     chosen = []
     for name, label in (("for-loop", "loop"), ("foreach", "foreach")):
-        fake = dataclasses.replace(F.BACKENDS[name], step=lambda *a, _label=label, **k: chosen.append(_label))
-        monkeypatch.setitem(F.BACKENDS, name, fake)
+        fake = dataclasses.replace(BACKENDS[name], execute=lambda plan, _label=label: chosen.append(_label))
+        monkeypatch.setitem(BACKENDS, name, fake)
     p = _param()
     p.grad = torch.ones(3)
     AdamNX([p]).step()

@@ -1,5 +1,6 @@
-"""per_coordinate_steps on every implementation: the paper's trajectory per coordinate, the implementations equal to
-each other, GradScaler, checkpoints, saturation, and the coefficient table the kernels gather from."""
+"""per_coordinate_steps (the late-activation guard) on every implementation: the paper's trajectory per coordinate,
+the implementations equal to each other, the lags the state keeps (their layouts, written once, each layout giving the
+bits of lags per element), GradScaler, checkpoints and edits, saturation and the window, and the coefficient table."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import adamnx._fused
-import adamnx._tensors as tensors_module
-from adamnx import AdamNX
-from adamnx._tensors import MAX_COUNT, coordinate_table, host_coefficients
+import adamnx._table as table_module
+from adamnx import AdamNX, guard
+from adamnx._table import coordinate_table, host_coefficients
+from adamnx.guard import ELEMENT, LAYOUTS, MAX_COUNT, NOT_STARTED, ROW, TENSOR, WINDOW
 from adamnx.schedule import coefficients
 from helpers import (
     IMPLEMENTATIONS,
+    implementations,
     initial_params,
     late_starting_gradients,
     per_coordinate_reference,
@@ -24,7 +26,53 @@ from helpers import (
 )
 
 IMPLS = list(IMPLEMENTATIONS)
+OTHERS = [impl for impl in IMPLS if impl != "for-loop"]  # held to the for-loop
+# Those that keep lags in every layout (capturable keeps them per element, on the device; so do rows that execute
+# only that layout).
+EVERY_LAYOUT = [i for i in implementations(capturable=False) if IMPLEMENTATIONS[i].backend.guard_layouts == {*LAYOUTS}]
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1, "per_coordinate_steps": True}
+
+
+def _counts(opt, p) -> torch.Tensor:
+    return opt.coord_steps(p)
+
+
+def _step_through(opt, params, grads) -> None:
+    """Step ``opt`` once per entry of ``grads`` (one gradient per param)."""
+    for step in grads:
+        for p, gr in zip(params, step):
+            p.grad = gr.clone()
+        opt.step()
+
+
+def _run_with_checkpoint(impl, params0, grads, at: int):
+    """Run, save a state dict after ``at`` steps, load it into a new optimizer, and finish the run with that one."""
+    params, opt = run_torch(params0, grads[:at], impl=impl, **HYPER)
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = IMPLEMENTATIONS[impl](params, **HYPER)
+    resumed.load_state_dict(saved)
+    _step_through(resumed, params, grads[at:])
+    return params, resumed
+
+
+def _lags_per_element_only(monkeypatch):
+    """Every tensor keeps its lags per element (the finest layout): the bits every layout must give."""
+    monkeypatch.setattr(guard, "fresh_lag", lambda p: torch.full_like(p, NOT_STARTED, dtype=torch.int32))
+    coarsest = guard.lags_from_counts
+    monkeypatch.setattr(
+        guard, "lags_from_counts", lambda count, step: guard.expand(coarsest(count, step), count.to(torch.float32))
+    )
+
+
+def _assert_bitwise(params, opt, expected, other, keys=("exp_avg", "exp_avg_sq")):
+    for p, q in zip(params, expected):
+        assert torch.equal(_counts(opt, p), _counts(other, q))
+        for key in keys:
+            torch.testing.assert_close(opt.state[p][key], other.state[q][key], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- the paper's trajectory, per coordinate
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +88,22 @@ def test_every_implementation_follows_each_coordinate_from_its_first_gradient(im
     params0, grads, reference = late_run
     params, opt = run_torch(params0, grads, impl=impl, **HYPER)
     for p, (theta, m, v, count) in zip(params, reference):
-        state = opt.state[p]
-        assert state["coord_step"].dtype == torch.int32
-        np.testing.assert_array_equal(state["coord_step"].numpy(), count)
+        counts = _counts(opt, p)
+        assert counts.dtype == torch.int32
+        np.testing.assert_array_equal(counts.numpy(), count)
         # float64 throughout, the same coefficient function: rounding only (seen: ≤ 1e-14)
-        for actual, expected in ((p, theta), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
+        for actual, expected in ((p, theta), (opt.state[p]["exp_avg"], m), (opt.state[p]["exp_avg_sq"], v)):
             assert rel_err(actual, expected) <= 1e-12
 
 
-@pytest.mark.parametrize("impl", ["foreach", "fused", "fused-inductor", "capturable"])
+@pytest.mark.parametrize("impl", OTHERS)
 def test_float32_implementations_equal_the_for_loop(impl):
     grads = late_starting_gradients(1_000, dtype=torch.float32, seed=2)
     params0 = initial_params(dtype=torch.float32)
     expected, loop = run_torch(params0, grads, impl="for-loop", **HYPER)
     params, opt = run_torch(params0, grads, impl=impl, **HYPER)
     for p, q in zip(params, expected):
-        assert torch.equal(opt.state[p]["coord_step"], loop.state[q]["coord_step"])
+        assert torch.equal(_counts(opt, p), _counts(loop, q))
         if impl == "foreach":  # the same torch ops in the same order
             assert torch.equal(p, q)
         else:
@@ -64,7 +112,7 @@ def test_float32_implementations_equal_the_for_loop(impl):
             assert rel_err(p, q.detach().double().numpy()) <= 1e-5
 
 
-@pytest.mark.parametrize("impl", ["foreach", "fused", "fused-inductor"])
+@pytest.mark.parametrize("impl", OTHERS)
 def test_large_tensors_with_rows_and_elements_starting_late_equal_the_for_loop(impl):
     """Tensors large enough for the fused kernel's blocks: rows that start together (an embedding), elements that
     start one by one, rows that never start, and a thread split (the CPU kernel splits at 16,384 elements)."""
@@ -83,11 +131,11 @@ def test_large_tensors_with_rows_and_elements_starting_late_equal_the_for_loop(i
     expected, loop = run_torch(params0, grads, impl="for-loop", **HYPER)
     params, opt = run_torch(params0, grads, impl=impl, **HYPER)
     for p, q in zip(params, expected):
-        assert torch.equal(opt.state[p]["coord_step"], loop.state[q]["coord_step"])
+        assert torch.equal(_counts(opt, p), _counts(loop, q))
         assert rel_err(p, q.detach().numpy()) <= 1e-12  # float64: rounding only
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_coordinates_with_a_history_get_the_tensors_coefficients_bitwise(impl):
     """A count equal to the tensor's step reads the row built from the same evaluation as the tensor's own
     coefficients: with no zero gradient, the guard changes nothing, to the bit."""
@@ -100,7 +148,7 @@ def test_coordinates_with_a_history_get_the_tensors_coefficients_bitwise(impl):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("impl", ["foreach", "fused", "fused-inductor"])
+@pytest.mark.parametrize("impl", OTHERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_with_float32_state(impl, dtype):
     grads = late_starting_gradients(60, dtype=dtype, seed=5)
@@ -110,12 +158,12 @@ def test_low_precision_params_with_float32_state(impl, dtype):
     params, opt = run_torch(params0, grads, impl=impl, **kw)
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # one rounding of the param, relative
     for p, q in zip(params, expected):
-        assert torch.equal(opt.state[p]["coord_step"], loop.state[q]["coord_step"])
+        assert torch.equal(_counts(opt, p), _counts(loop, q))
         assert opt.state[p]["exp_avg"].dtype == torch.float32
         torch.testing.assert_close(p.float(), q.detach().float(), rtol=ulp, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused", "fused-inductor"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_stochastic_rounding_with_per_coordinate_steps(impl):
     """A bf16 step rounds the float32 result up or down: a float32 twin started from the same state computes that
     result, so each param lands within one bf16 ulp of it, and the counts advance alike."""
@@ -125,22 +173,23 @@ def test_stochastic_rounding_with_per_coordinate_steps(impl):
     twin = [p.detach().float().requires_grad_(True) for p in params]  # exact: bf16 ⊂ float32
     twin_opt = AdamNX(twin, foreach=False, **HYPER)
     saved = copy.deepcopy(opt.state_dict())
-    saved["param_groups"][0].update(foreach=False, fused=None)
+    saved["param_groups"][0].update(foreach=False, fused=None, capturable=False)
     twin_opt.load_state_dict(saved)
     for group, (ps, o) in ((grads[19], (params, opt)), (grads[19], (twin, twin_opt))):
         for p, g in zip(ps, group):
             p.grad = g.to(p.dtype)
         o.step()
     for p, x in zip(params, twin):
-        assert torch.equal(opt.state[p]["coord_step"], twin_opt.state[x]["coord_step"])
+        assert torch.equal(_counts(opt, p), _counts(twin_opt, x))
         x = x.detach()
         ulp = torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-126))) - 7)
         assert ((p.detach().float() - x).abs() <= ulp * (1 + 2.0**-10)).all()
 
 
-@pytest.mark.parametrize("impl", ["fused", "fused-inductor"])
+@pytest.mark.parametrize("impl", implementations(amp=True))
 def test_grad_scaler_overflow_skips_the_counts_too(impl):
-    """The fused kernels honour GradScaler's found_inf with the guard on: a skipped step changes nothing."""
+    """The implementations that take GradScaler's found_inf honour it with the guard on: a skipped step changes
+    nothing."""
     torch.manual_seed(0)
     model, plain = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
     plain.load_state_dict(model.state_dict())
@@ -169,9 +218,36 @@ def test_grad_scaler_overflow_skips_the_counts_too(impl):
         loop.step()
     for p, q in zip(model.parameters(), plain.parameters()):
         assert rel_err(p, q.detach().double().numpy()) <= 1e-6
-    counts = opt.state[model.weight]["coord_step"]
-    assert torch.equal(counts, loop.state[plain.weight]["coord_step"])
+    counts = _counts(opt, model.weight)
+    assert torch.equal(counts, _counts(loop, plain.weight))
     assert counts[:, 4].eq(0).all() and counts[:, :4].eq(5).all()
+
+
+@pytest.mark.parametrize("impl", implementations(amp=True))
+def test_a_first_step_skipped_by_found_inf_starts_nothing(impl, monkeypatch):
+    """GradScaler's usual first step (found_inf = 1 at step 0): nothing starts; coordinates whose first gradient is
+    zero keep waiting, as with lags per element."""
+
+    def run():
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(64, 64, generator=g).requires_grad_()
+        opt = IMPLEMENTATIONS[impl]([p], **HYPER)
+        opt.grad_scale = torch.ones(())
+        for t in range(6):
+            gr = torch.randn(64, 64, generator=g)
+            if t < 4:
+                gr[0, :5] = 0.0  # five coordinates start at step 4
+            opt.found_inf = torch.ones(()) if t == 0 else torch.zeros(())
+            p.grad = gr
+            opt.step()
+        return [p], opt
+
+    params, opt = run()
+    assert _counts(opt, params[0])[0, :5].tolist() == [2] * 5 and _counts(opt, params[0])[1, 0] == 5
+    with monkeypatch.context() as patch:
+        _lags_per_element_only(patch)
+        expected, other = run()
+    _assert_bitwise(params, opt, expected, other)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -179,121 +255,75 @@ def test_checkpoint_round_trip_continues_bitwise(impl):
     grads = late_starting_gradients(80, dtype=torch.float32, seed=7)
     params0 = initial_params(dtype=torch.float32)
     straight, straight_opt = run_torch(params0, grads, impl=impl, **HYPER)
-    first, first_opt = run_torch(params0, grads[:40], impl=impl, **HYPER)
-    saved = copy.deepcopy(first_opt.state_dict())
-    resumed = [p.detach().clone().requires_grad_(True) for p in first]
-    opt = IMPLEMENTATIONS[impl](resumed, **HYPER)
-    opt.load_state_dict(saved)
-    for step in grads[40:]:
-        for p, g in zip(resumed, step):
-            p.grad = g.clone()
-        opt.step()
-    for p, q in zip(resumed, straight):
+    resumed, opt = _run_with_checkpoint(impl, params0, grads, at=40)
+    ours, theirs = opt.state_dict()["state"], straight_opt.state_dict()["state"]
+    for i, (p, q) in enumerate(zip(resumed, straight)):
         assert torch.equal(p, q)
         for key in ("step", "exp_avg", "exp_avg_sq", "coord_step"):
-            a, b = opt.state[p][key], straight_opt.state[q][key]
+            a, b = ours[i][key], theirs[i][key]
             assert a.dtype == b.dtype and torch.equal(a, b), key
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_counts_saturate_at_the_int32_maximum(impl):
-    p = torch.nn.Parameter(torch.ones(4))
-    opt = IMPLEMENTATIONS[impl]([p], lr=1e-3, per_coordinate_steps=True)
-    p.grad = torch.ones(4)
-    opt.step()
-    opt.state[p]["step"].fill_(2.0**31 + 5)
-    opt.state[p]["coord_step"].copy_(torch.tensor([MAX_COUNT - 1, MAX_COUNT, 0, 3], dtype=torch.int32))
-    p.grad = torch.tensor([1.0, 1.0, 0.0, 1.0])
-    opt.step()
-    assert opt.state[p]["coord_step"].tolist() == [MAX_COUNT, MAX_COUNT, 0, 4]
-    assert torch.isfinite(p).all()
+# --------------------------------------------------------------------------- the lags: layouts, written once, bits
 
 
-# --------------------------------------------------------------------------- the coefficient table
+def _layouts(opt, params):
+    return [guard.layout_of(opt.state[p]["coord_lag"], p.shape) for p in params]
 
 
-def test_table_rows_are_the_host_coefficients_bitwise():
-    rows = coordinate_table(10_000, [], 0.9, 0.99, torch.float64, torch.device("cpu"))
-    assert rows.shape[0] == 3 and rows.shape[1] >= 10_001
-    assert rows[:, 0].tolist() == [1.0, 0.0, 1.0]  # count 0 (not started): t = 1's values
-    for t in (1, 2, 3, 100, 4095, 4096, 4097, 8191, 10_000):
-        w1, w2 = host_coefficients(t, 0.9, 0.99)
-        assert rows[:, t].tolist() == [w1, 1 - w2, w2]
-    rows32 = coordinate_table(10_000, [], 0.9, 0.99, torch.float32, torch.device("cpu"))
-    assert torch.equal(rows32[:, : rows.shape[1]], rows.to(torch.float32)[:, : rows32.shape[1]])
-
-
-def test_a_complete_table_ends_where_the_coefficients_stop_changing():
-    counts = [torch.tensor([10**8 - 1], dtype=torch.int32)]
-    rows = coordinate_table(10**8, counts, 0.9, 0.9, torch.float32, torch.device("cpu"))  # H ≈ 95: done by ~10⁴
-    assert rows.shape[1] < 2**15
-    last = rows[:, -1]
-    for t in (rows.shape[1], 10**6, 10**8, 2**31 - 1):
-        w1, w2 = coefficients(torch.tensor([float(t)], dtype=torch.float64), (0.9, 0.9))
-        assert torch.equal(torch.stack([w1[0], 1 - w2[0], w2[0]]).float(), last)
-
-
-def test_a_huge_step_with_short_counts_builds_a_short_table(monkeypatch):
-    """A step of 10⁹ whose coordinates started late: the table is sized by the counts, not by the step."""
-    monkeypatch.setattr(tensors_module, "_TABLES", type(tensors_module._TABLES)())
-    counts = [torch.tensor([0, 3, 7], dtype=torch.int32)]
-    rows = coordinate_table(1e9, counts, 0.9, 0.9999, torch.float32, torch.device("cpu"))
-    assert 8 <= rows.shape[1] <= 4096
-
-
-def test_tables_grow_by_doubling_and_few_are_kept(monkeypatch):
-    monkeypatch.setattr(tensors_module, "_TABLES", type(tensors_module._TABLES)())
-    cpu = torch.device("cpu")
-    lengths = [coordinate_table(n, [], 0.9, 0.999, torch.float32, cpu).shape[1] for n in (1, 4096, 9000, 20_000)]
-    assert lengths == [4096, 8192, 16384, 32768]
-    for k in range(20):  # a β2 schedule: a new table per value, and only the latest few stay
-        coordinate_table(10, [], 0.9, 0.99 + k * 1e-4, torch.float32, cpu)
-    assert len(tensors_module._TABLES) == tensors_module._MAX_TABLES
+def _expected(impl, layouts):
+    return layouts if impl in EVERY_LAYOUT else [ELEMENT] * len(layouts)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_counts_too_long_for_a_table_get_their_coefficients_evaluated_per_element(impl, monkeypatch):
-    """β2 = 0.9999 keeps its coefficients changing for 10⁹ steps: past MAX_TABLE_ROWS no table is built, every
-    coordinate's coefficients are evaluated from its count, and memory stays bounded."""
-    monkeypatch.setattr(tensors_module, "MAX_TABLE_ROWS", 8192)
-    monkeypatch.setattr(tensors_module, "_TABLES", type(tensors_module._TABLES)())
-    results = {}
-    for name in (impl, "capturable"):  # capturable always evaluates per element: the comparison
-        p = torch.nn.Parameter(torch.linspace(-1, 1, 6, dtype=torch.float64))
-        opt = IMPLEMENTATIONS[name]([p], lr=1e-2, betas=(0.9, 0.9999), per_coordinate_steps=True)
-        p.grad = torch.ones(6, dtype=torch.float64)
-        opt.step()
-        opt.state[p]["step"].fill_(20_000)
-        opt.state[p]["coord_step"].copy_(torch.tensor([0, 1, 5_000, 9_000, 15_000, 20_000], dtype=torch.int32))
-        for k in range(3):
-            p.grad = torch.tensor([0.0, 1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64) * (k + 1)
-            opt.step()
-        results[name] = (p.detach().clone(), opt.state[p]["exp_avg_sq"].clone(), opt.state[p]["coord_step"].clone())
-    assert torch.equal(results[impl][2], torch.tensor([0, 4, 5_003, 9_003, 15_003, 20_003], dtype=torch.int32))
-    for a, b in zip(results[impl], results["capturable"]):
-        assert rel_err(a, b.numpy()) <= 1e-12
-    assert all(t.rows.shape[1] <= 8192 for t in tensors_module._TABLES.values())
+def test_lags_take_the_coarsest_layout_that_holds_them(impl):
+    """A dense layer started at step 1 keeps one lag; an embedding whose rows start at different steps, one per row;
+    a matrix whose coordinates start one by one, one per coordinate; a tensor that never started, one (not
+    started). A checkpoint loads into the same layouts. Capturable keeps lags per element, on the device."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(8, 16), (12, 16), (4, 6), (5, 16)]
+    row_start = torch.arange(12)[:, None] % 4 + 1
+    element_start = torch.arange(24).reshape(4, 6) % 5 + 1
+    grads = []
+    for t in range(1, 7):
+        dense, emb, elements, never = (torch.randn(s, generator=g) for s in shapes)
+        grads.append([dense, emb * (row_start <= t), elements * (element_start <= t), never * 0])
+    params0 = [torch.randn(s, generator=g) for s in shapes]
+    expected = _expected(impl, [TENSOR, ROW, ELEMENT, TENSOR])
+    params, opt = run_torch(params0, grads, impl=impl, **HYPER)
+    assert _layouts(opt, params) == expected
+    params, opt = _run_with_checkpoint(impl, params0, grads, at=5)
+    assert _layouts(opt, params) == expected
+    assert opt.state[params[3]]["coord_lag"].eq(NOT_STARTED).all()
 
 
-def test_a_fresh_table_at_a_late_step_is_sized_by_the_counts(monkeypatch):
-    """Betas that change every step build a new table every step: sized by the counts, not by the step."""
-    monkeypatch.setattr(tensors_module, "_TABLES", type(tensors_module._TABLES)())
-    counts = [torch.tensor([0, 3, 7], dtype=torch.int32)]
-    rows = coordinate_table(10**6, counts, 0.9, 0.99, torch.float32, torch.device("cpu"))
-    assert rows.shape[1] == 4096
+@pytest.mark.parametrize("impl", EVERY_LAYOUT)
+def test_a_step_after_every_coordinate_started_writes_no_lags(impl):
+    """Write once: once a tensor's coordinates have started, a step reads its lags and writes none (its version
+    counter does not move, on the paths that write with torch ops; its values do not change, on all)."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(64, 32), (300, 8), (7, 5)]  # one lag; one per row; one per element
+    params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    opt = IMPLEMENTATIONS[impl](params, **HYPER)
+    for t in range(1, 5):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        grads[1][t::4] = 0.0 if t < 4 else grads[1][t::4]  # rows start at steps 1 to 4
+        grads[2].view(-1)[t::4] = 0.0 if t < 4 else grads[2].view(-1)[t::4]  # coordinates too
+        _step_through(opt, params, [grads])
+    assert _layouts(opt, params) == [TENSOR, ROW, ELEMENT]
+    lags = [opt.state[p]["coord_lag"] for p in params]
+    before = [(lag._version, lag.clone()) for lag in lags]
+    _step_through(opt, params, [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)])
+    for lag, (version, values) in zip(lags, before):
+        assert torch.equal(lag, values)
+        if impl != "fused":  # the C++ kernel writes memory without torch's version counter: values checked above
+            assert lag._version == version
 
 
-# --------------------------------------------------------------------------- what is known of the counts
-# The host paths (for-loop, foreach, the fused kernels) skip work that the counts' shape makes unnecessary: a tensor
-# whose counts are on its step takes its own coefficients (its few exceptions updated apart), an embedding one set
-# per row. These fast paths must give the bits of the per-element path, which is forced here by having nothing
-# recognised.
-
-
-def _kinds_test_gradients(n_steps: int) -> tuple[list[tuple[int, ...]], list[list[torch.Tensor]]]:
-    """Tensors meant to be seen as: on step; on step but for a few exceptions (coordinates starting late, one
-    never); by row (rows starting at different steps, some never); by row until a row starts with a zero inside
-    it (then by element); and 1-D with coordinates starting at different steps (by element)."""
+def _kinds_test_gradients(n_steps: int) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Tensors whose lags are: one (every coordinate started at step 1); per element (a dense layer but for a few
+    coordinates starting late, one never); per row (rows starting at different steps, some never); per row until
+    a row starts with a zero inside it (then per element); and 1-D with coordinates starting at different steps."""
     g = torch.Generator().manual_seed(11)
     shapes = [(128, 128), (128, 128), (1100, 16), (1025, 16), (20_000,)]
     starts = [
@@ -319,19 +349,23 @@ def _kinds_test_gradients(n_steps: int) -> tuple[list[tuple[int, ...]], list[lis
     return params0, grads
 
 
-def _per_element_only(monkeypatch):
-    """Nothing is recognised: every tensor goes element by element."""
-    unknown = tensors_module.KnownCounts(tensors_module.BY_ELEMENT)
-    for module in (tensors_module, adamnx._fused):
-        monkeypatch.setattr(module, "observe_counts", lambda count, step: unknown)
-    for module in (tensors_module, adamnx._fused):
-        monkeypatch.setattr(module, "off_step_coordinates", lambda count, step: None)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_layout_gives_the_bits_of_lags_per_element(impl, monkeypatch):
+    """One lag for a tensor, one per row: the same coefficients as one per element, to the bit, across a
+    checkpoint (which picks the layouts again) and a row that starts in part (the tensor then goes per element)."""
+    params0, grads = _kinds_test_gradients(40)
+    params, opt = _run_with_checkpoint(impl, params0, grads, at=17)
+    assert _layouts(opt, params) == _expected(impl, [TENSOR, ELEMENT, ROW, ELEMENT, ELEMENT])
+    with monkeypatch.context() as patch:
+        _lags_per_element_only(patch)
+        expected, other = _run_with_checkpoint(impl, params0, grads, at=17)
+    assert _layouts(other, expected) == [ELEMENT] * 5
+    _assert_bitwise(params, opt, expected, other)
 
 
-def test_a_row_cut_by_the_thread_split_starts_as_element_by_element(monkeypatch):
-    """The C++ kernel splits a step's elements between threads without regard to rows: a row that starts while
-    cut in two goes element by element, and the tensor is looked at again (by row once more: the row started as a
-    whole)."""
+def test_a_row_cut_by_the_thread_split_starts_whole(monkeypatch):
+    """The C++ kernel splits a step's elements between threads without regard to rows: the thread holding a row's
+    first element decides for the whole row, so a row that starts while cut in two starts whole."""
     rows, length = 1001, 33  # 33,033 elements: two threads split row 500
     g = torch.Generator().manual_seed(3)
     start = torch.randint(1, 6, (rows, 1), generator=g).repeat(1, length)
@@ -342,24 +376,21 @@ def test_a_row_cut_by_the_thread_split_starts_as_element_by_element(monkeypatch)
     torch.set_num_threads(2)
     try:
         params, opt = run_torch(params0, grads, impl="fused", **HYPER)
-        state = opt.state[params[0]]
-        assert tensors_module.known_counts(state["coord_step"], state["step"]).kind == "by row"
         with monkeypatch.context() as patch:
-            _per_element_only(patch)
-            expected, loop = run_torch(params0, grads, impl="fused", **HYPER)
+            _lags_per_element_only(patch)
+            expected, other = run_torch(params0, grads, impl="fused", **HYPER)
     finally:
         torch.set_num_threads(threads)
-    for key in ("coord_step", "exp_avg", "exp_avg_sq"):
-        assert torch.equal(state[key], loop.state[expected[0]][key]), key
-    assert torch.equal(params[0], expected[0])
+    assert _layouts(opt, params) == [ROW]
+    _assert_bitwise(params, opt, expected, other)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_rows_walked_by_the_cpu_kernel_give_the_per_element_bits(threads, dtype, monkeypatch):
-    """The C++ kernel's walk by row (stretches of rows with one count, rows that start whole, one with a NaN in its
-    gradient, rows cut by the thread split, rows that start in part: then element by element) against element by
-    element, across a checkpoint."""
+    """The C++ kernel's walk by row (stretches of rows with one lag, rows that start whole, one with a NaN in its
+    gradient, rows cut by the thread split, rows that start in part: then per element) against lags per element,
+    across a checkpoint."""
     rows, length = 741, 23  # 17,043 elements: thread splits fall inside rows
     g = torch.Generator().manual_seed(5)
     start = torch.randint(1, 14, (rows, 1), generator=g).repeat(1, length)
@@ -373,7 +404,7 @@ def test_rows_walked_by_the_cpu_kernel_give_the_per_element_bits(threads, dtype,
         if t == 9:
             grad[21] = torch.randn(length, generator=g)  # starts whole: NaN is a non-zero gradient
             grad[21, 4] = float("nan")
-        if t == 12:  # rows 7 and 14 start in part: the tensor goes element by element from here
+        if t == 12:  # rows 7 and 14 start in part: the tensor goes per element from here
             grad[7, 2], grad[14, :] = 1.0, torch.randn(length, generator=g)
             grad[14, 11] = 0.0
         grads.append([grad.to(dtype)])
@@ -383,97 +414,209 @@ def test_rows_walked_by_the_cpu_kernel_give_the_per_element_bits(threads, dtype,
     try:
         params, opt = _run_with_checkpoint("fused", params0, grads, at=4)
         with monkeypatch.context() as patch:
-            _per_element_only(patch)
-            expected, loop = run_torch(params0, grads, impl="fused", **HYPER)
+            _lags_per_element_only(patch)
+            expected, other = run_torch(params0, grads, impl="fused", **HYPER)
     finally:
         torch.set_num_threads(previous)
-    state, other = opt.state[params[0]], loop.state[expected[0]]
-    assert torch.equal(state["coord_step"], other["coord_step"])
-    for ours, theirs in (
-        (state["exp_avg"], other["exp_avg"]),
-        (state["exp_avg_sq"], other["exp_avg_sq"]),
-        (params[0], expected[0]),
-    ):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)  # bitwise, NaN in row 21 included
+    assert _layouts(opt, params) == [ELEMENT]
+    _assert_bitwise(params, opt, expected, other)  # bitwise, NaN in row 21 included
 
 
-def _run_with_checkpoint(impl, params0, grads, at: int):
-    """Run, save a state dict after ``at`` steps, load it into a new optimizer, and finish the run with that one."""
-    params, opt = run_torch(params0, grads[:at], impl=impl, **HYPER)
-    saved = copy.deepcopy(opt.state_dict())
-    resumed = IMPLEMENTATIONS[impl](params, **HYPER)
-    resumed.load_state_dict(saved)
-    _step_through(resumed, params, grads[at:])
-    return params, resumed
+def test_switching_implementations_mid_run_gives_the_per_element_bits(monkeypatch):
+    """Every implementation reads and writes the same lags: a run that switches between them (a fused step among
+    for-loop steps while a row starts in part) is the run with lags per element."""
 
+    def run():
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(20, 16, generator=g).requires_grad_()
+        opt = AdamNX([p], foreach=False, **HYPER)
+        for t in range(1, 13):
+            gr = torch.randn(20, 16, generator=g)
+            if t < 6:
+                gr[10:] = 0  # rows 10.. have not started
+            elif t < 9:
+                gr[10:, 3] = 0  # they start with a zero inside (column 3 starts at step 9)
+            opt.param_groups[0]["fused"] = t in (6, 7)
+            opt.param_groups[0]["foreach"] = False if t in (6, 7) else t % 2 == 0
+            p.grad = gr
+            opt.step()
+        return [p], opt
 
-def _step_through(opt, params, grads) -> None:
-    """Step ``opt`` once per entry of ``grads`` (one gradient per param)."""
-    for step in grads:
-        for p, gr in zip(params, step):
-            p.grad = gr.clone()
-        opt.step()
-
-
-@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused", "fused-inductor"])
-def test_recognised_counts_give_the_per_element_bits(impl, monkeypatch):
-    params0, grads = _kinds_test_gradients(40)
-    params, opt = _run_with_checkpoint(impl, params0, grads, at=17)  # the loaded counts are looked at again
-    if impl != "fused-inductor":  # the inductor kernel knows on step only
-        kinds = [tensors_module.known_counts(opt.state[p]["coord_step"], opt.state[p]["step"]) for p in params]
-        assert [k[0] for k in kinds] == ["on step", "on step", "by row", "by element", "by element"]
-        assert kinds[0][1] is None and kinds[1][1].tolist() == [3, 700, 701, 4000]
+    params, opt = run()
     with monkeypatch.context() as patch:
-        _per_element_only(patch)
-        expected, loop = run_torch(params0, grads, impl=impl, **HYPER)
-    for p, q in zip(params, expected):
+        _lags_per_element_only(patch)
+        expected, other = run()
+    _assert_bitwise(params, opt, expected, other)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lags_edited_in_place_are_read_at_the_next_step(impl):
+    """The lags are the state itself, with nothing kept beside them: an edit, even through ``.data``, is read at the
+    next step. Here row 5 of an embedding restarts at step 11, by an edit in place and by a state dict whose counts
+    say so: the same run."""
+    g = torch.Generator().manual_seed(4)
+    start = torch.randint(1, 5, (64, 1), generator=g).repeat(1, 16)
+    grads = [[torch.randn(64, 16, generator=g) * (start <= t)] for t in range(1, 31)]
+    params0 = [torch.randn(64, 16, generator=g)]
+
+    def run(edit):
+        params, opt = run_torch(params0, grads[:10], impl=impl, **HYPER)
+        edit(opt, params[0])
+        _step_through(opt, params, grads[10:])
+        return params, opt
+
+    def in_place(opt, p):
+        state = opt.state[p]
+        assert guard.layout_of(state["coord_lag"], p.shape) == _expected(impl, [ROW])[0]
+        state["coord_lag"].data[5] = NOT_STARTED
+        state["exp_avg"][5], state["exp_avg_sq"][5] = 0.0, 0.0
+
+    def through_the_state_dict(opt, p):
+        saved = opt.state_dict()
         for key in ("coord_step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt.state[p][key], loop.state[q][key]), key
-        assert torch.equal(p, q)
+            saved["state"][0][key][5] = 0
+        opt.load_state_dict(saved)
+
+    params, opt = run(in_place)
+    assert _counts(opt, params[0])[5].eq(20).all()  # restarted: counted from step 11 to 30
+    expected, other = run(through_the_state_dict)
+    _assert_bitwise(params, opt, expected, other)
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused", "fused-inductor"])
-def test_counts_edited_in_place_are_looked_at_again(impl, monkeypatch):
-    """A count changed behind the optimizer's back (here: one coordinate restarted) is not taken for on step."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_counts_edited_through_the_state_dict_are_taken(impl, monkeypatch):
+    """A coordinate of a dense layer restarted through the state dict (its count set to 0) counts again from its
+    next non-zero gradient; the tensor keeps its lags per element from then on."""
     params0, grads = _kinds_test_gradients(30)
 
     def run():
         params, opt = run_torch(params0, grads[:10], impl=impl, **HYPER)
-        opt.state[params[0]]["coord_step"][2, 2] = 0
-        opt.state[params[0]]["exp_avg"][2, 2] = 0.0
-        opt.state[params[0]]["exp_avg_sq"][2, 2] = 0.0
+        saved = opt.state_dict()
+        for key in ("coord_step", "exp_avg", "exp_avg_sq"):
+            saved["state"][0][key][2, 2] = 0
+        opt.load_state_dict(saved)
         _step_through(opt, params, grads[10:])
         return params, opt
 
     params, opt = run()
-    assert opt.state[params[0]]["coord_step"][2, 2] == 20 and opt.state[params[0]]["coord_step"][0, 0] == 30
+    counts = _counts(opt, params[0])
+    assert counts[2, 2] == 20 and counts[0, 0] == 30
     with monkeypatch.context() as patch:
-        _per_element_only(patch)
-        expected, _ = run()
-    for p, q in zip(params, expected):
-        assert torch.equal(p, q)
+        _lags_per_element_only(patch)
+        expected, other = run()
+    _assert_bitwise(params, opt, expected, other)
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused"])
-def test_counts_edited_past_the_version_counter_are_seen_after_a_state_dict_round_trip(impl, monkeypatch):
-    """An edit through ``.data`` does not bump the count tensor's version, so the fast paths cannot see it; the
-    documented remedy, ``opt.load_state_dict(opt.state_dict())`` after the edit, makes every count looked at again."""
-    params0, grads = _kinds_test_gradients(30)  # tensor 2 is by row
+# --------------------------------------------------------------------------- saturation and the window
 
-    def run():
-        params, opt = run_torch(params0, grads[:10], impl=impl, **HYPER)
-        state = opt.state[params[2]]
-        state["coord_step"].data[5] = 0  # restart row 5 (re-initialised, say)
-        state["exp_avg"].data[5], state["exp_avg_sq"].data[5] = 0.0, 0.0
-        opt.load_state_dict(opt.state_dict())
-        _step_through(opt, params, grads[10:])
-        return params, opt
 
-    params, opt = run()
-    assert opt.state[params[2]]["coord_step"][5].eq(20).all()  # restarted: counted from step 11 to 30
-    with monkeypatch.context() as patch:
-        _per_element_only(patch)
-        expected, loop = run()
-    for p, q in zip(params, expected):
-        assert torch.equal(opt.state[p]["coord_step"], loop.state[q]["coord_step"])
-        assert torch.equal(p, q)
+def _state_at(opt, p, step: float, counts: list[int]) -> None:
+    """Put the param's state at tensor step ``step`` with these counts, through a state dict."""
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = torch.tensor(step, dtype=torch.float64)
+    saved["state"][0]["coord_step"] = torch.tensor(counts, dtype=torch.int32)
+    opt.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_counts_saturate_at_the_int32_maximum(impl):
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = IMPLEMENTATIONS[impl]([p], lr=1e-3, per_coordinate_steps=True)
+    p.grad = torch.ones(4)
+    opt.step()
+    _state_at(opt, p, 2.0**31 + 5, [MAX_COUNT - 1, MAX_COUNT, 0, 3])
+    p.grad = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    opt.step()
+    assert _counts(opt, p).tolist() == [MAX_COUNT, MAX_COUNT, 0, 4]
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lags_shift_to_a_new_window_and_counts_go_on(impl):
+    """Lags are int32, relative to a base that moves by 2^30 steps: crossing it, every count goes on, a coordinate
+    that starts there counts from 1, one that has not started stays at 0, and a saturated one stays saturated."""
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = IMPLEMENTATIONS[impl]([p], lr=1e-3, per_coordinate_steps=True)
+    p.grad = torch.ones(5)
+    opt.step()
+    _state_at(opt, p, 2.0 * WINDOW - 2, [0, 1, 7, MAX_COUNT - 3, 0])
+    for t in range(4):  # steps 2^31 − 1, 2^31 (a new window), 2^31 + 1, 2^31 + 2
+        p.grad = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0 if t == 1 else 0.0])
+        opt.step()
+    assert _counts(opt, p).tolist() == [0, 5, 11, MAX_COUNT, 3]
+    assert torch.isfinite(p).all()
+
+
+# --------------------------------------------------------------------------- the coefficient table
+
+
+def _no_count(*args):
+    raise AssertionError("the table asked for the longest count although the step alone sizes it")
+
+
+def test_table_rows_are_the_host_coefficients_bitwise():
+    rows = coordinate_table(10_000, _no_count, 0.9, 0.99, torch.float64, torch.device("cpu"))
+    assert rows.shape[0] == 3 and rows.shape[1] >= 10_001
+    assert rows[:, 0].tolist() == [1.0, 0.0, 1.0]  # count 0 (not started): t = 1's values
+    assert torch.equal(rows[:, 0], rows[:, 1])  # so a coordinate that starts takes them whether counted 0 or 1
+    for t in (1, 2, 3, 100, 4095, 4096, 4097, 8191, 10_000):
+        w1, w2 = host_coefficients(t, 0.9, 0.99)
+        assert rows[:, t].tolist() == [w1, 1 - w2, w2]
+    rows32 = coordinate_table(10_000, _no_count, 0.9, 0.99, torch.float32, torch.device("cpu"))
+    assert torch.equal(rows32[:, : rows.shape[1]], rows.to(torch.float32)[:, : rows32.shape[1]])
+
+
+def test_a_complete_table_ends_where_the_coefficients_stop_changing():
+    rows = coordinate_table(10**8, lambda: 10**8 - 1, 0.9, 0.9, torch.float32, torch.device("cpu"))  # H ≈ 95
+    assert rows.shape[1] < 2**15
+    last = rows[:, -1]
+    for t in (rows.shape[1], 10**6, 10**8, 2**31 - 1):
+        w1, w2 = coefficients(torch.tensor([float(t)], dtype=torch.float64), (0.9, 0.9))
+        assert torch.equal(torch.stack([w1[0], 1 - w2[0], w2[0]]).float(), last)
+
+
+def test_a_huge_step_with_short_counts_builds_a_short_table(monkeypatch):
+    """A step of 10⁹ whose coordinates started late: the table is sized by the counts, not by the step."""
+    monkeypatch.setattr(table_module, "_TABLES", type(table_module._TABLES)())
+    rows = coordinate_table(1e9, lambda: 7, 0.9, 0.9999, torch.float32, torch.device("cpu"))
+    assert 8 <= rows.shape[1] <= 4096
+
+
+def test_tables_grow_by_doubling_and_few_are_kept(monkeypatch):
+    monkeypatch.setattr(table_module, "_TABLES", type(table_module._TABLES)())
+    cpu = torch.device("cpu")
+    lengths = [coordinate_table(n, _no_count, 0.9, 0.999, torch.float32, cpu).shape[1] for n in (1, 4096, 9000, 20_000)]
+    assert lengths == [4096, 8192, 16384, 32768]
+    for k in range(20):  # a β2 schedule: a new table per value, and only the latest few stay
+        coordinate_table(10, _no_count, 0.9, 0.99 + k * 1e-4, torch.float32, cpu)
+    assert len(table_module._TABLES) == table_module._MAX_TABLES
+
+
+def test_a_fresh_table_at_a_late_step_is_sized_by_the_counts(monkeypatch):
+    """Betas that change every step build a new table every step: sized by the counts, not by the step."""
+    monkeypatch.setattr(table_module, "_TABLES", type(table_module._TABLES)())
+    rows = coordinate_table(10**6, lambda: 7, 0.9, 0.99, torch.float32, torch.device("cpu"))
+    assert rows.shape[1] == 4096
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_counts_too_long_for_a_table_get_their_coefficients_evaluated_per_element(impl, monkeypatch):
+    """β2 = 0.9999 keeps its coefficients changing for 10⁹ steps: past MAX_TABLE_ROWS no table is built, every
+    coordinate's coefficients are evaluated from its count, and memory stays bounded."""
+    monkeypatch.setattr(table_module, "MAX_TABLE_ROWS", 8192)
+    monkeypatch.setattr(table_module, "_TABLES", type(table_module._TABLES)())
+    results = {}
+    for name in (impl, "capturable"):  # capturable always evaluates per element: the comparison
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 6, dtype=torch.float64))
+        opt = IMPLEMENTATIONS[name]([p], lr=1e-2, betas=(0.9, 0.9999), per_coordinate_steps=True)
+        p.grad = torch.ones(6, dtype=torch.float64)
+        opt.step()
+        _state_at(opt, p, 20_000, [0, 1, 5_000, 9_000, 15_000, 20_000])
+        for k in range(3):
+            p.grad = torch.tensor([0.0, 1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64) * (k + 1)
+            opt.step()
+        results[name] = (p.detach().clone(), opt.state[p]["exp_avg_sq"].clone(), _counts(opt, p))
+    assert torch.equal(results[impl][2], torch.tensor([0, 4, 5_003, 9_003, 15_003, 20_003], dtype=torch.int32))
+    for a, b in zip(results[impl], results["capturable"]):
+        assert rel_err(a, b.numpy()) <= 1e-12
+    assert all(t.rows.shape[1] <= 8192 for t in table_module._TABLES.values())

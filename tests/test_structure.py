@@ -1,13 +1,17 @@
 """The package's structure: no module imports itself back through others, eagerly or lazily; every backend is
-tested."""
+tested; a backend is one module and one row; the optimizer names no backend."""
 
 from __future__ import annotations
 
 import ast
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import adamnx
-from adamnx.functional import BACKENDS, backend_name
+from adamnx.backends import BACKENDS
 from helpers import IMPLEMENTATIONS
 
 PACKAGE = Path(adamnx.__file__).parent
@@ -87,25 +91,57 @@ def test_the_cycle_finder_finds_a_lazy_cycle():
 
 
 def test_every_backend_row_is_run_by_the_test_table():
-    """A row of adamnx.functional.BACKENDS is selected by some implementation of tests/helpers.py, with and without
-    capturable=True where that runs another path, so every test parametrized over the table runs it."""
-    selected = {
-        (backend_name(impl.kwargs.get("fused"), impl.kwargs.get("foreach")), impl.kwargs.get("capturable", False))
-        for impl in IMPLEMENTATIONS.values()
-    }
+    """A row of adamnx.backends.BACKENDS is an implementation of tests/helpers.py, with its capturable=True variant
+    where it runs one, so every test parametrized over the table runs it."""
     for name, backend in BACKENDS.items():
-        assert (name, False) in selected, name
-        assert not backend.capturable or (name, True) in selected, name
-        assert IMPLEMENTATIONS[name].kwargs == dict(backend.options)  # the test names are the table's
+        assert IMPLEMENTATIONS[name].backend is backend and IMPLEMENTATIONS[name].kwargs == dict(backend.options)
+        assert not backend.capturable or any(
+            impl.backend is backend and impl.kwargs.get("capturable") for impl in IMPLEMENTATIONS.values()
+        ), name
 
 
 def test_the_bench_times_and_stresses_every_backend_row():
-    """`adamnx perf` and `adamnx stress` take their AdamNX candidates from the same table: a new row is timed, with
-    and without the late-activation guard, and stressed, with nothing else to edit."""
+    """`adamnx perf` and `adamnx stress` take their AdamNX candidates from the same table: the implementation of a new
+    row (its options; on the device it steps) is timed, with and without the late-activation guard, and stressed, with
+    nothing else to edit."""
+    from adamnx.bench.optimizers import implementation_options
     from adamnx.bench.perf import _candidates
     from adamnx.bench.stress import CANDIDATES
 
-    for name in BACKENDS:
-        bench_name = name.replace("-", "")
-        assert {f"adamnx-{bench_name}", f"adamnx-{bench_name}-guard"} <= set(_candidates()), name
-        assert {f"adamnx-{bench_name}", f"adamnx-{bench_name}+guard"} <= set(CANDIDATES), name
+    options = implementation_options()
+    assert {tuple(b.options.items()) for b in BACKENDS.values()} == {tuple(o.items()) for o in options.values()}
+    for name in options:
+        assert {f"adamnx-{name}", f"adamnx-{name}-guard"} <= set(_candidates()), name
+        assert {f"adamnx-{name}", f"adamnx-{name}+guard"} <= set(CANDIDATES), name
+
+
+def test_the_optimizer_and_the_planner_name_no_backend():
+    """Which implementation runs, and what it supports, is read from the table: the optimizer, the functional form,
+    the validation and the planner never name a row or an executor module."""
+    options = {key for backend in BACKENDS.values() for key in backend.options}  # a group's flags, not rows
+    names = [name for name in BACKENDS if name not in options]
+    names += ["_cpu_extension", "fused_cpu", "fused_inductor", "backends.loop", "backends.foreach"]
+    for module in ("optimizer.py", "functional.py", "_validation.py", "plan.py", "guard.py", "update.py"):
+        code = "\n".join(
+            line for line in (PACKAGE / module).read_text().splitlines() if not line.lstrip().startswith("#")
+        )
+        code = re.sub(r'""".*?"""', "", code, flags=re.S)  # docstrings may say what the rows are
+        for name in names:
+            assert not re.search(rf"[\"'.]{re.escape(name)}[\"'.(\s]", code), f"{module} names {name!r}"
+
+
+def test_a_backend_registered_from_the_tests_alone_runs_the_whole_battery():
+    """tests/toy_backend.py (one module, one row) registers a throwaway executor; every test parametrized over the
+    implementations then runs on it too (here filtered to it). It passes them all."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "toy_backend", "-k", "toy", "-p", "no:cacheprovider", "tests"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        env=env,
+    )
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    passed = int(re.search(r"(\d+) passed", summary).group(1))
+    assert passed >= 150, summary  # parity, hardening, checkpoints, the guard, golden trajectories, ...

@@ -15,6 +15,14 @@ SAME_MACHINE = RECORDED["machine"] == machine()
 # their last bit now and then), the sums agree to a few float32 ulps; low-precision runs to a few bf16 ulps.
 TOLERANCE = {"bf16": 2e-2, "f16": 2e-2}
 
+# Runs whose bits changed on purpose in the redesign: held to the recorded sums instead (within TOLERANCE, or 1e-5).
+CHANGED_ON_PURPOSE = {
+    "fused-inductor": "the accelerator kernel compiles the one torch update (adamnx.update.update) instead of an "
+    "expression of its own: other roundings",
+    "fused/f32-layout": "a tensor whose param and grad differ in layout is stepped by the C++ kernel on contiguous "
+    "copies, not by an eager copy of the formula",
+}
+
 CASES = [
     (impl, scenario)
     for impl in IMPLEMENTATIONS
@@ -33,7 +41,7 @@ def test_the_final_state_is_what_it_was_before_the_redesign(impl, scenario):
     expected = RECORDED["results"][f"{impl}/{scenario}"]
     actual = {name: summary(t) for name, t in run(impl, scenario).items()}
     assert sorted(actual) == sorted(expected)
-    if SAME_MACHINE:
+    if SAME_MACHINE and impl not in CHANGED_ON_PURPOSE and f"{impl}/{scenario}" not in CHANGED_ON_PURPOSE:
         changed = [name for name in expected if actual[name][0] != expected[name][0]]
         assert not changed, f"bits changed in {changed}"
         return

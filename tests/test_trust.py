@@ -159,10 +159,12 @@ def test_no_nan_or_inf_at_huge_step_counts(impl, beta2, step, cold):
     opt = IMPLEMENTATIONS[impl]([p], lr=lr, betas=(0.9, beta2), per_coordinate_steps=cold)
     p.grad = torch.randn(5)
     opt.step()
-    opt.state[p]["step"].fill_(step)
+    saved = opt.state_dict()  # then at step t; cold: no coordinate has a history (and none has started)
+    saved["state"][0]["step"] = torch.tensor(step, dtype=torch.float64)
     if cold:
-        opt.state[p]["exp_avg_sq"].fill_(0.0)
-        opt.state[p]["exp_avg"].fill_(0.0)
+        for key in ("exp_avg", "exp_avg_sq", "coord_step"):
+            saved["state"][0][key] = torch.zeros_like(saved["state"][0][key])
+    opt.load_state_dict(saved)
     before = p.detach().clone()
     p.grad = torch.randn(5)
     opt.step()

@@ -5,7 +5,7 @@ layout, tensor-lr, param-group, missed-step, checkpoint, GradScaler and late-act
 each) and its final state (`state_dict()` and the params) is compared with what the code gave before the redesign:
 bitwise where the machine computes like the one that recorded it, else within a few float32 ulps.
 
-    python tests/trajectories.py    # (re)record tests/golden/trajectories.pt: only when the bits are meant to change
+    python tests/trajectories.py    # (re)record tests/recorded/trajectories.json: only when the bits are meant to change
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from helpers import IMPLEMENTATIONS, gradient_sequence, initial_params
 
-GOLDEN = Path(__file__).with_name("golden") / "trajectories.json"
+GOLDEN = Path(__file__).with_name("recorded") / "trajectories.json"
 
 SHAPES = [(5, 3), (7,), (2, 3, 4), (), (16, 8)]
 STEPS = 30

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamnx._backends import FLOATING_DTYPES
-from adamnx._tensors import MAX_COUNT
-from adamnx.functional import backends_for
+from adamnx.backends import FLOATING_DTYPES, rows_for
+from adamnx.guard import MAX_COUNT
 
 __all__ = ["FLOATING_DTYPES", "as_float", "check_hyperparameters", "check_state_dict"]
 
@@ -110,9 +109,9 @@ def check_hyperparameters(group: Mapping[str, Any], *, read_tensors: bool = True
     if group.get("foreach") and group.get("differentiable"):
         raise RuntimeError("`foreach` does not support `differentiable=True`")
     state_dtype = group.get("state_dtype")
-    # The moments' dtypes that every backend the flags may run can keep (each row's state_dtypes).
+    # The moments' dtypes that every implementation the flags may run can keep (each row's state_dtypes).
     if state_dtype is not None and any(
-        state_dtype not in b.state_dtypes for b in backends_for(group.get("fused"), group.get("foreach"))
+        state_dtype not in b.state_dtypes for b in rows_for(group.get("fused"), group.get("foreach"))
     ):
         raise ValueError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
     if group.get("differentiable") and (state_dtype is not None or group.get("stochastic_rounding")):

@@ -1,4 +1,6 @@
-"""The ``torch.optim`` AdamNX optimizer: validation, state and plumbing. The math lives in functional.py."""
+"""The ``torch.optim`` AdamNX optimizer: validation, state and plumbing. It names no implementation: a step is planned
+by :mod:`adamnx.plan` and run by the row of :mod:`adamnx.backends` its flags select; the math lives in
+:mod:`adamnx.update` (and the schedule in :mod:`adamnx.schedule`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamnx._backends import Backend
+from adamnx import backends, guard
 from adamnx._validation import (
     MAX_COORD_STEP,
     OPTION_DEFAULTS,
@@ -16,7 +18,9 @@ from adamnx._validation import (
     check_hyperparameters,
     check_state_dict,
 )
-from adamnx.functional import adamnx, backends_for
+from adamnx.backends import Backend
+from adamnx.functional import step_tensors
+from adamnx.plan import Hyperparameters
 
 __all__ = ["AdamNX"]
 
@@ -85,17 +89,19 @@ class AdamNX(torch.optim.Optimizer):
         skip_nonfinite: skip the step of a param group whose gradients contain inf/NaN, leaving params,
             moments and step counts untouched; counts skips in ``param_group["skipped_steps"]``. Costs one
             host sync per group and step. Default off, like torch: no hidden checks in the hot path.
-        per_coordinate_steps: count steps per coordinate, from its first non-zero gradient (an extra int32
-            state tensor ``coord_step`` per param), so that a coordinate that first gets a gradient at a late
+        per_coordinate_steps: count steps per coordinate, from its first non-zero gradient, so that a coordinate that first gets a gradient at a late
             step t follows the paper's schedule from its own t = 1 (m = g, v = g², then v the mean of its
             g²) instead of getting (1 − β̂2_t)·g² and a first update of ~0.1/√(1 − β̂2_t) × lr (25× lr at
             t = 20k for β2 = 0.99). For embeddings with rare rows and parameters whose parts start late. Every
-            implementation supports it; the coefficients of each count come from a table (12 bytes per step of
-            the run for float32 math), so the step stays one pass over memory. Off by default: the paper's
+            implementation supports it. The state keeps when each coordinate started, written once (``coord_lag``:
+            one int32 for a tensor whose coordinates started together, one per row, or one per coordinate; see
+            :mod:`adamnx.guard`), and ``state_dict()`` saves every coordinate's count as ``coord_step`` (int32);
+            :meth:`coord_steps` reads them. The coefficients of each count come from a table (12 bytes per step
+            of the run for float32 math), so the step stays one pass over memory. Off by default: the paper's
             algorithm.
 
     State per parameter (as torch.optim.AdamW): ``step`` (float64 0-d tensor, exact to 2^53),
-    ``exp_avg`` (m), ``exp_avg_sq`` (v).
+    ``exp_avg`` (m), ``exp_avg_sq`` (v); with ``per_coordinate_steps``, ``coord_lag``.
     """
 
     def __init__(
@@ -138,8 +144,8 @@ class AdamNX(torch.optim.Optimizer):
     @property
     def _step_supports_amp_scaling(self) -> bool:
         # GradScaler hands the step its grad_scale/found_inf (instead of unscaling the grads itself and skipping
-        # inf steps) only when every group runs a path that honours them: fused.
-        return all(g["fused"] for g in self.param_groups)
+        # inf steps) only when every group runs implementations that honour them.
+        return all(all(b.amp for b in backends.rows_for(g["fused"], g["foreach"])) for g in self.param_groups)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check a new group's own hyperparameters before the base class stores it.
@@ -159,6 +165,9 @@ class AdamNX(torch.optim.Optimizer):
                 p_state = self.state.get(p, {})
                 if "step" in p_state:
                     p_state["step"] = self._exact_step(p_state["step"], p, group)
+                if "coord_step" in p_state:  # an optimizer pickled before lags were kept
+                    counts = p_state.pop("coord_step").to(p.device, torch.int32)
+                    p_state["coord_lag"] = guard.lags_from_counts(counts, float(p_state["step"]))
 
     @staticmethod
     def _exact_step(step: Any, param: Tensor, group: dict[str, Any]) -> Tensor:
@@ -166,6 +175,35 @@ class AdamNX(torch.optim.Optimizer):
         device = param.device if group["capturable"] or group["fused"] else torch.device("cpu")
         value = step.detach() if isinstance(step, Tensor) else torch.tensor(float(step), dtype=torch.float64)
         return value.to(device=device, dtype=_step_dtype(device), copy=True).reshape(())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state as torch.optim saves it, with each coordinate's count as ``coord_step`` (int32, shaped
+        like the param's real view) where ``per_coordinate_steps`` keeps lags: the format every version saves."""
+
+        def with_counts(optimizer: AdamNX, state_dict: dict[str, Any]) -> None:  # before every user post-hook
+            saved = state_dict["state"]
+            for pid, p_state in saved.items():
+                if "coord_lag" in p_state:  # a new dict: torch's packs the optimizer's own state dicts
+                    kept = {key: value for key, value in p_state.items() if key != "coord_lag"}
+                    saved[pid] = {**kept, "coord_step": self._counts(p_state)}
+
+        handle = self.register_state_dict_post_hook(with_counts, prepend=True)
+        try:
+            saved = super().state_dict()
+        finally:
+            handle.remove()
+        return saved
+
+    def coord_steps(self, param: Tensor) -> Tensor | None:
+        """Each coordinate's step count (int32, shaped like ``param``'s real view: a complex param's has a last
+        dimension of 2), or None when the param has none (``per_coordinate_steps`` off, or no step yet)."""
+        p_state = self.state.get(param, {})
+        return self._counts(p_state) if "coord_lag" in p_state else None
+
+    def _counts(self, p_state: dict[str, Any]) -> Tensor:
+        like = p_state["exp_avg_sq"]
+        like = torch.view_as_real(like) if like.is_complex() else like
+        return guard.counts(p_state["coord_lag"], float(p_state["step"]), like)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict (ours, torch's AdamW-style, or the authors').
@@ -216,8 +254,11 @@ class AdamNX(torch.optim.Optimizer):
                 state_dtype = self._state_dtype(p, group)
                 for key in ("exp_avg", "exp_avg_sq"):  # a copy: never alias the caller's (or another optimizer's)
                     state[key] = saved[key].detach().to(device=p.device, dtype=state_dtype, copy=True)
-                if "coord_step" in saved:
-                    state["coord_step"] = saved["coord_step"].detach().to(p.device, torch.int32, copy=True)
+                state.pop("coord_step", None)
+                state.pop("coord_lag", None)
+                if "coord_step" in saved:  # kept as lags, in the coarsest layout that holds them
+                    counts = saved["coord_step"].detach().to(p.device, torch.int32, copy=True)
+                    state["coord_lag"] = guard.lags_from_counts(counts, float(state["step"]))
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -269,24 +310,26 @@ class AdamNX(torch.optim.Optimizer):
             self._check_params(group)
 
     def _check_params(self, group: dict[str, Any]) -> None:
-        """The gradients and state of a group's params: sparse, moved or cast params, the support of the backends
-        the group may run (devices and dtypes, fused's), counters."""
+        """The gradients and state of a group's params: sparse, moved or cast params, the support of the
+        implementations the group may run (devices and dtypes), counters."""
         state_dtype, differentiable = group["state_dtype"], group["differentiable"]
         capturable = group["capturable"]
-        # The rows of the backend table whose devices or dtypes are limited (fused's), or none.
-        limited = [b for b in backends_for(group["fused"], group["foreach"]) if b.devices or b.dtypes]
-        # Params that have state are checked for those rows' support once per group and list of params (fused may
-        # have been switched on since their state was created, or by a checkpoint); their device and dtype cannot
-        # change unnoticed since (the moved-or-cast check below).
-        # (Under torch.compile the checks are traced, as constants and guards: nothing to remember.)
+        rows = backends.rows_for(group["fused"], group["foreach"])
+        # Rows that step only some devices or dtypes (fused's): a param must suit one of them.
+        limited = rows if all(b.devices or b.dtypes for b in rows) else []
+        # Params that have state are checked for that support once per group and list of params (fused may have
+        # been switched on since their state was created, or by a checkpoint); their device and dtype cannot change
+        # unnoticed since (the moved-or-cast check below). (Under torch.compile the checks are traced, as constants
+        # and guards: nothing to remember.)
         remember = bool(limited) and not torch.compiler.is_compiling()
         checked = (tuple(map(id, limited)), tuple(map(id, group["params"]))) if remember else ()
         support_checked = remember and self._supported_groups.get(id(group)) == checked
-        device_types: set[str] = set()
+        with_grad = []
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
+            with_grad.append(p)
             if grad.is_sparse:
                 raise RuntimeError("AdamNX does not support sparse gradients")
             if differentiable and p.is_leaf and p.requires_grad:
@@ -296,9 +339,7 @@ class AdamNX(torch.optim.Optimizer):
                 )
             state = self.state.get(p)
             if limited and not (support_checked and state):
-                for backend in limited:
-                    self._check_support(backend, p)
-                device_types.add(p.device.type)
+                self._check_support(limited, p)
             if not state:
                 if state_dtype is not None and p.is_complex():
                     raise RuntimeError("state_dtype is not supported for complex parameters")
@@ -318,11 +359,21 @@ class AdamNX(torch.optim.Optimizer):
                     f"capturable=True needs the step counter on the param's device ({p.device}), it is on "
                     f"{state['step'].device}: call opt.load_state_dict(opt.state_dict()) after switching capturable on"
                 )
-        for backend in limited:
-            if backend.prepare is not None and device_types:
-                backend.prepare(device_types)  # build (or load) it now (then cached): fails before anything changes
+        if limited and with_grad:
+            flags = self._flags(group, with_grad)
+            for device_type in sorted({p.device.type for p in with_grad}):
+                backend = backends.select(flags, device_type)
+                if backend.prepare is not None:
+                    backend.prepare()  # build (or load) it now (then cached): fails before anything changes
         if remember:
             self._supported_groups[id(group)] = checked
+
+    @staticmethod
+    def _flags(group: dict[str, Any], params: list[Tensor]) -> dict[str, bool]:
+        return backends.resolve_flags(
+            group["fused"], group["foreach"], params, differentiable=group["differentiable"],
+            capturable=group["capturable"], lr=group["lr"],
+        )  # fmt: skip
 
     @staticmethod
     def _is_state_init_probe(group: dict[str, Any], p: Tensor) -> bool:
@@ -340,18 +391,19 @@ class AdamNX(torch.optim.Optimizer):
     def _state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
         return p.dtype if group["state_dtype"] is None or p.is_complex() else group["state_dtype"]
 
-    def _coord_steps(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        """The per-coordinate counters (created on first use; a checkpoint without them starts every coordinate
-        that has a history at the tensor's step count)."""
-        counters = []
+    def _guard_states(self, params: list[Tensor]) -> list[dict[str, Any]]:
+        """The states whose ``coord_lag`` the step reads and writes. A state from a checkpoint saved without
+        per_coordinate_steps starts every coordinate that has a history at the tensor's step count."""
+        states = []
         for p in params:
             state = self.state[p]
-            v = torch.view_as_real(state["exp_avg_sq"]) if p.is_complex() else state["exp_avg_sq"]
-            if "coord_step" not in state:
-                start = min(int(state["step"].item()), MAX_COORD_STEP)  # the tensor's count (0 before its first step)
-                state["coord_step"] = torch.where(v > 0, start, 0).to(torch.int32)
-            counters.append(state["coord_step"])
-        return counters
+            if "coord_lag" not in state and state["step"] > 0:
+                v = torch.view_as_real(state["exp_avg_sq"]) if p.is_complex() else state["exp_avg_sq"]
+                step = float(state["step"])
+                counts = torch.where(v > 0, min(int(step), MAX_COORD_STEP), 0).to(torch.int32)
+                state["coord_lag"] = guard.lags_from_counts(counts, step)
+            states.append(state)
+        return states
 
     @staticmethod
     def _all_finite(grads: list[Tensor]) -> bool:
@@ -362,27 +414,29 @@ class AdamNX(torch.optim.Optimizer):
         return bool(torch.stack([t.to(per_tensor[0].device) for t in per_tensor]).all())
 
     @staticmethod
-    def _check_support(backend: Backend, p: Tensor) -> None:
-        """Refuse a param the backend cannot step (a device or a real dtype not in its row)."""
-        devices, dtypes = backend.devices, backend.dtypes
-        if (devices is not None and p.device.type not in devices) or not (
-            dtypes is None or p.dtype in dtypes or p.is_complex()
-        ):
+    def _check_support(rows: list[Backend], p: Tensor) -> None:
+        """Refuse a param no row the group may run can step (a device or a real dtype none of them takes)."""
+        if not any(b.supports(p) for b in rows):
+            devices = sorted({d for b in rows for d in (b.devices or ())})
             raise RuntimeError(
-                f"{backend.option()} supports floating-point params on {devices}; got {p.dtype} on {p.device.type}"
+                f"{rows[0].option()} supports floating-point params on {devices}; got {p.dtype} on {p.device.type}"
             )
 
     def _check_graph_capture(self) -> None:
         if torch.compiler.is_compiling() or not torch.cuda.is_available():
             return
-        if torch.cuda.is_current_stream_capturing() and not all(
-            g["capturable"] or (g["fused"] and not g["per_coordinate_steps"]) for g in self.param_groups
-        ):
-            # fused with per_coordinate_steps sizes its coefficient table on the host (a sync): not capturable
-            raise RuntimeError(
-                "Capturing a CUDA graph of AdamNX.step needs capturable=True (or fused=True without "
-                "per_coordinate_steps)"
-            )
+        if not torch.cuda.is_current_stream_capturing():
+            return
+        for group in self.param_groups:
+            rows = backends.rows_for(group["fused"], group["foreach"])
+            on_device = group["capturable"] and all(b.capturable for b in rows)
+            # the guard sizes its coefficient table on the host (a sync), but with capturable=True
+            no_sync = all(b.cuda_graph_safe for b in rows) and not group["per_coordinate_steps"]
+            if not (on_device or no_sync):
+                raise RuntimeError(
+                    "Capturing a CUDA graph of AdamNX.step needs capturable=True (or fused=True without "
+                    "per_coordinate_steps)"
+                )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step. ``closure`` (optional) re-evaluates the model and returns the loss."""
@@ -406,28 +460,18 @@ class AdamNX(torch.optim.Optimizer):
                     # Nothing of this group changes: params, moments and step counts stay as they were.
                     group["skipped_steps"] = group.get("skipped_steps", 0) + 1
                     continue
-                has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+                self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+                if not params:
+                    continue
                 beta1, beta2 = group["betas"]
-                adamnx(
-                    params,
-                    grads,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    state_steps,
-                    getattr(self, "grad_scale", None),
-                    getattr(self, "found_inf", None),
-                    has_complex=has_complex,
-                    foreach=group["foreach"],
-                    capturable=group["capturable"],
-                    differentiable=group["differentiable"],
-                    fused=group["fused"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    maximize=group["maximize"],
-                    stochastic_rounding=group["stochastic_rounding"],
-                    coord_steps=self._coord_steps(group, params) if group["per_coordinate_steps"] else None,
-                )
+                hp = Hyperparameters(
+                    beta1, beta2, group["lr"], group["weight_decay"], group["eps"], group["maximize"],
+                    group["stochastic_rounding"],
+                )  # fmt: skip
+                step_tensors(
+                    params, grads, exp_avgs, exp_avg_sqs, state_steps, hp, self._flags(group, params),
+                    grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+                    capturable=group["capturable"], differentiable=group["differentiable"],
+                    guard_states=self._guard_states(params) if group["per_coordinate_steps"] else None,
+                )  # fmt: skip
         return loss

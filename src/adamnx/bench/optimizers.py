@@ -27,6 +27,7 @@ __all__ = [
     "OptimizerSpec",
     "adamnx_beta2",
     "build_optimizer",
+    "implementation_options",
     "optimizer_spec",
     "with_beta2",
 ]
@@ -224,3 +225,16 @@ def with_beta2(name: str, beta2: float) -> str:
         f"{call}(params, lr, betas=({beta1}, {beta2!r}), weight_decay={wd})",
     )
     return new
+
+
+def implementation_options() -> dict[str, dict[str, bool]]:
+    """Every implementation a user selects (a set of constructor options of the rows of ``adamnx.backends.BACKENDS``),
+    by the name the bench gives it (``forloop``, ``foreach``, ``fused``): what `adamnx perf` times and `adamnx stress`
+    stresses. Rows that share options (fused's C++ and accelerator kernels) are one implementation: the device picks."""
+    from adamnx.backends import BACKENDS
+
+    options: dict[str, dict[str, bool]] = {}
+    for backend in BACKENDS.values():
+        name = next((key for key, value in backend.options.items() if value), "forloop")
+        options.setdefault(name, dict(backend.options))
+    return options

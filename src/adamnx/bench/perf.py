@@ -60,11 +60,11 @@ class _AuthorsLoop:
 
 def _candidates() -> dict[str, Any]:
     from adamnx import AdamNX
-    from adamnx.functional import BACKENDS
+    from adamnx.bench.optimizers import implementation_options
 
-    # Every row of the backend table (for-loop, foreach, fused: ``adamnx-forloop``, ...), fastest first, and each
-    # with the late-activation guard (per-coordinate step counts), against the same implementation without it.
-    rows = {f"adamnx-{name.replace('-', '')}": backend.options for name, backend in reversed(BACKENDS.items())}
+    # Every implementation of the backend table (fused, foreach, for-loop: ``adamnx-fused``, ...), and each with the
+    # late-activation guard (per-coordinate step counts), against the same implementation without it.
+    rows = {f"adamnx-{name}": options for name, options in implementation_options().items()}
     return {
         **{name: functools.partial(AdamNX, **options) for name, options in rows.items()},
         **{

@@ -22,16 +22,9 @@ import torch
 from torch import nn
 
 from adamnx import AdamNX
+from adamnx.bench.optimizers import implementation_options
 
 __all__ = ["add_arguments", "run_from_args", "run_stress"]
-
-
-def _implementations() -> dict[str, dict]:
-    """Every row of adamnx.functional.BACKENDS, by the name the bench gives it (``forloop``, ``foreach``, ``fused``),
-    with the constructor options that select it."""
-    from adamnx.functional import BACKENDS
-
-    return {name.replace("-", ""): dict(backend.options) for name, backend in BACKENDS.items()}
 
 
 def _adamnx(impl: dict, guard: bool):
@@ -41,7 +34,7 @@ def _adamnx(impl: dict, guard: bool):
 CANDIDATES = {
     **{
         f"adamnx-{name}{'+guard' if guard else ''}": _adamnx(impl, guard)
-        for name, impl in _implementations().items()
+        for name, impl in implementation_options().items()
         for guard in (False, True)
     },
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),

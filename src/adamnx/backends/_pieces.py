@@ -1,0 +1,73 @@
+"""Cutting tensors into aligned 1-D pieces, for the host executors' updates on copies and per-element coefficients:
+bounded temporaries, and pieces small enough to stay in cache on the CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor
+
+__all__ = ["buckets_of_pieces", "dense_1d_views", "in_pieces", "piece_size"]
+
+# Elements per piece (three float32 copies of a piece exist at a time). On the CPU small pieces stay in cache (12 MB)
+# and are faster than whole tensors; an accelerator pays ~12 launches per piece, so its pieces are larger (768 MB of
+# temporaries at most).
+_PIECE = {"cpu": 1 << 20}
+_ACCELERATOR_PIECE = 1 << 26
+
+
+def piece_size(tensor: Tensor) -> int:
+    return _PIECE.get(tensor.device.type, _ACCELERATOR_PIECE)
+
+
+def dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:
+    """1-D views over the same memory when all tensors are dense blocks with identical strides, else None.
+
+    A dense, non-overlapping tensor (contiguous, channels_last, ...) covers one block of memory; walking that
+    block in order visits corresponding elements of tensors that share strides, so 1-D views stay aligned.
+    """
+    first = tensors[0]
+    if any(t.stride() != first.stride() or t.shape != first.shape for t in tensors):
+        return None
+    if first.is_contiguous():
+        return [t.view(-1) for t in tensors]
+    sizes_strides = sorted((st, sz) for st, sz in zip(first.stride(), first.shape) if sz != 1)
+    expected = 1
+    for stride, size in sizes_strides:
+        if stride != expected:
+            return None
+        expected *= size
+    return [t.as_strided((t.numel(),), (1,)) for t in tensors]
+
+
+def in_pieces(tensors: tuple[Tensor, ...], coefficients: tuple) -> list[tuple[tuple[Tensor, ...], tuple]]:
+    """Aligned 1-D pieces of at most a piece's elements of ``tensors`` (which share a layout) and of the coefficients
+    shaped like them; the tensors whole when they are small or not one dense block."""
+    shaped = [i for i, c in enumerate(coefficients) if isinstance(c, Tensor) and c.dim()]
+    piece = piece_size(tensors[0])
+    views = dense_1d_views([*tensors, *(coefficients[i] for i in shaped)]) if tensors[0].numel() > piece else None
+    if views is None:
+        return [(tensors, coefficients)]
+    pieces = []
+    for start in range(0, tensors[0].numel(), piece):
+        sliced = [view[start : start + piece] for view in views]
+        coeffs = list(coefficients)
+        for i, coefficient_piece in zip(shaped, sliced[len(tensors) :]):
+            coeffs[i] = coefficient_piece
+        pieces.append((tuple(sliced[: len(tensors)]), tuple(coeffs)))
+    return pieces
+
+
+def buckets_of_pieces(tensors: tuple[list[Tensor], ...], coefficients: tuple[list, ...]) -> Iterator[tuple[list, ...]]:
+    """Lists of pieces (see in_pieces) with their per-tensor coefficients, at most a piece's elements per list."""
+    bucket: list[tuple] = []
+    size, budget = 0, piece_size(tensors[0][0])
+    for i in range(len(tensors[0])):
+        for piece, coeffs in in_pieces(tuple(lst[i] for lst in tensors), tuple(c[i] for c in coefficients)):
+            if bucket and size + piece[0].numel() > budget:
+                yield tuple(map(list, zip(*bucket)))
+                bucket, size = [], 0
+            bucket.append((*piece, *coeffs))
+            size += piece[0].numel()
+    if bucket:
+        yield tuple(map(list, zip(*bucket)))

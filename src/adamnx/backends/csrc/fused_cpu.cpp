@@ -1,0 +1,488 @@
+// The fused AdamNX step on the CPU: one pass over memory per tensor, in torch's own thread pool.
+//
+// Built on first use by adamnx/backends/_build.py (g++ with torch's headers, cached per torch version and source) and
+// loaded as the custom op torch.ops.adamnx.fused_step_. The coefficients are NOT computed here: they come from
+// adamnx.schedule.coefficients (Python), a value pair per tensor or a table indexed by count, so every path shares one
+// implementation of the schedule. This file applies them with adamnx_update, the update written once in C++ (as
+// adamnx.update.update is in torch ops), in the same order of operations:
+//
+//   g  = grad · grad_factor                 (grad_factor = ±1 / GradScaler's scale)
+//   θ ← θ + (−ηλ)·θ                         (decoupled weight decay)
+//   m ← lerp(m, g, 1 − β1_t)
+//   v ← v·β̂2_t + (1 − β̂2_t)·g²
+//   θ ← θ + (−η)·m / (√v + ε)
+//
+// All tensors of one step are seen as one long array of elements: at::parallel_for splits that array evenly
+// between the threads once per step (one parallel region, not one per tensor), and each thread walks its share
+// tensor by tensor. The inner loops are plain arithmetic over raw pointers, vectorised by the compiler.
+//
+// With per_coordinate_steps (the late-activation guard, adamnx/guard.py) a tensor also has lags: one (a tensor whose
+// coordinates started together), one per row, or one per element. A coordinate's count is the tensor's relative step
+// minus its lag, clamped to [0, last row of the table]; its coefficients are that row of the table (rows
+// (1 − β1_t, β̂2_t, 1 − β̂2_t) built by adamnx._table.coordinate_table). Lags are written only when a coordinate starts
+// (its first non-zero gradient): per element here, per row here (a row that starts in part is reported to the caller,
+// which keeps that tensor's lags per element from then on), and for a whole tensor by the caller.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+constexpr int32_t kNotStarted = std::numeric_limits<int32_t>::max();  // adamnx.guard.NOT_STARTED
+
+template <typename T>
+struct MathType {
+  using type = float;  // float32, bfloat16 and float16 all compute in float32
+};
+template <>
+struct MathType<double> {
+  using type = double;
+};
+
+// The scalars of one step, rounded once to the math type (as the eager paths round their Python floats).
+template <typename M>
+struct StepScalars {
+  M neg_lr, neg_lr_wd, eps, grad_factor;
+};
+
+// The coefficients of one count: 1 − β1_t (and 1 minus it, for lerp's second formula), β̂2_t, 1 − β̂2_t.
+template <typename M>
+struct Weights {
+  M w1, one_minus_w1, b2, w2;
+};
+
+template <typename M>
+inline Weights<M> weights(M w1, M b2, M w2) {
+  return Weights<M>{w1, M(1) - w1, b2, w2};
+}
+
+// The update of one element, in registers: the only copy of the formula in this file. kLowWeight picks torch.lerp's
+// formula for a weight below 0.5 (each is exact at its own end); the walks hoist that choice out of their loops.
+// Every multiply-add is an explicit fused multiply-add and the file is built with -ffp-contract=off: the compiler
+// cannot round a walk (vectorised, per element, another element type) differently from another.
+template <typename M, bool kLowWeight>
+inline void adamnx_update(M& p, M& m, M& v, M g, const Weights<M>& w, const StepScalars<M>& s) {
+  p = std::fma(s.neg_lr_wd, p, p);
+  m = kLowWeight ? std::fma(w.w1, g - m, m) : std::fma(-(g - m), w.one_minus_w1, g);
+  v = std::fma(v, w.b2, w.w2 * (g * g));
+  p = std::fma(s.neg_lr, m / (std::sqrt(v) + s.eps), p);
+}
+
+// A 32-bit integer hash (murmur3's finaliser): a bijection, so distinct element indices get distinct values.
+inline uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// float32 → bfloat16, rounded up with probability equal to the distance to the value below: 16 random bits
+// are added below bf16's last mantissa bit, then truncated (adamnx.update.stochastic_round_to_bf16's rule).
+inline c10::BFloat16 round_stochastic(float x, uint32_t random) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits = (bits + (random & 0xffffu)) & 0xffff0000u;
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
+
+// Elements [begin, end) of one tensor with one set of coefficients: the vectorised loop. kLowWeight picks torch.lerp's
+// formula for the whole range (the walks choose it per range, or per element).
+template <bool kLowWeight, typename P, typename S, typename M, bool kStochastic>
+void update_loop(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
+                 S* __restrict__ exp_avg_sq, int64_t begin, int64_t end, const Weights<M> w, const StepScalars<M> s,
+                 uint32_t key) {
+  for (int64_t i = begin; i < end; ++i) {
+    M p = static_cast<M>(param[i]), m = static_cast<M>(exp_avg[i]), v = static_cast<M>(exp_avg_sq[i]);
+    adamnx_update<M, kLowWeight>(p, m, v, static_cast<M>(grad[i]) * s.grad_factor, w, s);
+    if constexpr (kStochastic) {
+      param[i] = round_stochastic(p, mix32(static_cast<uint32_t>(i) ^ key));
+    } else {
+      param[i] = static_cast<P>(p);
+    }
+    exp_avg[i] = static_cast<S>(m);
+    exp_avg_sq[i] = static_cast<S>(v);
+  }
+}
+
+// One tensor's memory, and what its update needs besides its coefficients.
+template <typename P, typename S, typename M, bool kStochastic>
+struct Span {
+  P* param;
+  const P* grad;
+  S* exp_avg;
+  S* exp_avg_sq;
+  StepScalars<M> s;
+  uint32_t key;  // stochastic rounding's stream for this tensor: element i draws mix32(i ^ key)
+
+  // Elements [begin, end) with one set of coefficients.
+  void update_range(int64_t begin, int64_t end, const Weights<M>& w) const {
+    if (w.w1 < M(0.5)) {
+      update_loop<true, P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, begin, end, w, s, key);
+    } else {
+      update_loop<false, P, S, M, kStochastic>(param, grad, exp_avg, exp_avg_sq, begin, end, w, s, key);
+    }
+  }
+
+  bool starts(int64_t i) const { return static_cast<M>(grad[i]) * s.grad_factor != M(0); }
+};
+
+// The coefficient table: rows (1 − β1_t, β̂2_t, 1 − β̂2_t) of last + 1 entries each, row t for count t.
+template <typename M>
+struct CountTable {
+  const M* w1;
+  const M* b2;
+  const M* w2;
+  int64_t last;  // longer counts read the last row (the coefficients no longer change there)
+
+  // The row of a coordinate with this lag at this relative step: its count, clamped into the table.
+  int32_t row(int64_t relative_step, int32_t lag) const {
+    return static_cast<int32_t>(std::clamp<int64_t>(relative_step - lag, 0, last));
+  }
+  Weights<M> at(int32_t r) const { return weights(w1[r], b2[r], w2[r]); }
+};
+
+// A pending run of consecutive elements that share one row of the count table: the walks below collect such
+// elements and update them with one call of the vectorised loop. A run ends where the row changes, and after kRun
+// elements, so that what the walk has just read of it (lags, gradient) is still in cache.
+template <typename P, typename S, typename M, bool kStochastic>
+struct PendingRun {
+  static constexpr int64_t kRun = 4096;
+  const Span<P, S, M, kStochastic>& span;
+  const CountTable<M>& table;
+  int64_t begin = 0;
+  int32_t row = -1;  // the table row of the run [begin, ...), −1: none
+
+  void flush(int64_t end) {
+    if (row >= 0 && end > begin) span.update_range(begin, end, table.at(row));
+    row = -1;
+  }
+  void extend(int64_t at, int32_t table_row) {  // the elements from `at` on take table row `table_row`
+    if (table_row != row || at - begin >= kRun) {
+      flush(at);
+      begin = at;
+      row = table_row;
+    }
+  }
+};
+
+// Lags per element. Elements go kBlock at a time: a block whose counts agree (a dense layer whose coordinates started
+// together but for a few; rows that never had a gradient) joins a run of the vectorised loop; a block with mixed
+// counts gathers a row per element (gathers are several times slower than loads on current x86 CPUs). A coordinate
+// that starts (not started, non-zero gradient) gets its lag; a block is written back only then.
+template <typename P, typename S, typename M, bool kStochastic>
+void update_by_element(const Span<P, S, M, kStochastic>& span, int32_t* __restrict__ lag, int64_t relative_step,
+                       int64_t begin, int64_t end, const CountTable<M>& table) {
+  constexpr int64_t kBlock = 32;
+  const int32_t start = static_cast<int32_t>(relative_step - 1);
+  PendingRun<P, S, M, kStochastic> run{span, table};
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = std::min(kBlock, end - b);
+    int32_t rows[kBlock];
+    const int32_t first = table.row(relative_step, lag[b]);
+    int32_t differ = 0, starting = 0;
+    for (int64_t j = 0; j < n; ++j) {  // a fixed trip count when n == kBlock: a few vector instructions
+      rows[j] = table.row(relative_step, lag[b + j]);
+      differ |= rows[j] ^ first;
+      starting |= (lag[b + j] == kNotStarted) & span.starts(b + j);
+    }
+    if (starting != 0) {  // not-started and starting coordinates both read row 0 (t = 1's coefficients)
+      for (int64_t j = 0; j < n; ++j) {
+        if (lag[b + j] == kNotStarted && span.starts(b + j)) lag[b + j] = start;
+      }
+    }
+    if (differ == 0) {
+      run.extend(b, first);
+      continue;
+    }
+    run.flush(b);
+    for (int64_t j = 0; j < n; ++j) span.update_range(b + j, b + j + 1, table.at(rows[j]));
+  }
+  run.flush(end);
+}
+
+// Lags per row (rows of `row_length` consecutive elements: an embedding): one lag read per row, not one per element.
+// A row that has not started starts as a whole when its gradient is non-zero everywhere; when it is non-zero only in
+// part, `broken` tells the caller (which then keeps the tensor's lags per element). The thread that holds a row's
+// first element decides, reading the whole row's gradient even past its share; another thread holding the rest of
+// the row reads the row's lag while it may be written, but both values it can see (not started, started now) give
+// the same coefficients (table rows 0 and 1 are t = 1's), and the accesses are atomic.
+template <typename P, typename S, typename M, bool kStochastic>
+void update_by_row(const Span<P, S, M, kStochastic>& span, int32_t* row_lags, int64_t row_length,
+                   int64_t relative_step, int64_t begin, int64_t end, const CountTable<M>& table, int32_t* broken) {
+  const int32_t start = static_cast<int32_t>(relative_step - 1);
+  auto lag_of = [&](int64_t r) { return __atomic_load_n(row_lags + r, __ATOMIC_RELAXED); };
+  // Consecutive rows with the same coefficients run the vectorised loop together (rows of an embedding are short:
+  // a call per row would cost more than the rows' arithmetic).
+  PendingRun<P, S, M, kStochastic> run{span, table};
+  const int64_t first_row = begin / row_length, end_row = (end + row_length - 1) / row_length;
+  // Rows go a stretch of equal lags at a time (in an embedding, long stretches of rows that have not started): one
+  // pass over a stretch's gradient tells whether any of it starts. Stretches are no longer than a run, so that its
+  // gradient is still in cache when the update reads it.
+  const int64_t max_stretch = std::max<int64_t>(1, PendingRun<P, S, M, kStochastic>::kRun / row_length);
+  for (int64_t r0 = first_row, r1; r0 < end_row; r0 = r1) {
+    const int32_t lag = lag_of(r0);
+    const int64_t stretch_end = std::min(end_row, r0 + max_stretch);
+    for (r1 = r0 + 1; r1 < stretch_end && lag_of(r1) == lag; ++r1) {
+    }
+    const int64_t lo = std::max(begin, r0 * row_length), hi = std::min(end, r1 * row_length);
+    run.extend(lo, table.row(relative_step, lag));
+    if (lag != kNotStarted) continue;
+    // Rows that have not started: those whose first element this thread holds may start now.
+    const int64_t owned_lo = std::max(r0, (begin + row_length - 1) / row_length);
+    int32_t any = 0;  // an integer, not a bool: the compiler vectorises an integer OR
+    for (int64_t i = std::max(lo, owned_lo * row_length); i < r1 * row_length; ++i) any |= span.starts(i);
+    if (any == 0) continue;
+    for (int64_t r = owned_lo; r < r1; ++r) {
+      int64_t nonzero = 0;
+      for (int64_t i = r * row_length; i < (r + 1) * row_length; ++i) nonzero += span.starts(i);
+      if (nonzero == row_length) {
+        __atomic_store_n(row_lags + r, start, __ATOMIC_RELAXED);
+      } else if (nonzero != 0) {  // starts in part: its coordinates' lags differ
+        __atomic_store_n(broken, 1, __ATOMIC_RELAXED);
+      }
+    }
+  }
+  run.flush(end);
+}
+
+// Whether p, g, m, v each cover one dense block of memory with the same layout, so that walking the blocks
+// in memory order visits corresponding elements (contiguous, channels_last, any dense permutation).
+bool same_dense_layout(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v) {
+  if (!p.is_non_overlapping_and_dense()) return false;
+  for (const Tensor* t : {&g, &m, &v}) {
+    if (t->sizes() != p.sizes() || t->strides() != p.strides() || t->device() != p.device()) return false;
+  }
+  return true;
+}
+
+enum class Layout { kNone, kTensor, kRow, kElement };
+
+// A tensor's lag layout (adamnx.guard): none (no guard), one lag (0-d), per row ((R, 1, ..., 1), contiguous rows of
+// a contiguous param), per element (the param's sizes and strides). kNone for lags the kernel cannot walk.
+Layout layout_of(const Tensor& p, const Tensor& lag, bool guarded) {
+  if (!guarded) return Layout::kNone;
+  if (lag.scalar_type() != at::kInt || !lag.device().is_cpu()) return Layout::kNone;
+  if (lag.dim() == 0) return Layout::kTensor;
+  if (lag.sizes() == p.sizes() && lag.strides() == p.strides()) return Layout::kElement;
+  const bool rows = lag.dim() == p.dim() && p.dim() >= 2 && lag.size(0) == p.size(0) && lag.numel() == p.size(0) &&
+                    lag.is_contiguous() && p.is_contiguous();
+  return rows ? Layout::kRow : Layout::kNone;
+}
+
+// Everything one step needs besides the element types.
+struct Step {
+  const std::vector<Tensor>& params;
+  const std::vector<Tensor>& grads;
+  const std::vector<Tensor>& exp_avgs;
+  const std::vector<Tensor>& exp_avg_sqs;
+  const std::vector<Tensor>& lags;  // per_coordinate_steps: one lag tensor per param, or empty
+  std::vector<int64_t> index;       // the tensors this kernel updates (see fused_step_)
+  std::vector<Layout> layouts;      // ... and their lag layouts
+  const double* w1s;                // 1 − β1_t, one per tensor (or one for all), from adamnx.schedule.coefficients
+  const double* w2s;                // 1 − β̂2_t, likewise
+  int64_t w_stride;                 // 1: a value per tensor; 0: one value shared by all tensors
+  const int64_t* relative_steps;    // per_coordinate_steps: each tensor's step as its lags see it
+  const Tensor& table;              // ... and the coefficient table (3, L) in the math dtype
+  int32_t* broken;                  // ... and per tensor, set to 1 where a row started in part
+  double lr, weight_decay, eps, grad_factor;
+  int64_t seed;  // stochastic rounding's random stream for this step
+};
+
+template <typename P, typename S, bool kStochastic>
+void run_step(const Step& step) {
+  using M = typename MathType<std::conditional_t<std::is_same_v<S, double>, double, P>>::type;
+  const StepScalars<M> scalars{static_cast<M>(-step.lr), static_cast<M>(-step.lr * step.weight_decay),
+                               static_cast<M>(step.eps), static_cast<M>(step.grad_factor)};
+  const int64_t n = static_cast<int64_t>(step.index.size());
+  std::vector<int64_t> offsets(n + 1, 0);  // where each tensor starts in the step's virtual array
+  std::vector<Weights<M>> own(n);          // each tensor's coefficients when it has no lags
+  std::vector<uint32_t> keys(n);
+  const auto seed = static_cast<uint64_t>(step.seed);
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t i = step.index[k];
+    offsets[k + 1] = offsets[k] + step.params[i].numel();
+    const int64_t j = i * step.w_stride;
+    // β̂2_t = 1 − w2 is formed in float64 from the stable w2, then rounded once (as the eager paths do)
+    own[k] = weights(static_cast<M>(step.w1s[j]), static_cast<M>(1.0 - step.w2s[j]), static_cast<M>(step.w2s[j]));
+    // a key per (step, tensor); element j then draws mix32(j ^ key): distinct j, distinct draws
+    keys[k] = mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32) + uint32_t(i)));
+  }
+  CountTable<M> table{};
+  if (step.table.numel() > 0) {
+    const M* rows = step.table.const_data_ptr<M>();
+    const int64_t length = step.table.size(1);
+    table = CountTable<M>{rows, rows + length, rows + 2 * length, length - 1};
+  }
+  constexpr int64_t kGrain = 16384;  // elements: a step smaller than this runs on one thread
+  at::parallel_for(0, offsets[n], kGrain, [&](int64_t begin, int64_t end) {
+    int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    for (; k < n && offsets[k] < end; ++k) {
+      const int64_t i = step.index[k];
+      const int64_t lo = std::max(begin, offsets[k]) - offsets[k];
+      const int64_t hi = std::min(end, offsets[k + 1]) - offsets[k];
+      const Span<P, S, M, kStochastic> span{step.params[i].data_ptr<P>(),   step.grads[i].const_data_ptr<P>(),
+                                            step.exp_avgs[i].data_ptr<S>(), step.exp_avg_sqs[i].data_ptr<S>(),
+                                            scalars,                        keys[k]};
+      switch (step.layouts[k]) {
+        case Layout::kNone:
+          span.update_range(lo, hi, own[k]);
+          break;
+        case Layout::kTensor: {
+          const int32_t lag = *step.lags[i].const_data_ptr<int32_t>();
+          span.update_range(lo, hi, table.at(table.row(step.relative_steps[i], lag)));
+          break;
+        }
+        case Layout::kRow:
+          update_by_row(span, step.lags[i].data_ptr<int32_t>(), step.params[i].numel() / step.lags[i].numel(),
+                        step.relative_steps[i], lo, hi, table, step.broken + i);
+          break;
+        case Layout::kElement:
+          update_by_element(span, step.lags[i].data_ptr<int32_t>(), step.relative_steps[i], lo, hi, table);
+          break;
+      }
+    }
+  });
+}
+
+// The kernel for one (param type, state type): state either matches the params or is float32 (wider state
+// for low-precision params). Returns false for combinations without a kernel.
+template <typename P>
+bool run_for_param_type(at::ScalarType state_type, bool stochastic, const Step& step) {
+  constexpr bool kBFloat16 = std::is_same_v<P, c10::BFloat16>;
+  constexpr bool kLowPrecision = kBFloat16 || std::is_same_v<P, c10::Half>;
+  const bool same_state = state_type == c10::CppTypeToScalarType<P>::value;
+  const bool float_state = kLowPrecision && state_type == at::kFloat;
+  if (stochastic) {  // only bfloat16 params round stochastically (the optimizer enforces it)
+    if constexpr (kBFloat16) {
+      if (same_state) run_step<P, P, true>(step);
+      if (float_state) run_step<P, float, true>(step);
+      return same_state || float_state;
+    }
+    return false;
+  }
+  if (same_state) run_step<P, P, false>(step);
+  if constexpr (kLowPrecision) {
+    if (float_state) run_step<P, float, false>(step);
+  }
+  return same_state || float_state;
+}
+
+// One AdamNX step over CPU tensors whose params share a dtype. Returns the indices of the tensors it did NOT update
+// (memory layouts it cannot walk in one pass, lags it cannot read, dtype combinations without a kernel), which the
+// caller updates otherwise; sets broken[i] = 1 for a tensor with lags per row of which a row started in part.
+std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                                 const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                                 const std::vector<Tensor>& lags, const Tensor& w1s, const Tensor& w2s,
+                                 const Tensor& relative_steps, const Tensor& table, const Tensor& broken, double lr,
+                                 double weight_decay, double eps, double grad_factor, bool stochastic_rounding,
+                                 int64_t seed) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
+                  static_cast<int64_t>(exp_avg_sqs.size()) == n,
+              "adamnx fused_step_: the four tensor lists must have the same length");
+  for (const Tensor* w : {&w1s, &w2s}) {
+    TORCH_CHECK(w->scalar_type() == at::kDouble && w->is_contiguous() && w->device().is_cpu() &&
+                    w->numel() == w1s.numel() && (w->numel() == n || w->numel() == 1),
+                "adamnx fused_step_: coefficients must be contiguous float64 CPU tensors, with one value per "
+                "tensor or one for all");
+  }
+  const bool guarded = !lags.empty();
+  TORCH_CHECK(!guarded || static_cast<int64_t>(lags.size()) == n,
+              "adamnx fused_step_: lags must be empty or one tensor per param");
+  TORCH_CHECK(!guarded || (relative_steps.scalar_type() == at::kLong && relative_steps.is_contiguous() &&
+                           relative_steps.device().is_cpu() && relative_steps.numel() == n),
+              "adamnx fused_step_: with lags, relative_steps must be a contiguous int64 CPU tensor, one per param");
+  TORCH_CHECK(!guarded || (broken.scalar_type() == at::kInt && broken.is_contiguous() && broken.device().is_cpu() &&
+                           broken.numel() == n),
+              "adamnx fused_step_: with lags, broken must be a contiguous int32 CPU tensor, one per param");
+  std::vector<int64_t> rejected;
+  if (n == 0) return rejected;
+  const at::ScalarType param_type = params[0].scalar_type(), state_type = exp_avgs[0].scalar_type();
+  if (guarded) {
+    // The table holds the coefficients in the math dtype: float64 only for float64 params or state.
+    const bool wide = param_type == at::kDouble || state_type == at::kDouble;
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == 3 && table.size(1) > 0 && table.is_contiguous() &&
+                    table.device().is_cpu() && table.scalar_type() == (wide ? at::kDouble : at::kFloat),
+                "adamnx fused_step_: the count table must be a contiguous (3, L) CPU tensor in the math dtype");
+  }
+  Step step{params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            lags,
+            {},
+            {},
+            w1s.const_data_ptr<double>(),
+            w2s.const_data_ptr<double>(),
+            w1s.numel() == n ? 1 : 0,
+            guarded ? relative_steps.const_data_ptr<int64_t>() : nullptr,
+            table,
+            guarded ? broken.data_ptr<int32_t>() : nullptr,
+            lr,
+            weight_decay,
+            eps,
+            grad_factor,
+            seed};
+  step.index.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
+    const Layout layout = layout_of(p, guarded ? lags[i] : p, guarded);
+    const bool ok = p.device().is_cpu() && p.scalar_type() == param_type && g.scalar_type() == param_type &&
+                    m.scalar_type() == state_type && v.scalar_type() == state_type && same_dense_layout(p, g, m, v) &&
+                    (!guarded || layout != Layout::kNone);
+    if (ok) {
+      step.index.push_back(i);
+      step.layouts.push_back(layout);
+    } else {
+      rejected.push_back(i);
+    }
+  }
+  bool handled = false;
+  switch (param_type) {
+    case at::kFloat:
+      handled = run_for_param_type<float>(state_type, stochastic_rounding, step);
+      break;
+    case at::kDouble:
+      handled = run_for_param_type<double>(state_type, stochastic_rounding, step);
+      break;
+    case at::kBFloat16:
+      handled = run_for_param_type<c10::BFloat16>(state_type, stochastic_rounding, step);
+      break;
+    case at::kHalf:
+      handled = run_for_param_type<c10::Half>(state_type, stochastic_rounding, step);
+      break;
+    default:
+      break;
+  }
+  if (!handled) {
+    rejected.insert(rejected.end(), step.index.begin(), step.index.end());
+    std::sort(rejected.begin(), rejected.end());
+  }
+  return rejected;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adamnx, m) {
+  m.def(
+      "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] lags, Tensor w1s, Tensor w2s, Tensor relative_steps, Tensor table, Tensor(e!) broken, "
+      "float lr, float weight_decay, float eps, float grad_factor, bool stochastic_rounding, int seed) -> int[]");
+}
+
+TORCH_LIBRARY_IMPL(adamnx, CPU, m) { m.impl("fused_step_", &fused_step_); }

@@ -1,0 +1,61 @@
+"""The for-loop executor: :func:`adamnx.update.update` on one tensor at a time, in torch ops.
+
+It also runs ``capturable=True`` and ``torch.compile(opt.step)`` (coefficients computed on the device from the step
+tensors: no host sync) and ``differentiable=True`` (the update out of place, on copies, so that autograd runs back
+through many steps).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from adamnx.backends._pieces import in_pieces
+from adamnx.guard import ROW, TENSOR
+from adamnx.plan import Bucket, StepPlan, device_coefficients
+from adamnx.update import update, update_copies
+
+__all__ = ["execute"]
+
+
+def execute(plan: StepPlan) -> None:
+    hp = plan.hp
+    lr: Any = hp.lr
+    if isinstance(lr, Tensor) and not plan.on_device and not plan.differentiable:  # differentiable: a graph to lr
+        lr = lr.item()
+    for bucket in plan.buckets:
+        step_lr = lr.to(bucket.math_dtype) if isinstance(lr, Tensor) else lr  # lr·λ in the math dtype, not lr's
+        for i in range(len(bucket.params)):
+            grad = -bucket.grads[i] if hp.maximize else bucket.grads[i]
+            tensors = (bucket.params[i], grad, bucket.exp_avgs[i], bucket.exp_avg_sqs[i])
+            for piece, coefficients in _pieces(plan, bucket, i, tensors):
+                if plan.differentiable or bucket.wider:
+                    update_copies(
+                        *piece, *coefficients, step_lr, hp.weight_decay, hp.eps,
+                        dtype=bucket.math_dtype, stochastic=bucket.stochastic, differentiable=plan.differentiable,
+                    )  # fmt: skip
+                else:
+                    update(*piece, *coefficients, step_lr, hp.weight_decay, hp.eps)
+
+
+def _pieces(plan: StepPlan, bucket: Bucket, i: int, tensors: tuple[Tensor, ...]) -> list[tuple[tuple, tuple]]:
+    """The tensor (or 1-D pieces of it, for updates on wider copies: bounded temporaries) with its coefficients
+    (1 − β1_t, β̂2_t, 1 − β̂2_t) in the form the plan gives them."""
+    guard = bucket.guard
+    if plan.on_device:
+        step = bucket.steps[i] if guard is None else guard.device_counts(i, bucket.steps[i]).clamp_min(1)
+        w1, w2 = device_coefficients(step, bucket.betas, bucket.math_dtype)
+        coefficients: tuple = (w1, 1 - w2, w2)
+    elif guard is None or guard.layouts[i] == TENSOR:
+        coefficients = bucket.scalar_coefficients(i)
+    elif guard.layouts[i] == ROW and not (bucket.wider or plan.differentiable):
+        coefficients = bucket.row_coefficients(i)
+    elif plan.differentiable:
+        coefficients = bucket.element_coefficients(i)
+    else:  # per element, piece by piece
+        lag = guard.expanded(i, tensors[0])
+        return [(piece[:4], bucket.element_coefficients(i, piece[4])) for piece, _ in in_pieces((*tensors, lag), ())]
+    if bucket.wider and not plan.differentiable:
+        return in_pieces(tensors, coefficients)
+    return [(tensors, coefficients)]
