@@ -158,17 +158,15 @@ def record_starts(lag: Tensor, real_grad: Tensor, step: float, grad_factor: floa
         if int(lag) != NOT_STARTED:
             return lag
         nonzero = _started_coordinates(real_grad, grad_factor)
-        started = int(nonzero.sum())
-        if started == 0:
+        if not bool(nonzero.any()):
             return lag
-        if started == nonzero.numel():
+        if bool(nonzero.all()):
             return lag.fill_(start)
         rows = _rows(nonzero)
         if rows is not None:
-            per_row = rows.sum(1)
-            if bool(((per_row == 0) | (per_row == rows.shape[1])).all()):
-                row_lags = torch.where(per_row > 0, start, NOT_STARTED).to(torch.int32)
-                return row_lags.view(_row_shape(nonzero))
+            started, whole = rows.any(1), rows.all(1)
+            if bool((started == whole).all()):  # every row started whole, or not at all
+                return torch.where(whole, start, NOT_STARTED).to(torch.int32).view(_row_shape(nonzero))
         return torch.where(nonzero, start, NOT_STARTED).to(torch.int32)
     if kind == ROW:
         row_lags = lag.view(-1)
@@ -179,11 +177,16 @@ def record_starts(lag: Tensor, real_grad: Tensor, step: float, grad_factor: floa
         # Only the rows that have not started are looked at (an embedding's rare rows: most of them, or few).
         few = waiting.numel() * 8 < row_lags.numel()
         looked_at = grad_rows.index_select(0, waiting) if few else grad_rows
-        per_row = _started_coordinates(looked_at, grad_factor).sum(1)
+        if grad_factor == 1.0:  # a row has a non-zero (or NaN) value when its largest or smallest is not 0
+            started = (looked_at.amax(1) != 0) | (looked_at.amin(1) != 0)  # two fast reductions, no temporary
+        else:
+            started = _started_coordinates(looked_at, grad_factor).any(1)
         if not few:
-            per_row = per_row.index_select(0, waiting)
-        if bool(((per_row == 0) | (per_row == grad_rows.shape[1])).all()):
-            row_lags.index_fill_(0, waiting[per_row > 0], start)
+            started = started.index_select(0, waiting)
+        candidates = waiting[started]  # rows that start now, whole or in part: few, and looked at in full
+        whole = _started_coordinates(grad_rows.index_select(0, candidates), grad_factor).all(1)
+        if bool(whole.all()):  # every waiting row starts whole, or not at all
+            row_lags.index_fill_(0, candidates, start)
             return lag
         lag = expand(lag, real_grad)  # a row starts in part: its coordinates start at different steps
     waiting = lag == NOT_STARTED

@@ -3,11 +3,11 @@ bounded temporaries, and pieces small enough to stay in cache on the CPU."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import Tensor
 
-__all__ = ["buckets_of_pieces", "dense_1d_views", "in_pieces", "piece_size"]
+__all__ = ["buckets_of_pieces", "dense_1d_views", "in_pieces", "in_row_pieces", "piece_size"]
 
 # Elements per piece (three float32 copies of a piece exist at a time). On the CPU small pieces stay in cache (12 MB)
 # and are faster than whole tensors; an accelerator pays ~12 launches per piece, so its pieces are larger (768 MB of
@@ -58,12 +58,34 @@ def in_pieces(tensors: tuple[Tensor, ...], coefficients: tuple) -> list[tuple[tu
     return pieces
 
 
-def buckets_of_pieces(tensors: tuple[list[Tensor], ...], coefficients: tuple[list, ...]) -> Iterator[tuple[list, ...]]:
-    """Lists of pieces (see in_pieces) with their per-tensor coefficients, at most a piece's elements per list."""
+def in_row_pieces(tensors: tuple[Tensor, ...], coefficients: tuple) -> list[tuple[tuple[Tensor, ...], tuple]]:
+    """Pieces of whole rows (slices along the first dimension, at most a piece's elements each) of ``tensors`` and of
+    the coefficients shaped per row (R, 1, ..., 1): the temporaries of an update with weights per row stay small."""
+    first = tensors[0]
+    if first.dim() == 0 or first.numel() == 0:
+        return [(tensors, coefficients)]
+    rows = max(1, piece_size(first) // (first.numel() // first.shape[0]))
+    if first.shape[0] <= rows:
+        return [(tensors, coefficients)]
+    shaped = [isinstance(c, Tensor) and c.dim() > 0 for c in coefficients]
+    return [
+        (
+            tuple(t[start : start + rows] for t in tensors),
+            tuple(c[start : start + rows] if cut else c for c, cut in zip(coefficients, shaped)),
+        )
+        for start in range(0, first.shape[0], rows)
+    ]
+
+
+def buckets_of_pieces(
+    tensors: tuple[list[Tensor], ...], coefficients: tuple[list, ...], cut: Callable = in_pieces
+) -> Iterator[tuple[list, ...]]:
+    """Lists of pieces (``cut``: in_pieces, or in_row_pieces) with their per-tensor coefficients, at most a piece's
+    elements per list."""
     bucket: list[tuple] = []
     size, budget = 0, piece_size(tensors[0][0])
     for i in range(len(tensors[0])):
-        for piece, coeffs in in_pieces(tuple(lst[i] for lst in tensors), tuple(c[i] for c in coefficients)):
+        for piece, coeffs in cut(tuple(lst[i] for lst in tensors), tuple(c[i] for c in coefficients)):
             if bucket and size + piece[0].numel() > budget:
                 yield tuple(map(list, zip(*bucket)))
                 bucket, size = [], 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adamnx.backends._pieces import buckets_of_pieces
+from adamnx.backends._pieces import buckets_of_pieces, in_row_pieces
 from adamnx.guard import ROW, TENSOR
 from adamnx.plan import Bucket, StepPlan, device_coefficients
 from adamnx.update import foreach_update, foreach_update_copies
@@ -59,9 +59,9 @@ def _lists(plan: StepPlan, bucket: Bucket, tensors: tuple[list[Tensor], ...]) ->
         if kind == TENSOR:
             scalars = [bucket.scalar_coefficients(i) for i in indices]
             out += _maybe_pieces(bucket, selected, tuple(map(list, zip(*scalars))))
-        elif kind == ROW:
-            rows = [bucket.row_coefficients(i) for i in indices]
-            out.append((*selected, *map(list, zip(*rows))))
+        elif kind == ROW:  # in pieces of whole rows: small temporaries (g·w2 per row)
+            rows = tuple(map(list, zip(*(bucket.row_coefficients(i) for i in indices))))
+            out += buckets_of_pieces(selected, rows, cut=in_row_pieces)
         else:  # per element, in pieces: the gathered coefficients stay bounded
             lags = [guard.expanded(i, bucket.params[i]) for i in indices]
             for *pieces, lag_pieces, owners in buckets_of_pieces((*selected, lags), (indices,)):
@@ -89,6 +89,5 @@ def _runs(kinds: list[str]) -> list[tuple[str, list[int]]]:
 
 
 def _maybe_pieces(bucket: Bucket, tensors: tuple[list[Tensor], ...], weights: tuple[list, ...]) -> list[tuple]:
-    if bucket.wider:  # bounded copies: lists of pieces of at most a piece's elements
-        return list(buckets_of_pieces(tensors, weights))
-    return [(*tensors, *weights)]
+    """Lists of cache-sized pieces (at most a piece's elements per list): faster, and small temporaries."""
+    return list(buckets_of_pieces(tensors, weights))

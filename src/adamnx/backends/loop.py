@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from adamnx.backends._pieces import in_pieces
+from adamnx.backends._pieces import in_pieces, in_row_pieces
 from adamnx.guard import ROW, TENSOR
 from adamnx.plan import Bucket, StepPlan, device_coefficients
 from adamnx.update import update, update_copies
@@ -50,12 +50,12 @@ def _pieces(plan: StepPlan, bucket: Bucket, i: int, tensors: tuple[Tensor, ...])
     elif guard is None or guard.layouts[i] == TENSOR:
         coefficients = bucket.scalar_coefficients(i)
     elif guard.layouts[i] == ROW and not (bucket.wider or plan.differentiable):
-        coefficients = bucket.row_coefficients(i)
+        return in_row_pieces(tensors, bucket.row_coefficients(i))  # small temporaries (g·w2 per row)
     elif plan.differentiable:
         coefficients = bucket.element_coefficients(i)
     else:  # per element, piece by piece
         lag = guard.expanded(i, tensors[0])
         return [(piece[:4], bucket.element_coefficients(i, piece[4])) for piece, _ in in_pieces((*tensors, lag), ())]
-    if bucket.wider and not plan.differentiable:
-        return in_pieces(tensors, coefficients)
-    return [(tensors, coefficients)]
+    if plan.differentiable:
+        return [(tensors, coefficients)]
+    return in_pieces(tensors, coefficients)  # cache-sized pieces: faster, and small temporaries
