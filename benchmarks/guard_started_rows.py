@@ -1,6 +1,6 @@
 """The late-activation guard's dearest case for the fused CPU step, which `adamnx perf` does not time: an embedding
-whose rows have all started, at different steps, so that neighbouring rows' counts differ and every count changes
-every step. Prints fused with the guard ÷ fused without it (medians of interleaved steps).
+whose rows have all started, at different steps, so that neighbouring rows' counts differ (each row its own
+coefficients). Prints fused with the guard ÷ fused without it (medians of interleaved steps).
 
     python benchmarks/guard_started_rows.py [--rows 200000] [--dim 32] [--reps 200]
 """
@@ -14,7 +14,7 @@ import time
 import torch
 
 from adamnx import AdamNX
-from adamnx._tensors import known_counts
+from adamnx.guard import layout_of
 
 
 def _optimizer(rows: int, dim: int, guard: bool) -> AdamNX:
@@ -37,7 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     optimizers = {"fused": _optimizer(args.rows, args.dim, False), "fused+guard": _optimizer(args.rows, args.dim, True)}
     state = optimizers["fused+guard"].state[optimizers["fused+guard"].param_groups[0]["params"][0]]
-    kind = known_counts(state["coord_step"], state["step"]).kind
+    param = optimizers["fused+guard"].param_groups[0]["params"][0]
+    layout = layout_of(state["coord_lag"], param.shape)
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(args.reps):
         for name, opt in optimizers.items():
@@ -46,7 +47,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - t0) * 1e3)
     medians = {name: statistics.median(t) for name, t in times.items()}
     print(
-        f"{args.rows} x {args.dim}, every row started (counts seen {kind!r}), torch threads {torch.get_num_threads()}"
+        f"{args.rows} x {args.dim}, every row started (lags kept per {layout}), torch threads {torch.get_num_threads()}"
     )
     print(", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items()))
     print(f"fused+guard / fused: {medians['fused+guard'] / medians['fused']:.2f}")

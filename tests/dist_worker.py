@@ -87,16 +87,16 @@ def ddp(rank, world, out):
 
 
 def fsdp2(rank, world, out):
-    import adamnx.functional as functional
+    import adamnx.backends as backends
 
     seen = []
-    row = functional.BACKENDS["foreach"]
+    row = backends.BACKENDS["foreach"]
 
-    def recording(params, *args, **kwargs):
-        seen.append(sorted({type(p).__name__ for p in params}))
-        return row.step(params, *args, **kwargs)
+    def recording(plan):
+        seen.append(sorted({type(p).__name__ for bucket in plan.buckets for p in bucket.params}))
+        return row.execute(plan)
 
-    functional.BACKENDS["foreach"] = dataclasses.replace(row, step=recording)
+    backends.BACKENDS["foreach"] = dataclasses.replace(row, execute=recording)
     model, opt = _fsdp_model_and_opt(foreach=True)
     _train(model, opt, rank, world, STEPS)
     _save_params(model, out, rank, {"foreach_param_types": seen})

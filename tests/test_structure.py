@@ -133,7 +133,8 @@ def test_the_optimizer_and_the_planner_name_no_backend():
 def test_a_backend_registered_from_the_tests_alone_runs_the_whole_battery():
     """tests/toy_backend.py (one module, one row) registers a throwaway executor; every test parametrized over the
     implementations then runs on it too (here filtered to it). It passes them all."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "toy_backend", "-k", "toy", "-p", "no:cacheprovider", "tests"],
         capture_output=True,

@@ -20,10 +20,10 @@ def execute(plan: StepPlan) -> None:
     lr = hp.lr.item() if isinstance(hp.lr, torch.Tensor) else hp.lr
     for bucket in plan.buckets:
         for i, grad in enumerate(bucket.grads):
-            coefficients = bucket.scalar_coefficients(i) if bucket.guard is None else bucket.element_coefficients(i)
+            weights = bucket.scalar_coefficients(i) if bucket.guard is None else bucket.element_coefficients(i)
             update_copies(
                 bucket.params[i], -grad if hp.maximize else grad, bucket.exp_avgs[i], bucket.exp_avg_sqs[i],
-                *coefficients, lr, hp.weight_decay, hp.eps, dtype=bucket.math_dtype, stochastic=bucket.stochastic,
+                weights, lr, hp.weight_decay, hp.eps, dtype=bucket.math_dtype, stochastic=bucket.stochastic,
             )  # fmt: skip
 
 

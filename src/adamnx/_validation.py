@@ -32,8 +32,14 @@ OPTION_DEFAULTS = {
     "skip_nonfinite": False,
     "per_coordinate_steps": False,
 }
-_BOOL_OPTIONS = ("maximize", "capturable", "differentiable", "stochastic_rounding", "skip_nonfinite")
-_BOOL_OPTIONS += ("per_coordinate_steps",)
+_BOOL_OPTIONS = (
+    "maximize",
+    "capturable",
+    "differentiable",
+    "stochastic_rounding",
+    "skip_nonfinite",
+    "per_coordinate_steps",
+)
 _OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
 _MOMENT_DTYPES = (*FLOATING_DTYPES, torch.complex64, torch.complex128)
 _FLOAT8 = tuple(getattr(torch, name) for name in dir(torch) if name.startswith("float8_"))
@@ -186,8 +192,9 @@ def _check_saved_group(index: int, saved: Any, group: dict[str, Any]) -> None:
     # The same names in another order: the parameters were reordered, and each state would land on another one.
     # (Other names are no evidence: wrappers such as DDP's "module." or torch.compile's "_orig_mod." rename them.)
     saved_names, names = saved.get("param_names"), group.get("param_names")
-    reordered = saved_names is not None and names is not None and list(saved_names) != list(names)
-    if reordered and sorted(map(str, saved_names)) == sorted(map(str, names)):
+    if saved_names is None or names is None:
+        return
+    if list(saved_names) != list(names) and sorted(map(str, saved_names)) == sorted(map(str, names)):
         raise ValueError(f"{where} holds the parameters {list(saved_names)}, the optimizer's group {list(names)}")
 
 
@@ -257,7 +264,7 @@ def _check_step(step: Any, where: str) -> float:
             )
         value = float(_local(step).item())
     elif isinstance(step, numbers.Integral) and not isinstance(step, bool):
-        if not 0 <= step <= MAX_STEP:  # exactly: float(2**53 + 1) would round into range
+        if not 0 <= int(step) <= MAX_STEP:  # exactly: float(2**53 + 1) would round into range
             raise ValueError(f"{where}: 'step' must be a whole number in [0, 2^53], got {step}")
         value = float(step)
     elif isinstance(step, numbers.Real) and not isinstance(step, bool):

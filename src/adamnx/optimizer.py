@@ -180,7 +180,7 @@ class AdamNX(torch.optim.Optimizer):
         """The optimizer's state as torch.optim saves it, with each coordinate's count as ``coord_step`` (int32, shaped
         like the param's real view) where ``per_coordinate_steps`` keeps lags: the format every version saves."""
 
-        def with_counts(optimizer: AdamNX, state_dict: dict[str, Any]) -> None:  # before every user post-hook
+        def with_counts(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:  # before user hooks
             saved = state_dict["state"]
             for pid, p_state in saved.items():
                 if "coord_lag" in p_state:  # a new dict: torch's packs the optimizer's own state dicts
@@ -220,11 +220,11 @@ class AdamNX(torch.optim.Optimizer):
             )
         loaded: dict[str, Any] = {}
 
-        def check(optimizer: AdamNX, hooked: dict[str, Any]) -> None:  # after every user pre-hook, as they see it
+        def check(optimizer: torch.optim.Optimizer, hooked: dict[str, Any]) -> None:  # after user pre-hooks
             check_state_dict(hooked, self.param_groups)
             loaded["state_dict"] = hooked
 
-        def restore(optimizer: AdamNX) -> None:  # before every user post-hook, which may change the state again
+        def restore(optimizer: torch.optim.Optimizer) -> None:  # before user post-hooks, which may change it again
             self._restore_exact_state(loaded["state_dict"])
 
         before = self.state, self.param_groups
@@ -384,8 +384,10 @@ class AdamNX(torch.optim.Optimizer):
         lr = group["lr"]
         if (lr.item() if isinstance(lr, Tensor) else lr) != 0:
             return False
-        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a DTensor: this rank's shard
-        return not bool(grad.any())
+        grad = p.grad
+        assert grad is not None  # only params with a gradient are stepped
+        local = grad.to_local() if hasattr(grad, "to_local") else grad  # a DTensor: this rank's shard
+        return not bool(local.any())
 
     @staticmethod
     def _state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:

@@ -32,7 +32,7 @@ from adamnx import guard
 from adamnx._table import coordinate_table, count_coefficients, host_coefficients
 from adamnx.guard import ELEMENT, NOT_STARTED
 from adamnx.schedule import coefficients
-from adamnx.update import math_dtype
+from adamnx.update import Weights, math_dtype
 
 __all__ = [
     "Bucket",
@@ -109,7 +109,7 @@ class GuardPlan:
                 longest = max(longest, min(t - smallest, guard.MAX_COUNT))
         return longest
 
-    def coefficients_of(self, i: int, lag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def coefficients_of(self, i: int, lag: Tensor | None = None) -> Weights:
         """(1 − β1_t, β̂2_t, 1 − β̂2_t) of the counts of tensor ``i`` (or of ``lag``, a view of its lags), shaped like
         the lags, in the math dtype: gathered from the table, or evaluated per element when there is none."""
         lag = self.lags[i] if lag is None else lag
@@ -117,7 +117,7 @@ class GuardPlan:
         # count = relative step − lag, clamped into the table (row 0: not started; the last row: every longer count)
         last = guard.MAX_COUNT if table is None else table.shape[1] - 1
         count = (self.relative_steps[i] - lag.to(torch.int64)).clamp_(0, last)
-        return count_coefficients(self.betas if table is None else table, count, self.math_dtype, clamp=False)
+        return Weights(*count_coefficients(self.betas if table is None else table, count, self.math_dtype, clamp=False))
 
     def device_counts(self, i: int, step: Tensor) -> Tensor:
         """The counts of tensor ``i`` (lags per element) computed on the device from its step tensor."""
@@ -148,7 +148,7 @@ class Bucket:
     def device(self) -> torch.device:
         return self.params[0].device
 
-    def scalar_coefficients(self, i: int) -> tuple[float, float, float]:
+    def scalar_coefficients(self, i: int) -> Weights:
         """Host mode: ``(1 − β1_t, β̂2_t, 1 − β̂2_t)`` of tensor ``i`` as Python floats: its step's, or with the guard
         (layout TENSOR) its count's."""
         assert self.step_values is not None
@@ -156,14 +156,14 @@ class Bucket:
         if self.guard is not None:
             count = min(max(self.guard.relative_steps[i] - int(self.guard.lags[i]), 0), guard.MAX_COUNT)
         w1, w2 = host_coefficients(count, *self.betas)
-        return w1, 1 - w2, w2
+        return Weights(w1, 1 - w2, w2)
 
-    def row_coefficients(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+    def row_coefficients(self, i: int) -> Weights:
         """Layout ROW: one set per row, shaped (R, 1, ..., 1) to broadcast over the param."""
         assert self.guard is not None
         return self.guard.coefficients_of(i)
 
-    def element_coefficients(self, i: int, lag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def element_coefficients(self, i: int, lag: Tensor | None = None) -> Weights:
         """Any layout, one set per element: shaped like the param, or like ``lag`` (a view of the tensor's lags
         broadcast to the param, as pieces of it are)."""
         assert self.guard is not None
@@ -186,10 +186,11 @@ class StepPlan:
     handed_back: list[tuple[int, int]] = field(default_factory=list)  # (bucket, tensor) the executor left to finish
 
 
-def device_coefficients(step: Tensor, betas: tuple[float, float], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(1 − β1_t, 1 − β̂2_t)`` of step (or count) tensors, computed on their device (no host sync), in ``dtype``."""
-    w1, w2 = coefficients(step, betas)
-    return w1.to(dtype), w2.to(dtype)
+def device_coefficients(step: Tensor, betas: tuple[float, float], dtype: torch.dtype) -> Weights:
+    """The weights of step (or count) tensors, computed on their device (no host sync), in ``dtype`` (β̂2_t formed
+    there from 1 − β̂2_t)."""
+    w1, w2 = (w.to(dtype) for w in coefficients(step, betas))
+    return Weights(w1, 1 - w2, w2)
 
 
 def _real(t: Tensor) -> Tensor:

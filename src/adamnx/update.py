@@ -15,12 +15,13 @@ floats or tensors (0-d, per row or per element): what an executor hands in, this
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "Weights",
     "foreach_update",
     "foreach_update_copies",
     "math_dtype",
@@ -28,6 +29,15 @@ __all__ = [
     "update",
     "update_copies",
 ]
+
+
+class Weights(NamedTuple):
+    """The coefficients of an update, ``(1 − β1_t, β̂2_t, 1 − β̂2_t)``: Python floats, tensors (0-d, per row or per
+    element), or, for :func:`foreach_update`, lists of either (one per tensor)."""
+
+    one_minus_beta1_t: Any
+    beta2_hat: Any
+    one_minus_beta2_hat: Any
 
 
 def _same(t: Tensor) -> Tensor:
@@ -43,9 +53,7 @@ def update(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    one_minus_beta1_t: Any,
-    beta2_hat: Any,
-    one_minus_beta2_hat: Any,
+    weights: Weights,
     lr: Any,
     weight_decay: Any,
     eps: Any,
@@ -56,9 +64,10 @@ def update(
 
     ``in_place``: writes ``param``, ``exp_avg`` and ``exp_avg_sq`` (and returns them); otherwise returns new tensors,
     which autograd can run back through (``differentiable=True``) and the compiler can fuse. Both run the same ops,
-    so both give the same bits. The coefficients, ``lr`` and ``weight_decay`` are Python floats or tensors (0-d, or
+    so both give the same bits. The weights, ``lr`` and ``weight_decay`` are Python floats or tensors (0-d, or
     shaped to broadcast over the param: per row or per element).
     """
+    one_minus_beta1_t, beta2_hat, one_minus_beta2_hat = weights
     out = _same if in_place else _new
     # θ ← θ + (−ηλ)θ: the small factor −ηλ keeps its digits in float32, 1 − ηλ would not.
     if isinstance(weight_decay, Tensor) or weight_decay != 0:
@@ -87,9 +96,7 @@ def update_copies(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    one_minus_beta1_t: Any,
-    beta2_hat: Any,
-    one_minus_beta2_hat: Any,
+    weights: Weights,
     lr: Any,
     weight_decay: Any,
     eps: Any,
@@ -104,10 +111,7 @@ def update_copies(
     """
     theta = param.to(dtype, copy=True)
     g, m, v = (t.to(dtype, copy=differentiable) for t in (grad, exp_avg, exp_avg_sq))
-    theta, m, v = update(
-        theta, g, m, v, one_minus_beta1_t, beta2_hat, one_minus_beta2_hat, lr, weight_decay, eps,
-        in_place=not differentiable,
-    )  # fmt: skip
+    theta, m, v = update(theta, g, m, v, weights, lr, weight_decay, eps, in_place=not differentiable)
     for target, value in ((exp_avg, m), (exp_avg_sq, v)):
         if value is not target:
             target.copy_(value)
@@ -119,15 +123,14 @@ def foreach_update(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    one_minus_beta1_t: list,
-    beta2_hat: list,
-    one_minus_beta2_hat: list,
+    weights: Weights,
     lr: Any,
     weight_decay: float,
     eps: float,
 ) -> None:
     """:func:`update` for lists of tensors that share a device and have the math dtype, in place, with one
-    ``_foreach_`` kernel per operation. The coefficients are lists (one per tensor) of floats or of tensors."""
+    ``_foreach_`` kernel per operation. The weights are lists (one per tensor) of floats or of tensors."""
+    one_minus_beta1_t, beta2_hat, one_minus_beta2_hat = weights
     if weight_decay != 0:
         if isinstance(lr, Tensor):
             torch._foreach_add_(params, torch._foreach_mul(params, lr * -weight_decay))
@@ -153,9 +156,7 @@ def foreach_update_copies(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    one_minus_beta1_t: list,
-    beta2_hat: list,
-    one_minus_beta2_hat: list,
+    weights: Weights,
     lr: Any,
     weight_decay: float,
     eps: float,
@@ -168,7 +169,7 @@ def foreach_update_copies(
     thetas = [p.to(dtype, copy=True) for p in params]
     gs = [g.to(dtype) for g in grads]
     ms, vs = [m.to(dtype) for m in exp_avgs], [v.to(dtype) for v in exp_avg_sqs]
-    foreach_update(thetas, gs, ms, vs, one_minus_beta1_t, beta2_hat, one_minus_beta2_hat, lr, weight_decay, eps)
+    foreach_update(thetas, gs, ms, vs, weights, lr, weight_decay, eps)
     for targets, values in ((exp_avgs, ms), (exp_avg_sqs, vs)):
         for target, value in zip(targets, values):
             if value is not target:

@@ -88,8 +88,6 @@ class Backend:
         return self.steps(p.device.type) and (self.dtypes is None or p.dtype in self.dtypes or p.is_complex())
 
 
-# The rows, tried in order. The fused rows come first: their options are fused=True, and a device without a fused row
-# is refused rather than run by another row.
 BACKENDS: dict[str, Backend] = {
     "fused": Backend(
         "fused",
@@ -131,6 +129,8 @@ BACKENDS: dict[str, Backend] = {
         notes="torch ops, tensor by tensor",
     ),
 }
+"""The executors by name, tried in this order. The fused rows come first: their options are ``fused=True``, and a
+device without a fused row is refused rather than run by another row."""
 
 # Devices where torch defaults to its foreach kernels; CPU keeps the for-loop, like torch.optim does.
 _FOREACH_DEFAULT_DEVICES = ("cuda", "xpu", "mtia", "hpu")

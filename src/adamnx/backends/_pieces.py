@@ -3,9 +3,19 @@ bounded temporaries, and pieces small enough to stay in cache on the CPU."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 from torch import Tensor
+
+# The coefficients that go with a tensor: a tuple (adamnx.update.Weights, or empty), rebuilt piece by piece.
+C = TypeVar("C", bound=tuple)
+
+
+def _rebuilt(coefficients: C, values: list[Any]) -> C:
+    make = getattr(type(coefficients), "_make", None)  # a NamedTuple keeps its type
+    return cast(C, make(values) if make is not None else tuple(values))
+
 
 __all__ = ["buckets_of_pieces", "dense_1d_views", "in_pieces", "in_row_pieces", "piece_size"]
 
@@ -40,56 +50,65 @@ def dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:
     return [t.as_strided((t.numel(),), (1,)) for t in tensors]
 
 
-def in_pieces(tensors: tuple[Tensor, ...], coefficients: tuple) -> list[tuple[tuple[Tensor, ...], tuple]]:
+def in_pieces(tensors: Sequence[Tensor], coefficients: C) -> list[tuple[list[Tensor], C]]:
     """Aligned 1-D pieces of at most a piece's elements of ``tensors`` (which share a layout) and of the coefficients
     shaped like them; the tensors whole when they are small or not one dense block."""
     shaped = [i for i, c in enumerate(coefficients) if isinstance(c, Tensor) and c.dim()]
     piece = piece_size(tensors[0])
     views = dense_1d_views([*tensors, *(coefficients[i] for i in shaped)]) if tensors[0].numel() > piece else None
     if views is None:
-        return [(tensors, coefficients)]
+        return [(list(tensors), coefficients)]
     pieces = []
     for start in range(0, tensors[0].numel(), piece):
         sliced = [view[start : start + piece] for view in views]
         coeffs = list(coefficients)
         for i, coefficient_piece in zip(shaped, sliced[len(tensors) :]):
             coeffs[i] = coefficient_piece
-        pieces.append((tuple(sliced[: len(tensors)]), tuple(coeffs)))
+        pieces.append((sliced[: len(tensors)], _rebuilt(coefficients, coeffs)))
     return pieces
 
 
-def in_row_pieces(tensors: tuple[Tensor, ...], coefficients: tuple) -> list[tuple[tuple[Tensor, ...], tuple]]:
+def in_row_pieces(tensors: Sequence[Tensor], coefficients: C) -> list[tuple[list[Tensor], C]]:
     """Pieces of whole rows (slices along the first dimension, at most a piece's elements each) of ``tensors`` and of
     the coefficients shaped per row (R, 1, ..., 1): the temporaries of an update with weights per row stay small."""
     first = tensors[0]
     if first.dim() == 0 or first.numel() == 0:
-        return [(tensors, coefficients)]
+        return [(list(tensors), coefficients)]
     rows = max(1, piece_size(first) // (first.numel() // first.shape[0]))
     if first.shape[0] <= rows:
-        return [(tensors, coefficients)]
-    shaped = [isinstance(c, Tensor) and c.dim() > 0 for c in coefficients]
+        return [(list(tensors), coefficients)]
     return [
         (
-            tuple(t[start : start + rows] for t in tensors),
-            tuple(c[start : start + rows] if cut else c for c, cut in zip(coefficients, shaped)),
+            [t[start : start + rows] for t in tensors],
+            _rebuilt(
+                coefficients,
+                [c[start : start + rows] if isinstance(c, Tensor) and c.dim() else c for c in coefficients],
+            ),
         )
         for start in range(0, first.shape[0], rows)
     ]
 
 
 def buckets_of_pieces(
-    tensors: tuple[list[Tensor], ...], coefficients: tuple[list, ...], cut: Callable = in_pieces
-) -> Iterator[tuple[list, ...]]:
-    """Lists of pieces (``cut``: in_pieces, or in_row_pieces) with their per-tensor coefficients, at most a piece's
-    elements per list."""
-    bucket: list[tuple] = []
+    tensors: Sequence[list[Tensor]], coefficients: Sequence[list], cut: Callable = in_pieces
+) -> Iterator[tuple[list[list[Tensor]], list[list]]]:
+    """Lists of pieces (``cut``: in_pieces, or in_row_pieces), at most a piece's elements per list, with their
+    per-tensor coefficients (``coefficients[k][i]``: coefficient k of tensor i): (lists of tensors, lists of
+    coefficients)."""
+    bucket: list[tuple[list[Tensor], tuple]] = []
     size, budget = 0, piece_size(tensors[0][0])
     for i in range(len(tensors[0])):
-        for piece, coeffs in cut(tuple(lst[i] for lst in tensors), tuple(c[i] for c in coefficients)):
+        for piece, coeffs in cut([lst[i] for lst in tensors], tuple(c[i] for c in coefficients)):
             if bucket and size + piece[0].numel() > budget:
-                yield tuple(map(list, zip(*bucket)))
+                yield _transposed(bucket, len(tensors), len(coefficients))
                 bucket, size = [], 0
-            bucket.append((*piece, *coeffs))
+            bucket.append((piece, coeffs))
             size += piece[0].numel()
     if bucket:
-        yield tuple(map(list, zip(*bucket)))
+        yield _transposed(bucket, len(tensors), len(coefficients))
+
+
+def _transposed(bucket: list[tuple[list[Tensor], tuple]], n_tensors: int, n_coefficients: int):
+    tensors = [[piece[k] for piece, _ in bucket] for k in range(n_tensors)]
+    coefficients = [[coeffs[k] for _, coeffs in bucket] for k in range(n_coefficients)]
+    return tensors, coefficients

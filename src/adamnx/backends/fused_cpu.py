@@ -96,9 +96,10 @@ def _step_bucket(ops: Any, plan: StepPlan, b: int, bucket: Bucket, lr: float, gr
 def _walkable(tensors: list[list[Tensor]], lags: list[Tensor], i: int) -> bool:
     """Whether the kernel can walk tensor ``i`` in place: p, g, m, v (and lags per element) one dense block of memory
     each, in one layout."""
-    lag = lags[i] if lags else None
-    per_element = lag is not None and lag.dim() > 0 and lag.shape == tensors[0][i].shape
-    return dense_1d_views([lst[i] for lst in tensors] + ([lag] if per_element else [])) is not None
+    walked = [lst[i] for lst in tensors]
+    if lags and lags[i].dim() > 0 and lags[i].shape == walked[0].shape:
+        walked.append(lags[i])
+    return dense_1d_views(walked) is not None
 
 
 def _contiguous(tensors: list[list[Tensor]], lags: list[Tensor], i: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -113,12 +114,9 @@ def _contiguous(tensors: list[list[Tensor]], lags: list[Tensor], i: int) -> tupl
 def _eager(plan: StepPlan, bucket: Bucket, i: int, lr: float, grad_factor: float) -> None:
     """Tensor ``i`` of the bucket with the same update in torch ops."""
     hp = plan.hp
-    if bucket.guard is None:
-        coefficients_: tuple = bucket.scalar_coefficients(i)
-    else:
-        coefficients_ = bucket.element_coefficients(i)
+    weights = bucket.scalar_coefficients(i) if bucket.guard is None else bucket.element_coefficients(i)
     grad = bucket.grads[i].to(bucket.math_dtype) * grad_factor
     update_copies(
-        bucket.params[i], grad, bucket.exp_avgs[i], bucket.exp_avg_sqs[i], *coefficients_, lr, hp.weight_decay,
-        hp.eps, dtype=bucket.math_dtype, stochastic=bucket.stochastic,
+        bucket.params[i], grad, bucket.exp_avgs[i], bucket.exp_avg_sqs[i], weights, lr, hp.weight_decay, hp.eps,
+        dtype=bucket.math_dtype, stochastic=bucket.stochastic,
     )  # fmt: skip

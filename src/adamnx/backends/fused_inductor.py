@@ -27,7 +27,7 @@ from adamnx._table import count_coefficients
 from adamnx.backends._pieces import dense_1d_views
 from adamnx.plan import Bucket, StepPlan
 from adamnx.schedule import coefficients
-from adamnx.update import stochastic_round_to_bf16, update
+from adamnx.update import Weights, stochastic_round_to_bf16, update
 
 __all__ = ["execute"]
 
@@ -61,7 +61,7 @@ def _kernel(
     """
     dtype = lr.dtype
     g = grad.to(dtype) * grad_factor  # ±1/grad_scale: maximize and GradScaler's unscale in one factor
-    new_lag = None
+    new_lag: Tensor | None = None
     if lag is not None:
         assert relative is not None and table is not None
         if new_window is not None:  # the step entered a new window: the lags shift to its base
@@ -72,22 +72,22 @@ def _kernel(
         count = (relative - lag_before.to(torch.int64)).clamp(0, last)  # before the starts: t = 1's coefficients too
         one_minus_beta1_t, beta2_hat, one_minus_beta2_hat = count_coefficients(table, count, dtype, clamp=False)
         new_lag = guard_module.lags_after_starts(lag_before, g != 0, relative)
+    weights = Weights(one_minus_beta1_t, beta2_hat, one_minus_beta2_hat)
     p, m, v = update(
-        param.to(dtype), g, exp_avg.to(dtype), exp_avg_sq.to(dtype), one_minus_beta1_t, beta2_hat,
-        one_minus_beta2_hat, lr, weight_decay, eps, in_place=False,
-    )  # fmt: skip
+        param.to(dtype), g, exp_avg.to(dtype), exp_avg_sq.to(dtype), weights, lr, weight_decay, eps, in_place=False
+    )
     p = stochastic_round_to_bf16(p) if stochastic else p.to(param.dtype)
     m, v = m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
     if found_inf is not None:  # a GradScaler is in use (a second graph, compiled only then)
         # it found inf/NaN: keep everything as it was (torch's fused optimizers do the same)
         skip = found_inf != 0
         p, m, v = torch.where(skip, param, p), torch.where(skip, exp_avg, m), torch.where(skip, exp_avg_sq, v)
-        if new_lag is not None:
+        if lag is not None and new_lag is not None:
             new_lag = torch.where(skip, lag, new_lag)
     param.copy_(p)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    if lag is not None:
+    if lag is not None and new_lag is not None:
         lag.copy_(new_lag)
 
 
@@ -139,7 +139,7 @@ def _kernel_config() -> contextlib.ExitStack:
         from torch.fx.experimental import _config as fx_config
 
         # Tensors of equal length must not share a size symbol, or a chunk with other lengths would recompile.
-        stack.enter_context(fx_config.patch(use_duck_shape=False))
+        stack.enter_context(fx_config.patch(use_duck_shape=False))  # type: ignore[attr-defined]
     with contextlib.suppress(AttributeError):  # older torch: its own limit
         import torch._dynamo.config as dynamo_config
 
@@ -178,16 +178,18 @@ def execute(plan: StepPlan) -> None:
 def _step_bucket(plan: StepPlan, bucket: Bucket) -> None:
     hp, dtype = plan.hp, bucket.math_dtype
     device = bucket.device
-    f64 = {"dtype": torch.float64, "device": device}
-    # torch.full launches a fill kernel where torch.tensor would copy from the host: capturable in a CUDA graph
-    lr = hp.lr.to(**f64) if isinstance(hp.lr, Tensor) else torch.full((), hp.lr, **f64)
-    grad_factor = torch.full((), -1.0 if hp.maximize else 1.0, **f64)
+
+    def f64(value: float) -> Tensor:  # a fill kernel, where torch.tensor would copy from the host: capturable
+        return torch.full((), value, dtype=torch.float64, device=device)
+
+    lr = hp.lr.to(device=device, dtype=torch.float64) if isinstance(hp.lr, Tensor) else f64(hp.lr)
+    grad_factor = f64(-1.0 if hp.maximize else 1.0)
     if plan.grad_scale is not None:
-        grad_factor = grad_factor / plan.grad_scale.to(**f64)
+        grad_factor = grad_factor / plan.grad_scale.to(device=device, dtype=torch.float64)
     found_inf = None if plan.found_inf is None else plan.found_inf.to(device=device, dtype=dtype)
     # Separate tensors, not views of one stack: inputs aliasing each other would make dynamo recompile.
     scalars = (
-        *(t.to(dtype) for t in (lr, torch.full((), hp.weight_decay, **f64), torch.full((), hp.eps, **f64))),
+        *(t.to(dtype) for t in (lr, f64(hp.weight_decay), f64(hp.eps))),
         grad_factor.to(dtype),
         found_inf,
     )
@@ -232,8 +234,7 @@ def _run(views, per_tensor, coeffs, scalars, stochastic, table) -> None:
         extra = [[lst[i] for i in compiled_idx] for lst in per_tensor]
         _run_compiled(compiled, extra, chunk_coeffs, scalars, stochastic, table)
     for i in eager:
-        guarded = (views[4][i], per_tensor[0][i], per_tensor[1][i], table) if per_tensor else ()
-        _kernel(*(lst[i] for lst in views[:4]), *(c[i] for c in coeffs), *scalars, stochastic, *guarded)
+        _eager(views, per_tensor, coeffs, scalars, stochastic, table, i)
 
 
 def _run_compiled(chunks, per_tensor, coeffs, scalars, stochastic, table) -> None:
@@ -270,5 +271,14 @@ def _run_compiled(chunks, per_tensor, coeffs, scalars, stochastic, table) -> Non
                     break
     if start is not None:
         for i in range(start, n):
-            extra = (chunks[4][i], per_tensor[0][i], per_tensor[1][i], table) if guarded else ()
-            _kernel(*(lst[i] for lst in chunks[:4]), *(w[i] for w in coeffs), *scalars, stochastic, *extra)
+            _eager(chunks, per_tensor, coeffs, scalars, stochastic, table, i)
+
+
+def _eager(views, per_tensor, coeffs, scalars, stochastic, table, i: int) -> None:
+    """The kernel on tensor ``i`` of ``views``, uncompiled."""
+    lr, weight_decay, eps, grad_factor, found_inf = scalars
+    guarded = (views[4][i], per_tensor[0][i], per_tensor[1][i], table) if per_tensor else (None, None, None, None)
+    _kernel(
+        views[0][i], views[1][i], views[2][i], views[3][i], coeffs[0][i], coeffs[1][i], coeffs[2][i],
+        lr, weight_decay, eps, grad_factor, found_inf, stochastic, *guarded,
+    )  # fmt: skip

@@ -2,7 +2,7 @@
 
 It also runs ``capturable=True`` and ``torch.compile(opt.step)`` (coefficients computed on the device from the step
 tensors: no host sync) and ``differentiable=True`` (the update out of place, on copies, so that autograd runs back
-through many steps).
+through many steps). Tensors larger than a piece go in cache-sized pieces (bounded temporaries, and faster).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import Tensor
 from adamnx.backends._pieces import in_pieces, in_row_pieces
 from adamnx.guard import ROW, TENSOR
 from adamnx.plan import Bucket, StepPlan, device_coefficients
-from adamnx.update import update, update_copies
+from adamnx.update import Weights, update, update_copies
 
 __all__ = ["execute"]
 
@@ -28,34 +28,32 @@ def execute(plan: StepPlan) -> None:
         step_lr = lr.to(bucket.math_dtype) if isinstance(lr, Tensor) else lr  # lr·λ in the math dtype, not lr's
         for i in range(len(bucket.params)):
             grad = -bucket.grads[i] if hp.maximize else bucket.grads[i]
-            tensors = (bucket.params[i], grad, bucket.exp_avgs[i], bucket.exp_avg_sqs[i])
-            for piece, coefficients in _pieces(plan, bucket, i, tensors):
+            tensors = [bucket.params[i], grad, bucket.exp_avgs[i], bucket.exp_avg_sqs[i]]
+            for (param, g, exp_avg, exp_avg_sq), weights in _pieces(plan, bucket, i, tensors):
                 if plan.differentiable or bucket.wider:
                     update_copies(
-                        *piece, *coefficients, step_lr, hp.weight_decay, hp.eps,
+                        param, g, exp_avg, exp_avg_sq, weights, step_lr, hp.weight_decay, hp.eps,
                         dtype=bucket.math_dtype, stochastic=bucket.stochastic, differentiable=plan.differentiable,
                     )  # fmt: skip
                 else:
-                    update(*piece, *coefficients, step_lr, hp.weight_decay, hp.eps)
+                    update(param, g, exp_avg, exp_avg_sq, weights, step_lr, hp.weight_decay, hp.eps)
 
 
-def _pieces(plan: StepPlan, bucket: Bucket, i: int, tensors: tuple[Tensor, ...]) -> list[tuple[tuple, tuple]]:
-    """The tensor (or 1-D pieces of it, for updates on wider copies: bounded temporaries) with its coefficients
-    (1 − β1_t, β̂2_t, 1 − β̂2_t) in the form the plan gives them."""
+def _pieces(plan: StepPlan, bucket: Bucket, i: int, tensors: list[Tensor]) -> list[tuple[list[Tensor], Weights]]:
+    """The tensor, or pieces of it, with its weights in the form the plan gives them (scalars, per row, per element)."""
     guard = bucket.guard
     if plan.on_device:
         step = bucket.steps[i] if guard is None else guard.device_counts(i, bucket.steps[i]).clamp_min(1)
-        w1, w2 = device_coefficients(step, bucket.betas, bucket.math_dtype)
-        coefficients: tuple = (w1, 1 - w2, w2)
+        weights = device_coefficients(step, bucket.betas, bucket.math_dtype)
     elif guard is None or guard.layouts[i] == TENSOR:
-        coefficients = bucket.scalar_coefficients(i)
+        weights = bucket.scalar_coefficients(i)
     elif guard.layouts[i] == ROW and not (bucket.wider or plan.differentiable):
         return in_row_pieces(tensors, bucket.row_coefficients(i))  # small temporaries (g·w2 per row)
     elif plan.differentiable:
-        coefficients = bucket.element_coefficients(i)
-    else:  # per element, piece by piece
+        weights = bucket.element_coefficients(i)
+    else:  # per element, piece by piece: the gathered weights stay small
         lag = guard.expanded(i, tensors[0])
-        return [(piece[:4], bucket.element_coefficients(i, piece[4])) for piece, _ in in_pieces((*tensors, lag), ())]
+        return [(piece[:4], bucket.element_coefficients(i, piece[4])) for piece, _ in in_pieces([*tensors, lag], ())]
     if plan.differentiable:
-        return [(tensors, coefficients)]
-    return in_pieces(tensors, coefficients)  # cache-sized pieces: faster, and small temporaries
+        return [(tensors, weights)]
+    return in_pieces(tensors, weights)

@@ -398,7 +398,7 @@ def _target_lines(rows: list[dict]) -> list[str]:
 
 
 # The guard's targets: its step time over the same implementation's without it (per_coordinate_steps off).
-GUARD_TARGETS = {"adamnx-fused-guard": 1.3, "adamnx-foreach-guard": 1.5}
+GUARD_TARGETS = {"adamnx-fused-guard": 1.1, "adamnx-foreach-guard": 1.3}
 
 
 def _guard_lines(rows: list[dict]) -> list[str]:
