@@ -76,6 +76,12 @@ def _implementations() -> dict[str, Implementation]:
 IMPLEMENTATIONS = _implementations()
 
 
+def takes_tensor_lr(impl: str) -> bool:
+    """torch.optim's rule: foreach takes a Tensor lr only with capturable=True."""
+    kwargs = IMPLEMENTATIONS[impl].kwargs
+    return not (kwargs.get("foreach") and not kwargs.get("capturable"))
+
+
 def implementations(**capabilities: Any) -> list[str]:
     """The implementations whose rows have these capabilities (``amp=True``, ``differentiable=True``, ...), and
     ``capturable=True`` for the capturable variants only."""

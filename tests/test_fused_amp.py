@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adamnx import AdamNX
-from helpers import IMPLEMENTATIONS, gradient_sequence, initial_params, rel_err, run_torch
+from helpers import IMPLEMENTATIONS, gradient_sequence, implementations, initial_params, rel_err, run_torch
 
 
 def _model(seed=0):
@@ -14,7 +14,7 @@ def _model(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
 
 
-@pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
+@pytest.mark.parametrize("kernel", implementations(amp=True))
 def test_fused_with_grad_scaler_matches_unscaled_loop_and_skips_inf_steps(kernel):
     x, y = torch.randn(32, 6), torch.randn(32, 3)
     scaled_model, plain_model = _model(), _model()
@@ -49,7 +49,7 @@ def test_fused_with_grad_scaler_matches_unscaled_loop_and_skips_inf_steps(kernel
     assert fused.state[next(scaled_model.parameters())]["step"].item() == 11  # the skipped step did not count
 
 
-@pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
+@pytest.mark.parametrize("kernel", implementations(amp=True))
 def test_fused_after_unscale_uses_found_inf_only(kernel):
     model = _model()
     opt = IMPLEMENTATIONS[kernel](model.parameters(), lr=1e-2)
@@ -67,7 +67,7 @@ def test_fused_after_unscale_uses_found_inf_only(kernel):
         assert rel_err(p, q.detach().double().numpy()) <= 1e-6
 
 
-@pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
+@pytest.mark.parametrize("kernel", implementations(amp=True))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_low_precision_params_use_float32_math_and_round_once(dtype, kernel):
     """One fused step on bf16/fp16 = the float32 for-loop step on upcast copies, rounded once to the dtype."""
@@ -95,7 +95,7 @@ def test_fused_low_precision_params_use_float32_math_and_round_once(dtype, kerne
     )
 
 
-@pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
+@pytest.mark.parametrize("kernel", implementations(amp=True))
 def test_fused_handles_channels_last_and_non_contiguous_params(kernel):
     torch.manual_seed(0)
     conv = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)

@@ -16,7 +16,7 @@ import torch
 import adamnx.backends
 import adamnx.backends._pieces
 from adamnx import AdamNX
-from helpers import IMPLEMENTATIONS, rel_err, run_torch
+from helpers import IMPLEMENTATIONS, rel_err, run_torch, takes_tensor_lr
 
 # --------------------------------------------------------------------------- bad state dicts
 
@@ -431,7 +431,7 @@ def test_a_sparse_gradient_in_a_later_group_changes_nothing(impl):
     _assert_same(before, _snapshot(opt))
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "foreach", "fused"])
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 def test_the_functional_form_checks_betas_before_any_counter_advances(impl):
     p, g = torch.zeros(3), torch.ones(3)
     m, v, step = torch.zeros(3), torch.zeros(3), torch.tensor(4.0, dtype=torch.float64)
@@ -439,7 +439,7 @@ def test_the_functional_form_checks_betas_before_any_counter_advances(impl):
     with pytest.raises(ValueError, match="index 1"):
         adamnx.functional.adamnx(
             [p], [g], [m], [v], [step], beta1=0.9, beta2=1.0, lr=0.1, weight_decay=0.0, eps=1e-8, maximize=False,
-            foreach=flags.get("foreach"), fused=flags.get("fused"),
+            foreach=flags.get("foreach"), fused=flags.get("fused"), capturable=flags.get("capturable", False),
         )  # fmt: skip
     assert step.item() == 4.0 and not p.any() and not m.any()
 
@@ -472,6 +472,31 @@ def test_differentiable_three_step_unroll_passes_gradcheck(weight_decay):
         opt.step()
     assert torch.allclose(p.detach(), q.detach(), rtol=1e-14, atol=0)
     assert torch.allclose(m.detach(), opt.state[q]["exp_avg"], rtol=1e-14, atol=0)
+
+
+def test_differentiable_unroll_gives_a_gradient_to_a_tensor_lr():
+    g = torch.Generator().manual_seed(1)
+    p0 = torch.randn(3, dtype=torch.float64, generator=g)
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+
+    def unroll(lr):
+        p = p0.clone().requires_grad_(True).clone()
+        opt = AdamNX([p], lr=lr, differentiable=True)
+        for _ in range(2):
+            p.grad = 2.0 * p + 0.3
+            opt.step()
+        return p
+
+    assert torch.autograd.gradcheck(unroll, (lr,))
+
+
+def test_differentiable_with_leaf_params_is_refused_before_anything_changes():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = AdamNX([a, b], differentiable=True)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    with pytest.raises(RuntimeError, match="non-leaf params"):
+        opt.step()
+    assert not opt.state and torch.equal(a.detach(), torch.ones(3))
 
 
 # --------------------------------------------------------------------------- flag combinations
@@ -560,7 +585,7 @@ def test_low_precision_params_compute_in_float32_on_every_path(impl, dtype):
     torch.testing.assert_close(v.float(), wide_v.float(), rtol=ulp, atol=0)
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "capturable", "foreach-capturable", "fused", "fused-inductor"])
+@pytest.mark.parametrize("impl", [impl for impl in IMPLEMENTATIONS if takes_tensor_lr(impl)])
 def test_float32_tensor_lr_and_weight_decay_on_float64_params_lose_no_precision(impl):
     """lr·λ is formed in the math dtype (float64 here), not in the float32 of the 0-d tensors."""
     lr_t, wd_t = torch.tensor(1e-2), torch.tensor(0.3)
@@ -618,7 +643,124 @@ def test_each_fused_row_runs_its_own_kernel(monkeypatch):
     assert calls == ["C++", "inductor", "C++"]  # and the switch does not outlive the step
 
 
-# --------------------------------------------------------------------------- found by review: more edges
+def test_a_param_appended_to_a_checked_fused_group_is_checked_too():
+    a, m = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, device="meta"))
+    opt = AdamNX([{"params": [a], "fused": True}, {"params": [m], "foreach": False}])
+    a.grad, m.grad = torch.ones(3), torch.ones(3, device="meta")
+    opt.step()  # m gets state in a non-fused group; group 0 passes fused's checks
+    opt.param_groups[0]["params"].append(m)
+    del opt.param_groups[1]
+    with pytest.raises(RuntimeError, match="fused=True supports"):
+        opt.step()
+
+
+# --------------------------------------------------------------------------- lr as a tensor
+
+
+def test_a_one_element_lr_tensor_becomes_0_d_and_steps_on_every_path():
+    for impl in [impl for impl in IMPLEMENTATIONS if takes_tensor_lr(impl)]:
+        lr = torch.tensor([1e-2])
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = IMPLEMENTATIONS[impl]([p], lr=lr)
+        p.grad = torch.ones(3)
+        opt.step()
+        assert opt.param_groups[0]["lr"].dim() == 0 and p.detach()[0].item() == pytest.approx(1 - 1e-2 * 1.01, rel=1e-5)
+        lr.fill_(0.0)  # a scheduler that fills the user's tensor still sets the group's lr (a view)
+        p.grad = torch.ones(3)
+        before = p.detach().clone()
+        opt.step()
+        assert torch.equal(p.detach(), before), impl
+
+
+def test_a_one_element_lr_from_a_checkpoint_becomes_0_d():
+    """torch's AdamW accepts lr = tensor([0.01]); a checkpoint with it loads into a group that can step."""
+    opt, params = _trained("capturable")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = torch.tensor([0.01], dtype=torch.float64)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"].dim() == 0
+    _steps(opt, params, 2, seed=3)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+# --------------------------------------------------------------------------- low precision
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wider_math_in_pieces_equals_the_whole_tensor_update(impl, dtype, monkeypatch):
+    """Low-precision params are updated in float32 pieces (bounded temporaries, where the executor cuts them):
+    bitwise the whole-tensor result."""
+    shapes = [(7, 5), (3,), (11,), (2, 2, 2)]
+    g = torch.Generator().manual_seed(4)
+    params0 = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=g).to(dtype) for s in shapes] for _ in range(5)]
+    results = []
+    for piece in (1 << 20, 4):
+        monkeypatch.setattr(adamnx.backends._pieces, "_PIECE", {"cpu": piece})
+        for coords in (False, True):
+            params = [p.clone().requires_grad_(True) for p in params0]
+            opt = IMPLEMENTATIONS[impl](params, lr=1e-2, per_coordinate_steps=coords)
+            for step in grads:
+                for p, gr in zip(params, step):
+                    p.grad = gr.clone()
+                opt.step()
+            results.append([(p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in params])
+    half = len(results) // 2
+    for whole, pieces in zip(results[:half], results[half:]):
+        for a, b in zip(whole, pieces):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+def test_bf16_params_with_float64_state_and_stochastic_rounding(impl):
+    """float64 math, then stochastic rounding to bf16 (through float32): every path steps, unbiased."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.full((20_000,), 4.0, dtype=torch.bfloat16))
+    opt = IMPLEMENTATIONS[impl]([p], lr=1e-3, weight_decay=0.0, state_dtype=torch.float64, stochastic_rounding=True)
+    for _ in range(10):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float64
+    assert p.detach().float().mean().item() == pytest.approx(4.0 - 10 * 1e-3, abs=2e-3)  # nearest would stay at 4
+
+
+# --------------------------------------------------------------------------- load hooks and param names
+
+
+def test_load_pre_hooks_run_before_the_checks_and_post_hooks_after_the_exact_restore():
+    opt, params = _trained("for-loop")
+    legacy = copy.deepcopy(opt.state_dict())
+    for state in legacy["state"].values():  # a layout that only a pre-hook understands
+        state["m"], state["v"] = state.pop("exp_avg"), state.pop("exp_avg_sq")
+
+    def upgrade(optimizer, sd):
+        for state in sd["state"].values():
+            state["exp_avg"], state["exp_avg_sq"] = state.pop("m"), state.pop("v")
+
+    def reset_first_moment(optimizer):
+        optimizer.state[params[0]]["exp_avg"].zero_()
+
+    opt.register_load_state_dict_pre_hook(upgrade)
+    opt.register_load_state_dict_post_hook(reset_first_moment)
+    expected_v = opt.state[params[0]]["exp_avg_sq"].clone()
+    opt.load_state_dict(legacy)
+    assert torch.equal(opt.state[params[0]]["exp_avg_sq"], expected_v)
+    assert not opt.state[params[0]]["exp_avg"].any()  # the post-hook's change stands
+
+
+def test_param_names_from_a_wrapped_model_still_load():
+    """DDP's "module." and torch.compile's "_orig_mod." prefixes rename params without reordering them."""
+    model = torch.nn.Linear(3, 2)
+    opt = AdamNX(model.named_parameters())
+    model.weight.grad, model.bias.grad = torch.ones(2, 3), torch.ones(2)
+    opt.step()
+    wrapped = AdamNX(torch.nn.Sequential(model).named_parameters())
+    wrapped.load_state_dict(opt.state_dict())
+    assert wrapped.state[model.weight]["step"].item() == 1
+
+
+# --------------------------------------------------------------------------- torch.compile
 
 
 def test_torch_compile_fullgraph_still_compiles_the_step():
@@ -630,6 +772,9 @@ def test_torch_compile_fullgraph_still_compiles_the_step():
             p.grad = torch.randn_like(p)
         step()
     assert opt.state[params[0]]["step"].item() == 3
+
+
+# --------------------------------------------------------------------------- kernels that cannot be built
 
 
 def test_switching_fused_on_without_a_compiler_changes_nothing(monkeypatch):
@@ -676,136 +821,3 @@ def test_a_fused_kernel_that_cannot_compile_finishes_the_step_eagerly(monkeypatc
     for p, q in zip(fused, loop):
         assert rel_err(p, q.detach().numpy()) <= 1e-12
     assert all(opt.state[p]["step"].item() == 3 for p in fused)
-
-
-def test_a_one_element_lr_tensor_becomes_0_d_and_steps_on_every_path():
-    for impl in ("for-loop", "capturable", "foreach-capturable", "fused", "fused-inductor"):
-        lr = torch.tensor([1e-2])
-        p = torch.nn.Parameter(torch.ones(3))
-        opt = IMPLEMENTATIONS[impl]([p], lr=lr)
-        p.grad = torch.ones(3)
-        opt.step()
-        assert opt.param_groups[0]["lr"].dim() == 0 and p.detach()[0].item() == pytest.approx(1 - 1e-2 * 1.01, rel=1e-5)
-        lr.fill_(0.0)  # a scheduler that fills the user's tensor still sets the group's lr (a view)
-        p.grad = torch.ones(3)
-        before = p.detach().clone()
-        opt.step()
-        assert torch.equal(p.detach(), before), impl
-
-
-def test_load_pre_hooks_run_before_the_checks_and_post_hooks_after_the_exact_restore():
-    opt, params = _trained("for-loop")
-    legacy = copy.deepcopy(opt.state_dict())
-    for state in legacy["state"].values():  # a layout that only a pre-hook understands
-        state["m"], state["v"] = state.pop("exp_avg"), state.pop("exp_avg_sq")
-
-    def upgrade(optimizer, sd):
-        for state in sd["state"].values():
-            state["exp_avg"], state["exp_avg_sq"] = state.pop("m"), state.pop("v")
-
-    def reset_first_moment(optimizer):
-        optimizer.state[params[0]]["exp_avg"].zero_()
-
-    opt.register_load_state_dict_pre_hook(upgrade)
-    opt.register_load_state_dict_post_hook(reset_first_moment)
-    expected_v = opt.state[params[0]]["exp_avg_sq"].clone()
-    opt.load_state_dict(legacy)
-    assert torch.equal(opt.state[params[0]]["exp_avg_sq"], expected_v)
-    assert not opt.state[params[0]]["exp_avg"].any()  # the post-hook's change stands
-
-
-def test_param_names_from_a_wrapped_model_still_load():
-    """DDP's "module." and torch.compile's "_orig_mod." prefixes rename params without reordering them."""
-    model = torch.nn.Linear(3, 2)
-    opt = AdamNX(model.named_parameters())
-    model.weight.grad, model.bias.grad = torch.ones(2, 3), torch.ones(2)
-    opt.step()
-    wrapped = AdamNX(torch.nn.Sequential(model).named_parameters())
-    wrapped.load_state_dict(opt.state_dict())
-    assert wrapped.state[model.weight]["step"].item() == 1
-
-
-def test_differentiable_unroll_gives_a_gradient_to_a_tensor_lr():
-    g = torch.Generator().manual_seed(1)
-    p0 = torch.randn(3, dtype=torch.float64, generator=g)
-    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-
-    def unroll(lr):
-        p = p0.clone().requires_grad_(True).clone()
-        opt = AdamNX([p], lr=lr, differentiable=True)
-        for _ in range(2):
-            p.grad = 2.0 * p + 0.3
-            opt.step()
-        return p
-
-    assert torch.autograd.gradcheck(unroll, (lr,))
-
-
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_wider_math_in_pieces_equals_the_whole_tensor_update(impl, dtype, monkeypatch):
-    """Low-precision params are updated in float32 pieces (bounded temporaries, where the executor cuts them):
-    bitwise the whole-tensor result."""
-    shapes = [(7, 5), (3,), (11,), (2, 2, 2)]
-    g = torch.Generator().manual_seed(4)
-    params0 = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    grads = [[torch.randn(s, generator=g).to(dtype) for s in shapes] for _ in range(5)]
-    results = []
-    for piece in (1 << 20, 4):
-        monkeypatch.setattr(adamnx.backends._pieces, "_PIECE", {"cpu": piece})
-        for coords in (False, True):
-            params = [p.clone().requires_grad_(True) for p in params0]
-            opt = IMPLEMENTATIONS[impl](params, lr=1e-2, per_coordinate_steps=coords)
-            for step in grads:
-                for p, gr in zip(params, step):
-                    p.grad = gr.clone()
-                opt.step()
-            results.append([(p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in params])
-    half = len(results) // 2
-    for whole, pieces in zip(results[:half], results[half:]):
-        for a, b in zip(whole, pieces):
-            assert all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def test_a_one_element_lr_from_a_checkpoint_becomes_0_d():
-    """torch's AdamW accepts lr = tensor([0.01]); a checkpoint with it loads into a group that can step."""
-    opt, params = _trained("capturable")
-    sd = copy.deepcopy(opt.state_dict())
-    sd["param_groups"][0]["lr"] = torch.tensor([0.01], dtype=torch.float64)
-    opt.load_state_dict(sd)
-    assert opt.param_groups[0]["lr"].dim() == 0
-    _steps(opt, params, 2, seed=3)
-    assert all(torch.isfinite(p).all() for p in params)
-
-
-def test_differentiable_with_leaf_params_is_refused_before_anything_changes():
-    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
-    opt = AdamNX([a, b], differentiable=True)
-    a.grad, b.grad = torch.ones(3), torch.ones(2)
-    with pytest.raises(RuntimeError, match="non-leaf params"):
-        opt.step()
-    assert not opt.state and torch.equal(a.detach(), torch.ones(3))
-
-
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-def test_bf16_params_with_float64_state_and_stochastic_rounding(impl):
-    """float64 math, then stochastic rounding to bf16 (through float32): every path steps, unbiased."""
-    torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.full((20_000,), 4.0, dtype=torch.bfloat16))
-    opt = IMPLEMENTATIONS[impl]([p], lr=1e-3, weight_decay=0.0, state_dtype=torch.float64, stochastic_rounding=True)
-    for _ in range(10):
-        p.grad = torch.ones_like(p)
-        opt.step()
-    assert opt.state[p]["exp_avg"].dtype == torch.float64
-    assert p.detach().float().mean().item() == pytest.approx(4.0 - 10 * 1e-3, abs=2e-3)  # nearest would stay at 4
-
-
-def test_a_param_appended_to_a_checked_fused_group_is_checked_too():
-    a, m = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, device="meta"))
-    opt = AdamNX([{"params": [a], "fused": True}, {"params": [m], "foreach": False}])
-    a.grad, m.grad = torch.ones(3), torch.ones(3, device="meta")
-    opt.step()  # m gets state in a non-fused group; group 0 passes fused's checks
-    opt.param_groups[0]["params"].append(m)
-    del opt.param_groups[1]
-    with pytest.raises(RuntimeError, match="fused=True supports"):
-        opt.step()

@@ -261,7 +261,7 @@ def test_authors_state_dict_loads_and_continues_like_the_reference(impl):
     assert_matches_reference(params, opt, ref, tol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "capturable", "fused"])
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("saved_step", [torch.tensor(2.0**24, dtype=torch.float32), 2**24, 2.0**24])
 def test_float32_or_python_step_keeps_counting_past_2_pow_24(impl, saved_step):
     sd = _authors_state_dict(0.0, [(2,)])

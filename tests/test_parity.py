@@ -46,8 +46,8 @@ def test_float32_matches_reference(impl, hp):
     assert_matches_reference(params, opt, ref, tol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["fused", "fused-inductor"])
-def test_fused_float32_matches_for_loop_to_1e6(kernel):
+@pytest.mark.parametrize("kernel", list(IMPLEMENTATIONS))
+def test_every_implementation_matches_the_for_loop_to_1e6_in_float32(kernel):
     grads = gradient_sequence(N_STEPS, dtype=torch.float32, seed=3)
     params0 = initial_params(dtype=torch.float32)
     loop, _ = run_torch(params0, grads, impl="for-loop", lr=3e-3)
@@ -180,7 +180,7 @@ def test_first_step_has_m_equal_g_and_v_equal_g_squared():
         np.testing.assert_allclose(q.detach().numpy(), p.detach().numpy() - 0.1 * np.sign(p.grad.numpy()), rtol=1e-15)
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "fused"])
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 def test_torch_compile_step_matches_eager(impl):
     grads = gradient_sequence(30, dtype=torch.float32, seed=8)
     params0 = initial_params(dtype=torch.float32)

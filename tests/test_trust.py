@@ -18,19 +18,20 @@ from helpers import (
     IMPLEMENTATIONS,
     assert_matches_reference,
     gradient_sequence,
+    implementations,
     initial_params,
     rel_err,
     run_reference,
     run_torch,
 )
 
-LOOP_FOREACH_FUSED = {k: IMPLEMENTATIONS[k] for k in ("for-loop", "foreach", "fused", "fused-inductor")}
+NOT_CAPTURABLE = implementations(capturable=False)
 
 
 # --------------------------------------------------------------------------- low precision
 
 
-@pytest.mark.parametrize("impl", list(LOOP_FOREACH_FUSED))
+@pytest.mark.parametrize("impl", NOT_CAPTURABLE)
 def test_float32_state_for_bf16_params_tracks_the_reference(impl):
     grads = gradient_sequence(200, dtype=torch.bfloat16, seed=1)
     params0 = initial_params(dtype=torch.bfloat16)
@@ -48,7 +49,7 @@ def test_float32_state_for_bf16_params_tracks_the_reference(impl):
     assert pure_v_err > 1e-3
 
 
-@pytest.mark.parametrize("impl", ["for-loop", "fused", "fused-inductor"])
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 def test_float32_state_survives_a_checkpoint_exactly(impl):
     import io
 
@@ -78,7 +79,7 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
     assert torch.equal(stochastic_round_to_bf16(exact).float(), exact.bfloat16().float())
 
 
-@pytest.mark.parametrize("impl", list(LOOP_FOREACH_FUSED))
+@pytest.mark.parametrize("impl", NOT_CAPTURABLE)
 def test_stochastic_rounding_keeps_updates_smaller_than_half_an_ulp(impl):
     """Updates of lr = 1e-3 on params near 4 (bf16 ulp 1/32): round-to-nearest loses them all, SR keeps them."""
     n, steps, lr = 20_000, 20, 1e-3
@@ -87,7 +88,7 @@ def test_stochastic_rounding_keeps_updates_smaller_than_half_an_ulp(impl):
     results = {}
     for sr in (False, True):
         p = torch.full((n,), 4.0, dtype=torch.bfloat16, requires_grad=True)
-        opt = LOOP_FOREACH_FUSED[impl]([p], lr=lr, weight_decay=0.0, stochastic_rounding=sr)
+        opt = IMPLEMENTATIONS[impl]([p], lr=lr, weight_decay=0.0, stochastic_rounding=sr)
         for _ in range(steps):
             p.grad = torch.ones(n, dtype=torch.bfloat16)
             opt.step()

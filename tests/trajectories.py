@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import IMPLEMENTATIONS, gradient_sequence, initial_params
+from helpers import IMPLEMENTATIONS, gradient_sequence, initial_params, takes_tensor_lr
 
 GOLDEN = Path(__file__).with_name("recorded") / "trajectories.json"
 
@@ -129,11 +129,10 @@ SCENARIOS = [
 
 def supports(impl: str, scenario: str) -> bool:
     """Whether the implementation runs the scenario (what it refuses is tested elsewhere)."""
-    kwargs = IMPLEMENTATIONS[impl].kwargs
     if "amp" in scenario:
-        return bool(kwargs.get("fused"))
-    if "tensorlr" in scenario:  # torch's rule: foreach takes a Tensor lr only when capturable
-        return not (kwargs.get("foreach") and not kwargs.get("capturable"))
+        return IMPLEMENTATIONS[impl].backend.amp
+    if "tensorlr" in scenario:
+        return takes_tensor_lr(impl)
     return True
 
 
