@@ -76,6 +76,15 @@ def _implementations() -> dict[str, Implementation]:
 IMPLEMENTATIONS = _implementations()
 
 
+def without_options(state_dict: dict) -> dict:
+    """A state dict without the options a load keeps from the optimizer (foreach, fused, state_dtype, ...): to load
+    one optimizer's state into another configured otherwise, with no warning about the difference."""
+    from adamnx._validation import KEPT_ON_LOAD
+
+    groups = [{k: v for k, v in g.items() if k not in KEPT_ON_LOAD} for g in state_dict["param_groups"]]
+    return {**state_dict, "param_groups": groups}
+
+
 def takes_tensor_lr(impl: str) -> bool:
     """torch.optim's rule: foreach takes a Tensor lr only with capturable=True."""
     kwargs = IMPLEMENTATIONS[impl].kwargs

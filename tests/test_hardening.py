@@ -16,7 +16,7 @@ import torch
 import adamnx.backends
 import adamnx.backends._pieces
 from adamnx import AdamNX
-from helpers import IMPLEMENTATIONS, rel_err, run_torch, takes_tensor_lr
+from helpers import IMPLEMENTATIONS, rel_err, run_torch, takes_tensor_lr, without_options
 
 # --------------------------------------------------------------------------- bad state dicts
 
@@ -153,7 +153,7 @@ BAD_STATE_DICTS = [
     BadStateDict("eps-negative", _set(_group, eps=-1e-8), "group 0 .*Invalid epsilon value"),
     BadStateDict("eps-none", _set(_group, eps=None), "group 0 .*eps must be a float"),
     BadStateDict("weight-decay-inf", _set(_group, weight_decay=math.inf), "group 0 .*Invalid weight_decay value: inf"),
-    BadStateDict("fused-and-foreach", _set(_group, fused=True, foreach=True), "group 0 .*cannot both be True"),
+    BadStateDict("fused-and-foreach", _set(_group, fused=True, foreach=True), "group 0 .*cannot be `True` together"),
     BadStateDict(
         "fused-differentiable",
         _set(_group, fused=True, foreach=None, differentiable=True),
@@ -389,7 +389,7 @@ BAD_GROUP_EDITS = [
     ("eps-negative", {"eps": -1.0}, ValueError, "param group 1: Invalid epsilon value"),
     ("eps-string", {"eps": "tiny"}, TypeError, "param group 1: eps must be a float"),
     ("weight-decay-nan", {"weight_decay": math.nan}, ValueError, "param group 1: Invalid weight_decay value"),
-    ("fused-and-foreach", {"fused": True, "foreach": True}, RuntimeError, "cannot both be True"),
+    ("fused-and-foreach", {"fused": True, "foreach": True}, RuntimeError, "cannot be `True` together"),
     ("foreach-differentiable", {"foreach": True, "fused": None, "differentiable": True}, RuntimeError, "`foreach`"),
     ("state-dtype-int", {"state_dtype": torch.int8}, ValueError, "param group 1: state_dtype must be"),
     ("tensor-lr-foreach", {"lr": torch.tensor(0.1), "foreach": True, "fused": None, "capturable": False}, ValueError,
@@ -399,7 +399,53 @@ BAD_GROUP_EDITS = [
     ("weight-decay-shape-1", {"weight_decay": torch.tensor([0.01])}, ValueError, "Tensor weight_decay must be 0-d"),
     ("eps-shape-1", {"eps": torch.tensor([1e-8])}, ValueError, "param group 1: Tensor eps must be 0-d"),
     ("lr-bool", {"lr": torch.tensor(True), "foreach": False, "fused": None}, TypeError, "Tensor lr must be a real"),
+    # in range, but not in float32 (the dtype of these params' update): the step would write inf or NaN
+    ("lr-huge", {"lr": 1e300}, ValueError, r"param group 1: lr = 1e\+300 does not fit in torch.float32"),
+    ("lr-huge-tensor", {"lr": torch.tensor(1e300, dtype=torch.float64), "foreach": False, "fused": None}, ValueError,
+     r"lr = 1e\+300 does not fit"),
+    ("eps-huge", {"eps": 1e39}, ValueError, r"param group 1: eps = 1e\+39 does not fit in torch.float32"),
+    ("lr-times-weight-decay-huge", {"lr": 1e30, "weight_decay": 1e10}, ValueError, "lr \\* weight_decay = 1e\\+40"),
 ]  # fmt: skip
+
+
+def test_a_float64_group_takes_a_learning_rate_float32_cannot_hold():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = AdamNX([p], lr=1e300, weight_decay=0.0)
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    assert torch.isfinite(p).all() and p[0] < -1e299
+
+
+def _resize(what: str):
+    def edit(opt, p):
+        if what == "param":
+            p.data = torch.randn(p.numel() + 1)  # the model was rebuilt with a bigger layer
+        elif what == "coord_lag":
+            opt.state[p]["coord_lag"] = torch.zeros(3, dtype=torch.int32)
+        else:  # a moment replaced by hand
+            opt.state[p][what] = torch.zeros(p.numel() + 1)
+
+    return edit
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("what", ["param", "exp_avg", "exp_avg_sq", "coord_lag"])
+def test_a_resized_param_or_state_is_refused_before_anything_steps(impl, what):
+    """The param of the second group (or its state) changes shape between steps: the step raises before the first
+    group, or any counter, moves."""
+    opt, params = _trained(impl, per_coordinate_steps=True)
+    _resize(what)(opt, params[2])
+    before = _snapshot(opt)
+    values = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=f"has shape .*'{'exp_avg' if what == 'param' else what}'"):
+        opt.step()
+    _assert_same(before, _snapshot(opt))
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    del opt.state[params[2]]  # the remedy the message gives: that param starts over, the others go on
+    opt.step()
+    assert opt.state[params[2]]["step"] == 1 and opt.state[params[0]]["step"] == 3
 
 
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
@@ -574,8 +620,7 @@ def test_low_precision_params_compute_in_float32_on_every_path(impl, dtype):
     p.grad = torch.randn(3, generator=g).to(dtype)
     wide = torch.nn.Parameter(p.detach().float())
     wide_opt = AdamNX([wide], lr=1e-2, weight_decay=0.0, foreach=False)
-    wide_opt.load_state_dict(opt.state_dict())  # moments cast up exactly ...
-    wide_opt.param_groups[0].update(foreach=False, fused=None, capturable=False)  # ... for the plain for-loop
+    wide_opt.load_state_dict(without_options(opt.state_dict()))  # moments cast up exactly, for the plain for-loop
     wide.grad = p.grad.float()
     opt.step()
     wide_opt.step()
@@ -821,3 +866,98 @@ def test_a_fused_kernel_that_cannot_compile_finishes_the_step_eagerly(monkeypatc
     for p, q in zip(fused, loop):
         assert rel_err(p, q.detach().numpy()) <= 1e-12
     assert all(opt.state[p]["step"].item() == 3 for p in fused)
+
+
+# --------------------------------------------------------------------------- what a load keeps, and other optimizers'
+
+
+def test_a_load_keeps_the_optimizers_options_and_names_the_differences():
+    """fp16 params whose optimizer asks for float32 moments, and a checkpoint saved without: the moments load in
+    float32 (exactly), with a warning naming both values; the checkpoint's hyperparameters are taken."""
+    p = torch.nn.Parameter(torch.randn(4, 3).half())
+    saved_by = AdamNX([p], lr=3e-2, fused=True)
+    p.grad = torch.randn(4, 3).half()
+    saved_by.step()
+    opt = AdamNX([p], lr=1e-3, state_dtype=torch.float32)
+    with pytest.warns(
+        UserWarning, match=r"fused \(checkpoint: True, kept: None\).*state_dtype \(checkpoint: None, kept"
+    ):
+        opt.load_state_dict(saved_by.state_dict())
+    group, state = opt.param_groups[0], opt.state[p]
+    assert group["state_dtype"] == torch.float32 and group["fused"] is None and group["lr"] == 3e-2
+    assert state["exp_avg_sq"].dtype == torch.float32
+    assert torch.equal(state["exp_avg_sq"], saved_by.state[p]["exp_avg_sq"].float())
+
+
+def test_moments_the_kept_state_dtype_cannot_hold_are_refused():
+    """A float32 checkpoint into fp16 moments: v ≈ 1e-10 would round to 0 and the next update be hundreds of times
+    too large. Refused, with the remedy, and nothing changes."""
+    p = torch.nn.Parameter(torch.ones(3).half())
+    opt = AdamNX([p])
+    p.grad = torch.ones(3).half()
+    opt.step()
+    wide = torch.nn.Parameter(torch.ones(3))
+    source = AdamNX([wide])
+    wide.grad = torch.full((3,), 1e-5)  # v = g² = 1e-10: below fp16's smallest value
+    source.step()
+    before = _snapshot(opt)
+    with pytest.raises(
+        ValueError, match=r"'exp_avg_sq' holds non-zero values that are 0 in torch.float16.*state_dtype"
+    ):
+        opt.load_state_dict(without_options(source.state_dict()))
+    _assert_same(before, _snapshot(opt))
+
+
+def _adamw_trained(cls=torch.optim.AdamW, steps: int = 50, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = cls(model.parameters(), lr=1e-3, **kwargs)
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()  # the gradient of the next step
+    return model, opt
+
+
+def test_a_torch_adamw_checkpoint_is_refused_without_conversion():
+    model, adamw = _adamw_trained()
+    opt = AdamNX(model.parameters())
+    with pytest.raises(ValueError, match=r"saved by torch.optim.Adam or AdamW.*from_optimizer='adamw'"):
+        opt.load_state_dict(adamw.state_dict())
+    assert not opt.state
+
+
+@pytest.mark.parametrize(("cls", "name", "kwargs"), [(torch.optim.AdamW, "adamw", {"weight_decay": 0.01}),
+                                                       (torch.optim.Adam, "adam", {})])  # fmt: skip
+def test_a_torch_adam_checkpoint_converts_and_the_first_update_is_close_to_its_own(cls, name, kwargs):
+    """AdamW's moments are not bias-corrected; converted, AdamNX's first update on the same gradient is within a few
+    percent of the update AdamW would have made (the same lr, betas and weight decay)."""
+    model, theirs = _adamw_trained(cls, **kwargs)
+    ours_model = copy.deepcopy(model)
+    ours = AdamNX(ours_model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=kwargs.get("weight_decay", 0.0))
+    ours.load_state_dict(theirs.state_dict(), from_optimizer=name)
+    for p, q in zip(model.parameters(), ours_model.parameters()):
+        q.grad = p.grad.clone()
+    before = [p.detach().clone() for p in model.parameters()]
+    theirs.step()
+    ours.step()
+    for p, q, b in zip(model.parameters(), ours_model.parameters(), before):
+        their_update, our_update = p.detach() - b, q.detach() - b
+        assert (our_update - their_update).norm() <= 0.01 * their_update.norm()  # seen: 2e-4 (unconverted: 3.1)
+    assert ours.state[next(ours_model.parameters())]["step"].item() == 51  # the count goes on
+
+
+def test_conversion_refuses_what_it_cannot_convert():
+    model, amsgrad = _adamw_trained(amsgrad=True, steps=3)
+    opt = AdamNX(model.parameters())
+    with pytest.raises(ValueError, match="AMSGrad"):
+        opt.load_state_dict(amsgrad.state_dict(), from_optimizer="adamw")
+    with pytest.raises(ValueError, match="from_optimizer must be 'adam' or 'adamw'"):
+        opt.load_state_dict(amsgrad.state_dict(), from_optimizer="sgd")
+    p = next(model.parameters())
+    with pytest.raises(ValueError, match=r"takes a state dict saved by torch\.optim\.AdamW"):
+        opt.load_state_dict(AdamNX(model.parameters()).state_dict(), from_optimizer="adamw")
+    assert not opt.state and p.grad is not None

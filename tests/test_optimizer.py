@@ -37,10 +37,13 @@ ERROR_INPUTS = [
     ErrorOptimizerInput({"betas": (0.9, 1.0)}, ValueError, "Invalid beta parameter at index 1: 1.0"),
     ErrorOptimizerInput({"betas": (0.9, 0.0)}, ValueError, "index 1: 0.0 .*v freezes at g_1"),
     ErrorOptimizerInput({"betas": (0.9,)}, ValueError, "betas must be a pair"),
-    # Flag combinations raise RuntimeError, as torch.optim.AdamW does: code written for AdamW catches them.
-    ErrorOptimizerInput({"foreach": True, "fused": True}, RuntimeError, "`fused` and `foreach` cannot both be True"),
+    # Flag combinations raise RuntimeError with torch.optim's words: code written for AdamW, and PyTorch's own
+    # test_errors (these two regexes are the error_regex of torch/testing/_internal/common_optimizers.py), match them.
     ErrorOptimizerInput(
-        {"fused": True, "differentiable": True}, RuntimeError, "`fused` does not support `differentiable"
+        {"foreach": True, "fused": True}, RuntimeError, "`fused` and `foreach` cannot be `True` together"
+    ),
+    ErrorOptimizerInput(
+        {"fused": True, "differentiable": True}, RuntimeError, "`fused` does not support `differentiable`"
     ),
     ErrorOptimizerInput({"foreach": True, "differentiable": True}, RuntimeError, "`foreach` does not support"),
     ErrorOptimizerInput({"maximize": "yes"}, TypeError, "maximize must be True or False"),

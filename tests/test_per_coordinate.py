@@ -23,6 +23,7 @@ from helpers import (
     per_coordinate_reference,
     rel_err,
     run_torch,
+    without_options,
 )
 
 IMPLS = list(IMPLEMENTATIONS)
@@ -172,9 +173,7 @@ def test_stochastic_rounding_with_per_coordinate_steps(impl):
     params, opt = run_torch(initial_params(dtype=torch.bfloat16), grads[:19], impl=impl, **kw)
     twin = [p.detach().float().requires_grad_(True) for p in params]  # exact: bf16 ⊂ float32
     twin_opt = AdamNX(twin, foreach=False, **HYPER)
-    saved = copy.deepcopy(opt.state_dict())
-    saved["param_groups"][0].update(foreach=False, fused=None, capturable=False)
-    twin_opt.load_state_dict(saved)
+    twin_opt.load_state_dict(without_options(copy.deepcopy(opt.state_dict())))
     for group, (ps, o) in ((grads[19], (params, opt)), (grads[19], (twin, twin_opt))):
         for p, g in zip(ps, group):
             p.grad = g.to(p.dtype)

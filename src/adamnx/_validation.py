@@ -18,7 +18,7 @@ from torch import Tensor
 from adamnx.backends import FLOATING_DTYPES, rows_for
 from adamnx.guard import MAX_COUNT
 
-__all__ = ["FLOATING_DTYPES", "as_float", "check_hyperparameters", "check_state_dict"]
+__all__ = ["FLOATING_DTYPES", "KEPT_ON_LOAD", "as_float", "check_hyperparameters", "check_state_dict"]
 
 # Options a group may lack (older checkpoints, the authors' implementation) and the value it then gets.
 OPTION_DEFAULTS = {
@@ -32,6 +32,18 @@ OPTION_DEFAULTS = {
     "skip_nonfinite": False,
     "per_coordinate_steps": False,
 }
+# Options that say how this process steps (implementation, storage, precision, guards), not what the run computes:
+# a load keeps the optimizer's own (what its constructor asked for), and warns where a checkpoint's differ.
+KEPT_ON_LOAD = (
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+    "state_dtype",
+    "stochastic_rounding",
+    "skip_nonfinite",
+    "per_coordinate_steps",
+)
 _BOOL_OPTIONS = (
     "maximize",
     "capturable",
@@ -109,11 +121,11 @@ def check_hyperparameters(group: Mapping[str, Any], *, read_tensors: bool = True
         )
     if group.get("fused"):
         if group.get("foreach"):
-            raise RuntimeError("`fused` and `foreach` cannot both be True")
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if group.get("differentiable"):
-            raise RuntimeError("`fused` does not support `differentiable=True`")
+            raise RuntimeError("`fused` does not support `differentiable`")
     if group.get("foreach") and group.get("differentiable"):
-        raise RuntimeError("`foreach` does not support `differentiable=True`")
+        raise RuntimeError("`foreach` does not support `differentiable`")
     state_dtype = group.get("state_dtype")
     # The moments' dtypes that every implementation the flags may run can keep (each row's state_dtypes).
     if state_dtype is not None and any(
@@ -161,7 +173,7 @@ def check_state_dict(state_dict: Any, param_groups: list[dict[str, Any]]) -> Non
             "loading it would silently drop those moments and restart their training at t = 1"
         )
     for saved, group in zip(saved_groups, param_groups):
-        state_dtype = saved.get("state_dtype")
+        state_dtype = group.get("state_dtype")  # the optimizer's own (KEPT_ON_LOAD): what the moments are loaded in
         for pid, param in zip(saved["params"], group["params"]):
             p_state = saved_state.get(pid)
             if p_state is None:
@@ -185,8 +197,16 @@ def _check_saved_group(index: int, saved: Any, group: dict[str, Any]) -> None:
     missing = [key for key in ("lr", "betas", "eps", "weight_decay") if key not in saved]
     if missing:
         raise ValueError(f"{where} is missing {missing}")
-    try:
+    if "amsgrad" in saved:  # torch.optim.Adam's or AdamW's (every version saves it): biased moments
+        raise ValueError(
+            f"{where} was saved by torch.optim.Adam or AdamW (it has 'amsgrad'): their moments are not bias-corrected, "
+            "and taken as AdamNX's the next update would be several times AdamW's. To switch a run from AdamW to "
+            "AdamNX, convert it: opt.load_state_dict(state_dict, from_optimizer='adamw') (or 'adam')"
+        )
+    kept = {key: group[key] for key in KEPT_ON_LOAD if key in group}
+    try:  # the group as saved, and as it will be: the checkpoint's hyperparameters with the optimizer's own options
         check_hyperparameters({**OPTION_DEFAULTS, **saved})
+        check_hyperparameters({**OPTION_DEFAULTS, **saved, **kept})
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{where}: {exc}") from None
     # The same names in another order: the parameters were reordered, and each state would land on another one.
@@ -234,15 +254,29 @@ _SCAN_ELEMENTS = 1 << 24  # elements checked at a time: a load needs no full-siz
 
 
 def _check_values(tensor: Tensor, target: torch.dtype, nonnegative: bool, where: str) -> None:
-    """Finite in ``target``, the dtype the values are loaded in (1e5 is inf in float16), and ≥ 0 if asked."""
+    """Finite in ``target``, the dtype the values are loaded in (1e5 is inf in float16), not rounded to 0 there where
+    they are not 0 (an fp16 state turns v ≈ 1e-10 into 0, and the next update is hundreds of times too large), and
+    ≥ 0 if asked."""
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), _SCAN_ELEMENTS):
-        piece = flat[start : start + _SCAN_ELEMENTS].to(target)
+        original = flat[start : start + _SCAN_ELEMENTS]
+        piece = original.to(target)
         real = torch.view_as_real(piece) if piece.is_complex() else piece
         if not bool(torch.isfinite(real).all()):
-            raise ValueError(f"{where} holds inf or NaN (as {target})")
+            raise ValueError(f"{where} holds inf or NaN (as {target}){_wider_hint(original, target)}")
+        if original.dtype != target:
+            source = torch.view_as_real(original) if original.is_complex() else original
+            if bool(((real == 0) & (source != 0)).any()):
+                raise ValueError(f"{where} holds non-zero values that are 0 in {target}{_wider_hint(original, target)}")
         if nonnegative and bool((real < 0).any()):
             raise ValueError(f"{where} holds negative values (it is an average of squares)")
+
+
+def _wider_hint(original: Tensor, target: torch.dtype) -> str:
+    """What to do when a checkpoint's moments do not fit the dtype the optimizer keeps them in."""
+    if original.dtype.is_floating_point and target in (torch.float16, torch.bfloat16):
+        return ": keep the moments in float32 with AdamNX(..., state_dtype=torch.float32)"
+    return ""
 
 
 def _check_dense(value: Tensor, where: str, key: str) -> None:

@@ -110,7 +110,7 @@ def step_tensors(
         backend = backends.select(flags, device_type)
         if differentiable and not backend.differentiable:
             option = next(key for key, value in backend.options.items() if value)
-            raise RuntimeError(f"`{option}` does not support `differentiable=True`")
+            raise RuntimeError(f"`{option}` does not support `differentiable`")
 
         run = _run if backend.traced else _run_outside_graphs
 

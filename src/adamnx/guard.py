@@ -42,6 +42,7 @@ __all__ = [
     "counts",
     "counts_on_device",
     "expand",
+    "fits",
     "fresh_lag",
     "lags_after_starts",
     "lags_from_counts",
@@ -75,6 +76,17 @@ def layout_of(lag: Tensor, shape: torch.Size | tuple[int, ...]) -> str:
     if lag.dim() == 0:
         return TENSOR
     return ELEMENT if tuple(lag.shape) == tuple(shape) else ROW
+
+
+def fits(lag: Tensor, param: Tensor) -> bool:
+    """Whether ``lag`` is a lag tensor of one of the layouts for this param (int32; 0-d, per row, or per element of
+    its real view)."""
+    shape = (*param.shape, 2) if param.is_complex() else tuple(param.shape)
+    if not isinstance(lag, Tensor) or lag.dtype != torch.int32:
+        return False
+    if lag.dim() == 0 or tuple(lag.shape) == shape:
+        return True
+    return len(shape) >= 2 and tuple(lag.shape) == (shape[0],) + (1,) * (len(shape) - 1)
 
 
 def fresh_lag(real_param: Tensor) -> Tensor:

@@ -4,6 +4,8 @@ by :mod:`adamnx.plan` and run by the row of :mod:`adamnx.backends` its flags sel
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -12,6 +14,7 @@ from torch import Tensor
 
 from adamnx import backends, guard
 from adamnx._validation import (
+    KEPT_ON_LOAD,
     MAX_COORD_STEP,
     OPTION_DEFAULTS,
     as_float,
@@ -21,6 +24,7 @@ from adamnx._validation import (
 from adamnx.backends import Backend
 from adamnx.functional import step_tensors
 from adamnx.plan import Hyperparameters
+from adamnx.update import math_dtype
 
 __all__ = ["AdamNX"]
 
@@ -35,6 +39,24 @@ def _normalised(group: dict[str, Any]) -> dict[str, Any]:
             out[key] = as_float(out[key], key)
     if isinstance(out.get("lr"), Tensor) and out["lr"].dim():
         out["lr"] = out["lr"].view(())  # a view: a scheduler filling the user's tensor still sets this lr
+    return out
+
+
+def _bias_corrected(p_state: Mapping[str, Any], beta1: float, beta2: float, where: str) -> dict[str, Any]:
+    """An Adam/AdamW parameter state with its moments divided by their bias corrections 1 − β^t (in float64)."""
+    missing = [key for key in ("step", "exp_avg", "exp_avg_sq") if key not in p_state]
+    if missing:
+        raise ValueError(f"{where} is missing {missing}")
+    step = as_float(p_state["step"], "step")
+    if not step >= 1:
+        return {}  # nothing was accumulated: the parameter starts at t = 1
+    out = dict(p_state)
+    for key, beta in (("exp_avg", beta1), ("exp_avg_sq", beta2)):
+        moment = p_state[key]
+        if not isinstance(moment, Tensor):
+            raise ValueError(f"{where}: '{key}' must be a tensor, got {type(moment).__name__}")
+        correction = -math.expm1(step * math.log(beta)) if beta > 0 else 1.0  # 1 − β^t, accurate for β^t ≈ 1
+        out[key] = (moment.to(torch.float64) / correction).to(moment.dtype)
     return out
 
 
@@ -205,29 +227,46 @@ class AdamNX(torch.optim.Optimizer):
         like = torch.view_as_real(like) if like.is_complex() else like
         return guard.counts(p_state["coord_lag"], float(p_state["step"]), like)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict (ours, torch's AdamW-style, or the authors').
+    def load_state_dict(self, state_dict: dict[str, Any], from_optimizer: str | None = None) -> None:
+        """Load a state dict (ours, or the authors'; torch's Adam or AdamW with ``from_optimizer``).
 
         Everything is checked first (see :mod:`adamnx._validation`), after any load pre-hooks ran: a refused state
         dict raises a ValueError that names the group or parameter and the field, and leaves the optimizer exactly
         as it was. The loaded state is the optimizer's own copy, with exact values: step counts as float64, moments
-        in the group's ``state_dtype``, per-coordinate counts as int32 (torch's loader would cast them all to the
+        in the group's ``state_dtype``, per-coordinate counts exactly (torch's loader would cast them all to the
         param's dtype).
+
+        The hyperparameters (lr, betas, eps, weight_decay, maximize) are the checkpoint's, as with torch.optim; the
+        options that say how this process steps (``foreach``, ``fused``, ``capturable``, ``differentiable``,
+        ``state_dtype``, ``stochastic_rounding``, ``skip_nonfinite``, ``per_coordinate_steps``) stay the
+        optimizer's own, with a warning naming each one a checkpoint saved otherwise. Moments that the kept
+        ``state_dtype`` cannot hold (non-zero values that round to 0, or overflow) are refused.
+
+        Args:
+            state_dict: the state dict.
+            from_optimizer: ``"adamw"`` or ``"adam"`` to take the moments and step counts of a state dict saved by
+                ``torch.optim.AdamW`` or ``Adam`` (refused without it: their moments are not bias-corrected). Their
+                moments are bias-corrected (m / (1 − β1^t), v / (1 − β2^t), with the checkpoint's betas), so that
+                AdamNX's first update is close to the one AdamW would have made; the step counts go on; the
+                hyperparameters stay this optimizer's. AMSGrad states are refused.
         """
         if not isinstance(state_dict, Mapping):  # torch's loader would fail on it before any hook runs
             raise ValueError(
                 f"state_dict must be a dict with 'state' and 'param_groups', got {type(state_dict).__name__}"
             )
+        if from_optimizer is not None:
+            state_dict = self._converted(state_dict, from_optimizer)
         loaded: dict[str, Any] = {}
+        before = self.state, self.param_groups
 
         def check(optimizer: torch.optim.Optimizer, hooked: dict[str, Any]) -> None:  # after user pre-hooks
             check_state_dict(hooked, self.param_groups)
             loaded["state_dict"] = hooked
 
         def restore(optimizer: torch.optim.Optimizer) -> None:  # before user post-hooks, which may change it again
+            self._keep_options(before[1], loaded["state_dict"]["param_groups"])
             self._restore_exact_state(loaded["state_dict"])
 
-        before = self.state, self.param_groups
         handles = [
             self.register_load_state_dict_pre_hook(check),
             self.register_load_state_dict_post_hook(restore, prepend=True),
@@ -240,6 +279,51 @@ class AdamNX(torch.optim.Optimizer):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _keep_options(self, own_groups: list[dict[str, Any]], saved_groups: list[dict[str, Any]]) -> None:
+        """The loaded groups take this optimizer's options back (KEPT_ON_LOAD); one warning names the differences."""
+        differences = []
+        for index, (group, own, saved) in enumerate(zip(self.param_groups, own_groups, saved_groups)):
+            for key in KEPT_ON_LOAD:
+                if key in saved and saved[key] != own[key]:
+                    differences.append(f"group {index} {key} (checkpoint: {saved[key]!r}, kept: {own[key]!r})")
+                group[key] = own[key]
+        if differences:
+            warnings.warn(
+                "load_state_dict kept this optimizer's options where the checkpoint's differ: "
+                + "; ".join(differences)
+                + ". Pass the options you want to the constructor.",
+                stacklevel=4,
+            )
+
+    def _converted(self, state_dict: Mapping[str, Any], from_optimizer: str) -> dict[str, Any]:
+        """A state dict of torch's Adam or AdamW as AdamNX's: bias-corrected moments, the same step counts, and this
+        optimizer's hyperparameters. Refuses anything else, before anything changes."""
+        if from_optimizer not in ("adam", "adamw"):
+            raise ValueError(f"from_optimizer must be 'adam' or 'adamw', got {from_optimizer!r}")
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(state, Mapping):
+            raise ValueError("state_dict must have a 'state' dict and a 'param_groups' list")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(groups)} parameter groups, the optimizer has {len(self.param_groups)}"
+            )
+        converted_groups, converted_state = [], {}
+        for index, (saved, own) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or "amsgrad" not in saved or "params" not in saved:
+                raise ValueError(
+                    f"param group {index}: from_optimizer={from_optimizer!r} takes a state dict saved by "
+                    f"torch.optim.{'AdamW' if from_optimizer == 'adamw' else 'Adam'} (its groups have 'amsgrad')"
+                )
+            if saved["amsgrad"]:
+                raise ValueError(f"param group {index}: AMSGrad's max_exp_avg_sq has no AdamNX counterpart")
+            beta1, beta2 = (as_float(b, "betas") for b in saved["betas"])
+            for pid in saved["params"]:
+                p_state = state.get(pid)
+                if p_state:
+                    converted_state[pid] = _bias_corrected(p_state, beta1, beta2, f"state of parameter {pid}")
+            converted_groups.append({**{k: v for k, v in own.items() if k != "params"}, "params": saved["params"]})
+        return {"state": converted_state, "param_groups": converted_groups}
 
     def _restore_exact_state(self, state_dict: dict[str, Any]) -> None:
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
@@ -308,6 +392,28 @@ class AdamNX(torch.optim.Optimizer):
             raise type(exc)(f"param group {index}: {exc}") from None
         if not torch.compiler.is_compiling():
             self._check_params(group)
+            try:
+                self._check_representable(group)
+            except ValueError as exc:
+                raise ValueError(f"param group {index}: {exc}") from None
+
+    def _check_representable(self, group: dict[str, Any]) -> None:
+        """lr, lr·weight_decay and eps fit in the dtype each param's update is computed in (float32 for float32, bf16
+        and fp16 params): 1e300 passes the ranges, then turns into inf there, and the step writes inf or NaN."""
+        dtypes = {math_dtype(p.dtype, self._state_dtype(p, group)) for p in group["params"] if p.grad is not None}
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.device.type != "cpu":
+                return  # reading it would sync the host: a capturable step never waits for it
+            lr = lr.item()
+        for dtype in sorted(dtypes, key=lambda d: torch.finfo(d).max):
+            largest = torch.finfo(dtype).max
+            for name, value in (("lr", lr), ("eps", group["eps"]), ("lr * weight_decay", lr * group["weight_decay"])):
+                if abs(value) > largest:
+                    raise ValueError(
+                        f"{name} = {value!r} does not fit in {dtype}, the dtype these params' update is computed in "
+                        f"(largest {largest:.4g}): the step would write inf or NaN"
+                    )
 
     def _check_params(self, group: dict[str, Any]) -> None:
         """The gradients and state of a group's params: sparse, moved or cast params, the support of the
@@ -344,13 +450,26 @@ class AdamNX(torch.optim.Optimizer):
                 if state_dtype is not None and p.is_complex():
                     raise RuntimeError("state_dtype is not supported for complex parameters")
                 continue
-            exp_avg = state["exp_avg"]
             wanted = p.dtype if state_dtype is None or p.is_complex() else state_dtype
-            if exp_avg.dtype != wanted or exp_avg.device != p.device:
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = state[key]
+                if not isinstance(moment, Tensor) or moment.shape != p.shape:
+                    shape = tuple(moment.shape) if isinstance(moment, Tensor) else type(moment).__name__
+                    raise RuntimeError(
+                        f"a parameter has shape {tuple(p.shape)} but its optimizer state '{key}' has {shape}: it was "
+                        "resized (or the state replaced) after the state was created. Its moments cannot follow; "
+                        "del opt.state[param] restarts that parameter's state at its next step."
+                    )
+                if moment.dtype != wanted or moment.device != p.device:
+                    raise RuntimeError(
+                        f"a parameter is now {p.dtype} on {p.device} but its optimizer state '{key}' is "
+                        f"{moment.dtype} on {moment.device}: it was moved or cast after the state was created. "
+                        "Call opt.load_state_dict(opt.state_dict()) to move the state along with it."
+                    )
+            if "coord_lag" in state and not guard.fits(state["coord_lag"], p):
                 raise RuntimeError(
-                    f"a parameter is now {p.dtype} on {p.device} but its optimizer state is "
-                    f"{exp_avg.dtype} on {exp_avg.device}: it was moved or cast after the state "
-                    "was created. Call opt.load_state_dict(opt.state_dict()) to move the state along with it."
+                    f"a parameter has shape {tuple(p.shape)} but its optimizer state 'coord_lag' "
+                    f"{tuple(state['coord_lag'].shape)} does not fit it: del opt.state[param] restarts its state"
                 )
             if differentiable and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")

@@ -182,7 +182,7 @@ def resolve_flags(
         if foreach and isinstance(lr, Tensor) and not capturable:
             foreach = False
     if fused and foreach:
-        raise RuntimeError("`fused` and `foreach` cannot both be True")
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     return {"fused": bool(fused), "foreach": bool(foreach)}
 
 
