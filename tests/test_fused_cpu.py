@@ -3,6 +3,7 @@ it cannot walk in place, and its build (cache, missing or failing compiler)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -272,7 +273,9 @@ def test_a_corrupt_cached_library_is_rebuilt_not_loaded(corruption, tmp_path, mo
     assert calls and target.read_bytes() == good
     target.write_bytes(CORRUPTIONS[corruption](good))  # the checksum beside it still names the good bytes
     calls.clear()
-    assert _cpu_extension._build() == target and len(calls) == 1  # refused, rebuilt
+    with pytest.warns(UserWarning, match="does not match its checksum") as record:
+        assert _cpu_extension._build() == target and len(calls) == 1  # refused, rebuilt
+    assert len(record) == 1
     assert target.read_bytes() == good and _cpu_extension._is_verified(target)
 
 
@@ -283,7 +286,8 @@ def test_a_cached_library_without_a_checksum_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAMNX_CACHE_DIR", str(tmp_path))
     target = _cpu_extension._library_path(_cpu_extension._flags())
     target.write_bytes(good[:100])
-    assert _cpu_extension._build() == target and len(calls) == 1 and target.read_bytes() == good
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        assert _cpu_extension._build() == target and len(calls) == 1 and target.read_bytes() == good
 
 
 def test_a_machine_without_a_compiler_uses_a_valid_cached_kernel(tmp_path, monkeypatch):
@@ -298,8 +302,8 @@ def test_a_machine_without_a_compiler_uses_a_valid_cached_kernel(tmp_path, monke
     monkeypatch.setattr(_cpu_extension, "_compiler", no_compiler)
     assert _cpu_extension._build() == target  # loaded from the cache, no compiler asked for
     target.write_bytes(b"")
-    with pytest.raises(_cpu_extension.CompilerNotFoundError):  # a broken cache and no compiler: a clear error
-        _cpu_extension._build()
+    with pytest.raises(_cpu_extension.CompilerNotFoundError), pytest.warns(UserWarning, match="building it again"):
+        _cpu_extension._build()  # a broken cache and no compiler: a clear error
 
 
 def test_an_unwritable_cache_directory_falls_back_with_one_warning(tmp_path, monkeypatch):
@@ -370,3 +374,61 @@ def test_two_processes_repair_a_truncated_cache_at_once(tmp_path):
         assert float(out) == pytest.approx(5 * (1 - 1e-3 * 0.01) - 5e-3, rel=1e-6)
     assert sorted(f.name for f in tmp_path.iterdir()) == [target_name, target_name + ".sha256"]
     assert _cpu_extension._is_verified(tmp_path / target_name)
+
+
+def test_an_empty_library_whose_checksum_matches_is_rebuilt_with_one_warning(tmp_path, monkeypatch):
+    """An empty file with the checksum of empty bytes beside it (a cache copied while still being written): the
+    loader would fail on it; it is rebuilt, with one warning."""
+    calls: list = []
+    good = _fake_compiler(monkeypatch, calls)
+    monkeypatch.setenv("ADAMNX_CACHE_DIR", str(tmp_path))
+    target = _cpu_extension._library_path(_cpu_extension._flags())
+    target.write_bytes(b"")
+    _cpu_extension._checksum_path(target).write_text(hashlib.sha256(b"").hexdigest() + "\n")
+    with pytest.warns(UserWarning, match="does not match its checksum") as record:
+        assert _cpu_extension._build() == target
+    assert len(record) == 1 and len(calls) == 1 and target.read_bytes() == good
+
+
+@pytest.mark.parametrize("where", ["library", "checksum"])
+def test_a_directory_where_the_library_goes_is_bypassed_with_one_warning(where, tmp_path, monkeypatch):
+    calls: list = []
+    good = _fake_compiler(monkeypatch, calls)
+    monkeypatch.setenv("ADAMNX_CACHE_DIR", str(tmp_path / "cache"))
+    private = tmp_path / "private"
+    monkeypatch.setattr(_cpu_extension, "_private_cache_dir", lambda: private.mkdir(exist_ok=True) or private)
+    target = _cpu_extension._library_path(_cpu_extension._flags())
+    target.parent.mkdir(parents=True)
+    (target if where == "library" else _cpu_extension._checksum_path(target)).mkdir()
+    with pytest.warns(UserWarning, match="is not a file") as record:
+        built = _cpu_extension._build()
+    assert len(record) == 1 and built == private / target.name and built.read_bytes() == good
+    assert _cpu_extension._is_verified(built) and len(calls) == 1
+
+
+_REFUSED_ONCE = """
+import shutil, warnings, torch
+from adamnx.backends import _cpu_extension
+good = _cpu_extension._build()
+_cpu_extension._compile = lambda compiler, flags, output: shutil.copyfile(good, output)  # a build, in milliseconds
+real_load, refused = torch.ops.load_library, []
+def refuse_once(path):
+    if not refused:
+        refused.append(path)
+        raise OSError("invalid ELF header")
+    return real_load(path)
+torch.ops.load_library = refuse_once
+with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    ops = _cpu_extension.load()
+assert refused and hasattr(ops, "fused_step_"), refused
+print(len(record), record[0].message)
+"""
+
+
+def test_a_verified_library_that_does_not_load_is_built_afresh():
+    """A library that passes its checksum but that the dynamic loader refuses (another machine's build): a fresh
+    build, with one warning. In a process of its own: a process loads the kernel once."""
+    result = subprocess.run([sys.executable, "-c", _REFUSED_ONCE], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("1 adamnx could not load its cached CPU kernel"), result.stdout

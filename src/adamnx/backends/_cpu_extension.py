@@ -116,11 +116,20 @@ def _checksum_path(library: Path) -> Path:
 
 
 def _is_verified(library: Path) -> bool:
-    """Whether ``library`` is complete: its checksum file exists and matches its bytes."""
+    """Whether ``library`` is complete: a non-empty file whose checksum file exists and matches its bytes."""
     try:
-        return _checksum_path(library).read_text().strip() == _digest(library)
-    except OSError:  # either file missing or unreadable
+        return library.stat().st_size > 0 and _checksum_path(library).read_text().strip() == _digest(library)
+    except OSError:  # either file missing, unreadable, or a directory
         return False
+
+
+def _blocked(library: Path) -> bool:
+    """Whether something other than a file (a directory, a socket) sits where the library or its checksum goes."""
+    return any(path.exists() and not path.is_file() for path in (library, _checksum_path(library)))
+
+
+def _damaged(library: Path, why: str) -> None:
+    warnings.warn(f"adamnx's cached CPU kernel {library} {why}; building it again", stacklevel=5)
 
 
 def _private_cache_dir() -> Path:
@@ -186,6 +195,14 @@ def _build(compiler: str | None = None) -> Path:
     target = _writable_dir(target.parent) / target.name
     if _is_verified(target):  # the fallback directory may already hold one
         return target
+    if _blocked(target):  # cannot be replaced: build beside it, in this user's private directory
+        fallback = _private_cache_dir() / target.name
+        _damaged(target, f"is not a file (or its checksum is not): using {fallback} instead")
+        target = fallback
+        if _is_verified(target):
+            return target
+    elif target.exists():
+        _damaged(target, "does not match its checksum (truncated, empty or overwritten)")
     compiler = compiler or _compiler()
     fd, tmp = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
@@ -202,5 +219,13 @@ def _build(compiler: str | None = None) -> Path:
 def load():
     """The ``torch.ops.adamnx`` namespace with the CPU kernels, building them on first use."""
     library = _build()
-    torch.ops.load_library(str(library))
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as exc:  # verified yet not loadable (another machine's build, a damaged disk): build a fresh one
+        fresh = Path(tempfile.mkdtemp(prefix="adamnx-")) / library.name
+        warnings.warn(
+            f"adamnx could not load its cached CPU kernel {library} ({exc}); building it in {fresh}", stacklevel=2
+        )
+        _compile(_compiler(), _flags(), str(fresh))
+        torch.ops.load_library(str(fresh))
     return torch.ops.adamnx
