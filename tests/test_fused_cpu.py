@@ -432,3 +432,16 @@ def test_a_verified_library_that_does_not_load_is_built_afresh():
     result = subprocess.run([sys.executable, "-c", _REFUSED_ONCE], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("1 adamnx could not load its cached CPU kernel"), result.stdout
+
+
+def test_a_build_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """The first fused step builds the kernel (~10 s): one line on stderr says why it waits; a cached one says nothing."""
+    calls: list = []
+    _fake_compiler(monkeypatch, calls)
+    monkeypatch.setenv("ADAMNX_CACHE_DIR", str(tmp_path))
+    capsys.readouterr()
+    _cpu_extension._build()
+    first = capsys.readouterr().err.splitlines()
+    _cpu_extension._build()
+    assert first == [f"adamnx: building the fused CPU kernel in {tmp_path} (once per machine and torch version)"]
+    assert capsys.readouterr().err == ""

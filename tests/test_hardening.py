@@ -490,6 +490,22 @@ def test_the_functional_form_checks_betas_before_any_counter_advances(impl):
     assert step.item() == 4.0 and not p.any() and not m.any()
 
 
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+def test_a_broadcast_gradient_steps_like_a_dense_one(impl):
+    """A gradient that is a broadcast view (stride 0: one value for every coordinate) is only read; a step never
+    writes to it, so it steps as its dense copy does."""
+    results = []
+    for grad in (torch.tensor(0.5).expand(4, 8), torch.full((4, 8), 0.5)):
+        p = torch.nn.Parameter(torch.ones(4, 8))
+        opt = IMPLEMENTATIONS[impl]([p], lr=1e-2, per_coordinate_steps=True)
+        for _ in range(2):
+            p.grad = grad
+            opt.step()
+        results.append((p.detach(), opt.state[p]["exp_avg"], opt.state[p]["step"]))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------- differentiable unrolls
 
 

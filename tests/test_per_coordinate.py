@@ -5,6 +5,7 @@ bits of lags per element), GradScaler, checkpoints and edits, saturation and the
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -61,7 +62,9 @@ def _lags_per_element_only(monkeypatch):
     monkeypatch.setattr(guard, "fresh_lag", lambda p: torch.full_like(p, NOT_STARTED, dtype=torch.int32))
     coarsest = guard.lags_from_counts
     monkeypatch.setattr(
-        guard, "lags_from_counts", lambda count, step: guard.expand(coarsest(count, step), count.to(torch.float32))
+        guard,
+        "lags_from_counts",
+        lambda count, step, like=None: guard.expand(coarsest(count, step, like), count if like is None else like),
     )
 
 
@@ -249,6 +252,28 @@ def test_a_first_step_skipped_by_found_inf_starts_nothing(impl, monkeypatch):
     _assert_bitwise(params, opt, expected, other)
 
 
+@pytest.mark.parametrize("impl", implementations(amp=True))
+def test_a_scaled_gradient_that_is_zero_only_in_fp16_starts_alike_in_every_layout(impl, monkeypatch):
+    """GradScaler's unscale makes 1e-3 / 65536 = 1.5e-8: 0 in fp16, not in the float32 the update is computed in. The
+    update starts the coordinate; the guard's record of it agrees, in every layout."""
+
+    def run():
+        p = torch.nn.Parameter(torch.ones(16, 16, dtype=torch.float16))
+        opt = IMPLEMENTATIONS[impl]([p], lr=1e-2, per_coordinate_steps=True, state_dtype=torch.float32)
+        opt.grad_scale, opt.found_inf = torch.tensor(65536.0), torch.tensor(0.0)
+        for g in (1e-3, 1e3):
+            p.grad = torch.full((16, 16), g, dtype=torch.float16)
+            opt.step()
+        return [p], opt
+
+    params, opt = run()
+    assert _counts(opt, params[0]).eq(2).all()
+    with monkeypatch.context() as patch:
+        _lags_per_element_only(patch)
+        expected, other = run()
+    _assert_bitwise(params, opt, expected, other)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_checkpoint_round_trip_continues_bitwise(impl):
     grads = late_starting_gradients(80, dtype=torch.float32, seed=7)
@@ -421,6 +446,28 @@ def test_rows_walked_by_the_cpu_kernel_give_the_per_element_bits(threads, dtype,
     _assert_bitwise(params, opt, expected, other)  # bitwise, NaN in row 21 included
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_channels_last_params_keep_their_layout_through_rows_and_checkpoints(impl, monkeypatch):
+    """A channels_last conv weight whose output channels start at different steps: lags per row, walked in place
+    (each row is one block of memory); lags per element, after a checkpoint, in the param's memory format."""
+    g = torch.Generator().manual_seed(6)
+    shape = (8, 4, 3, 3)
+    start = torch.arange(8).view(8, 1, 1, 1) % 4 * 2 + 1  # rows start at steps 1, 3, 5, 7
+    grads = [[(torch.randn(shape, generator=g) * (start <= t)).contiguous(memory_format=torch.channels_last)]
+             for t in range(1, 9)]  # fmt: skip
+    grads[4][0][2, 1] = 0.0  # row 2 starts at step 5 with a zero in it: lags per element from then on
+    params0 = [torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)]
+    params, opt = _run_with_checkpoint(impl, params0, grads, at=6)
+    lag = opt.state[params[0]]["coord_lag"]
+    assert guard.layout_of(lag, shape) == ELEMENT and lag.stride() == params[0].stride()
+    with monkeypatch.context() as patch:
+        _lags_per_element_only(patch)
+        expected, other = _run_with_checkpoint(impl, params0, grads, at=6)
+    _assert_bitwise(params, opt, expected, other)
+    rows_only, rows_opt = run_torch(params0, grads[:4], impl=impl, **HYPER)
+    assert _layouts(rows_opt, rows_only) == _expected(impl, [ROW])
+
+
 def test_switching_implementations_mid_run_gives_the_per_element_bits(monkeypatch):
     """Every implementation reads and writes the same lags: a run that switches between them (a fused step among
     for-loop steps while a row starts in part) is the run with lags per element."""
@@ -544,6 +591,77 @@ def test_lags_shift_to_a_new_window_and_counts_go_on(impl):
         opt.step()
     assert _counts(opt, p).tolist() == [0, 5, 11, MAX_COUNT, 3]
     assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_past_the_first_window_counts_longer_than_the_relative_step_take_their_own_coefficients(impl):
+    """Past step 2^30 the relative step starts over while counts go on: the table is sized by the counts (the lags),
+    so a count of 2^30 + 3 is not read as the table's last row."""
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    opt = IMPLEMENTATIONS[impl]([p], lr=1e-3, betas=(0.9, 0.9999), per_coordinate_steps=True)
+    p.grad = torch.ones(4, dtype=torch.float64)
+    opt.step()
+    step, counts = WINDOW + 2.0, [WINDOW + 2, WINDOW + 2, WINDOW + 2, 3]
+    saved = opt.state_dict()
+    saved["state"][0].update(
+        step=torch.tensor(step, dtype=torch.float64),
+        coord_step=torch.tensor(counts, dtype=torch.int32),
+        exp_avg_sq=torch.ones(4, dtype=torch.float64),
+    )
+    opt.load_state_dict(saved)
+    grad = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    p.grad = grad.clone()
+    opt.step()
+    _, w2 = coefficients(torch.tensor(counts, dtype=torch.float64) + 1, (0.9, 0.9999))
+    expected = (1 - w2) + w2 * grad**2
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"], expected, rtol=1e-12, atol=0)
+    assert _counts(opt, p).tolist() == [c + 1 for c in counts]
+
+
+def _as_on_a_gpu(monkeypatch):
+    """The accelerator kernel with its counters on the device, as fused=True runs on CUDA: a copy of its row that
+    the planner takes for capturable (so it plans on the device), and GradScaler's found_inf not read on the host."""
+    from adamnx import backends, plan
+
+    row = dataclasses.replace(backends.BACKENDS["fused-inductor"], name="on-device", capturable=True)
+    monkeypatch.setitem(backends.BACKENDS, "on-device", row)
+    monkeypatch.setattr(plan, "_readable_on_host", lambda t: False)
+    return lambda params, **kw: _OnDevice(params, fused=True, capturable=True, **kw)
+
+
+class _OnDevice(AdamNX):
+    def step(self, closure=None):
+        from adamnx import backends
+
+        with backends.selected("on-device"):
+            return super().step(closure)
+
+
+def test_on_the_device_a_new_window_shifts_the_lags_once(monkeypatch):
+    make = _as_on_a_gpu(monkeypatch)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = make([p], lr=1e-2, per_coordinate_steps=True)
+    p.grad = torch.ones(3)
+    opt.step()
+    _state_at(opt, p, WINDOW - 1.0, [5, 0, WINDOW - 2])
+    for _ in range(2):  # steps 2^30 (a new window) and 2^30 + 1
+        p.grad = torch.ones(3)
+        opt.step()
+    assert _counts(opt, p).tolist() == [7, 2, WINDOW]
+
+
+def test_on_the_device_a_step_gradscaler_skips_starts_nothing(monkeypatch):
+    make = _as_on_a_gpu(monkeypatch)
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = make([p], lr=1e-2, per_coordinate_steps=True)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)  # an overflow: nothing may change
+    p.grad = torch.full((4,), float("inf"))
+    opt.step()
+    assert opt.state[p]["step"].item() == 0 and _counts(opt, p).eq(0).all()
+    opt.found_inf = torch.tensor(0.0)
+    p.grad = torch.full((4,), 2.0)
+    opt.step()
+    assert _counts(opt, p).eq(1).all() and opt.state[p]["exp_avg_sq"].eq(4.0).all()  # its own t = 1: v = g²
 
 
 # --------------------------------------------------------------------------- the coefficient table

@@ -1,8 +1,43 @@
-"""AdamNX: Adam whose second-moment decay rises to 1 (arXiv 2511.13465), for PyTorch and JAX."""
+"""AdamNX: Adam whose second-moment decay rises to 1 (arXiv 2511.13465), for PyTorch and JAX.
 
-from adamnx import integrations  # torch only: `adamnx.integrations.param_groups` after a bare `import adamnx`
-from adamnx.optimizer import AdamNX
-from adamnx.schedule import Coefficients, beta2_for_horizon, coefficients, horizon
+The public names load on first use (PEP 562): ``import adamnx`` itself imports neither torch nor JAX, so the
+``adamnx`` command answers ``--help`` at once; ``adamnx.AdamNX`` or ``from adamnx import AdamNX`` imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adamnx import integrations
+    from adamnx.optimizer import AdamNX
+    from adamnx.schedule import Coefficients, beta2_for_horizon, coefficients, horizon
 
 __all__ = ["AdamNX", "Coefficients", "beta2_for_horizon", "coefficients", "horizon", "integrations"]
 __version__ = "0.1.0"
+
+# public name → the module that defines it (None: the name is that submodule)
+_WHERE = {
+    "AdamNX": "adamnx.optimizer",
+    "Coefficients": "adamnx.schedule",
+    "beta2_for_horizon": "adamnx.schedule",
+    "coefficients": "adamnx.schedule",
+    "horizon": "adamnx.schedule",
+    "integrations": None,
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'adamnx' has no attribute {name!r}")
+    module = _WHERE[name]
+    value = (
+        importlib.import_module(f"adamnx.{name}") if module is None else getattr(importlib.import_module(module), name)
+    )
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -6,10 +6,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from adamnx.bench.registry import DEFAULT_TASKS
+from adamnx.bench.arguments import perf_arguments, stress_arguments
+from adamnx.bench.registry import DEFAULT_TASKS, TASK_DESCRIPTIONS
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default (where it has one its help does not already give), and the epilogs keep
+    their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _tasks_epilog() -> str:
+    width = max(map(len, TASK_DESCRIPTIONS))
+    lines = [f"  {name:<{width}}  {text}" for name, text in TASK_DESCRIPTIONS.items()]
+    return "tasks (--task; default: " + " ".join(DEFAULT_TASKS) + "):\n" + "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line, built without importing torch: ``adamnx --help`` answers at once."""
     parser = argparse.ArgumentParser(prog="adamnx", description="AdamNX: benchmark harness and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -18,8 +36,12 @@ def _parser() -> argparse.ArgumentParser:
         help="compare AdamNX with its rivals on offline tasks (the default run takes ≤ 5 minutes on 2 CPU cores)",
         description="Train every optimizer × seed on each task, select on validation, report on test, and write "
         "runs/<timestamp>-<task>/ with report.md, plots and raw metrics.",
+        epilog=_tasks_epilog(),
+        formatter_class=_Formatter,
     )
-    bench.add_argument("--task", action="append", help=f"task to run (repeatable); default: {' '.join(DEFAULT_TASKS)}")
+    bench.add_argument(
+        "--task", action="append", help="task to run (repeatable; listed below); default: " + " ".join(DEFAULT_TASKS)
+    )
     bench.add_argument("--quick", action="store_true", help="a < 60 s smoke run (fewer steps and seeds)")
     bench.add_argument(
         "--ablation", action="store_true", help="swap only the β̂2 rule: Adam, AdaX, AdamNX, 1/t, Adafactor"
@@ -71,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         "schedule",
         help="print 1 − β̂2_t and the horizon for given β2",
         description="AdamNX's second-moment weight 1 − β̂2_t = c^(t−1)(1−c)/(1−c^t), c = β2^(1−β2), and its horizon.",
+        formatter_class=_Formatter,
     )
     schedule.add_argument("--beta2", type=float, action="append", help="β2 (repeatable; default 0.9 0.99 0.999)")
     schedule.add_argument("--horizon", type=float, help="print the β2 whose horizon is this many steps")
@@ -80,20 +103,18 @@ def _parser() -> argparse.ArgumentParser:
         "perf",
         help="step-speed benchmark: AdamNX vs torch AdamW (for-loop, foreach, fused)",
         description="Time the optimizer step alone; writes JSON, a markdown table and a PNG.",
+        formatter_class=_Formatter,
     )
-    from adamnx.bench.perf import add_arguments
-
-    add_arguments(perf)
+    perf_arguments(perf)
 
     stress = sub.add_parser(
         "stress",
         help="the late-activation stress test: update size of coordinates whose first gradient comes late",
         description="Embedding rows that first get a gradient at a late step: largest update relative to lr for "
         "AdamNX, AdamNX with per_coordinate_steps, Adam and AdamW.",
+        formatter_class=_Formatter,
     )
-    from adamnx.bench.stress import add_arguments as add_stress_arguments
-
-    add_stress_arguments(stress)
+    stress_arguments(stress)
     return parser
 
 

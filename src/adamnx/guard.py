@@ -108,21 +108,23 @@ def counts(lag: Tensor, step: float, real_param: Tensor) -> Tensor:
     return count.to(torch.int32).expand(real_param.shape).clone(memory_format=torch.contiguous_format)
 
 
-def lags_from_counts(count: Tensor, step: float) -> Tensor:
+def lags_from_counts(count: Tensor, step: float, like: Tensor | None = None) -> Tensor:
     """The lags of a checkpoint's counts (int32, shaped like the real view) at tensor step ``step``, in the coarsest
-    layout that holds them. Exact: :func:`counts` gives ``count`` back."""
+    layout that holds them; lags per element in the memory format of ``like`` (the param's real view), so that the
+    kernels walk them with the param. Exact: :func:`counts` gives ``count`` back."""
     t = relative_step(step)
     count = count.to(torch.int64)
     lag = torch.where(count == 0, NOT_STARTED, t - count).to(torch.int32)
-    if not _is_plain(lag) or lag.numel() == 0:
-        return lag
-    flat = lag.reshape(-1)
-    if bool((flat == flat[0]).all()):
-        return flat[0].to("cpu").clone()
-    rows = _rows(lag)
-    if rows is not None and bool((rows == rows[:, :1]).all()):
-        return rows[:, :1].reshape(_row_shape(lag)).clone()
-    return lag.contiguous()
+    if _is_plain(lag) and lag.numel():
+        flat = lag.reshape(-1)
+        if bool((flat == flat[0]).all()):
+            return flat[0].to("cpu").clone()
+        rows = _rows(lag)
+        if rows is not None and bool((rows == rows[:, :1]).all()):
+            return rows[:, :1].reshape(_row_shape(lag)).clone()
+    if like is None:
+        return lag.contiguous()
+    return torch.empty_like(like, dtype=torch.int32).copy_(lag)
 
 
 def _row_shape(t: Tensor) -> tuple[int, ...]:
@@ -130,10 +132,10 @@ def _row_shape(t: Tensor) -> tuple[int, ...]:
 
 
 def _rows(t: Tensor) -> Tensor | None:
-    """``t`` as (rows, row length), when it has rows worth a lag each: at least 2-d, contiguous, rows ≥ MIN_ROW."""
-    if t.dim() < 2 or not t.is_contiguous() or t.numel() < MIN_ROW * t.shape[0] or t.numel() == 0:
+    """``t`` as (rows, row length), when it has rows worth a lag each: at least 2-d, rows ≥ MIN_ROW elements."""
+    if t.dim() < 2 or t.numel() < MIN_ROW * t.shape[0] or t.numel() == 0:
         return None
-    return t.view(t.shape[0], -1)
+    return t.reshape(t.shape[0], -1)
 
 
 def expand(lag: Tensor, real_param: Tensor) -> Tensor:
@@ -150,13 +152,18 @@ def rebase(lag: Tensor) -> Tensor:
     return lag.copy_(torch.where(started, shifted, lag))
 
 
-def _started_coordinates(grad: Tensor, grad_factor: float) -> Tensor:
+def _started_coordinates(grad: Tensor, grad_factor: float, math_dtype: torch.dtype | None) -> Tensor:
     """Where this step's gradient is non-zero (NaN included): a coordinate there has started. ``grad_factor``: the
-    factor the step scales the gradient by (GradScaler's 1/scale), so that this agrees with a fused kernel's test."""
-    return (grad if grad_factor == 1.0 else grad * grad_factor) != 0
+    factor the step scales the gradient by (GradScaler's 1/scale), applied in the math dtype as the kernels do (an
+    fp16 gradient of 1e-3 scaled by 1/65536 is 0 in fp16, not in float32)."""
+    if grad_factor == 1.0:
+        return grad != 0
+    return grad.to(math_dtype or grad.dtype) * grad_factor != 0
 
 
-def record_starts(lag: Tensor, real_grad: Tensor, step: float, grad_factor: float = 1.0) -> Tensor:
+def record_starts(
+    lag: Tensor, real_grad: Tensor, step: float, grad_factor: float = 1.0, math_dtype: torch.dtype | None = None
+) -> Tensor:
     """The lags after a step at tensor step ``step``: every coordinate that had not started and has a non-zero
     gradient starts now (lag ``relative_step(step) − 1``).
 
@@ -169,7 +176,7 @@ def record_starts(lag: Tensor, real_grad: Tensor, step: float, grad_factor: floa
     if kind == TENSOR:
         if int(lag) != NOT_STARTED:
             return lag
-        nonzero = _started_coordinates(real_grad, grad_factor)
+        nonzero = _started_coordinates(real_grad, grad_factor, math_dtype)
         if not bool(nonzero.any()):
             return lag
         if bool(nonzero.all()):
@@ -192,18 +199,18 @@ def record_starts(lag: Tensor, real_grad: Tensor, step: float, grad_factor: floa
         if grad_factor == 1.0:  # a row has a non-zero (or NaN) value when its largest or smallest is not 0
             started = (looked_at.amax(1) != 0) | (looked_at.amin(1) != 0)  # two fast reductions, no temporary
         else:
-            started = _started_coordinates(looked_at, grad_factor).any(1)
+            started = _started_coordinates(looked_at, grad_factor, math_dtype).any(1)
         if not few:
             started = started.index_select(0, waiting)
         candidates = waiting[started]  # rows that start now, whole or in part: few, and looked at in full
-        whole = _started_coordinates(grad_rows.index_select(0, candidates), grad_factor).all(1)
+        whole = _started_coordinates(grad_rows.index_select(0, candidates), grad_factor, math_dtype).all(1)
         if bool(whole.all()):  # every waiting row starts whole, or not at all
             row_lags.index_fill_(0, candidates, start)
             return lag
         lag = expand(lag, real_grad)  # a row starts in part: its coordinates start at different steps
     waiting = lag == NOT_STARTED
     if bool(waiting.any()):  # once every coordinate has started, nothing is written
-        lag.masked_fill_(waiting & _started_coordinates(real_grad, grad_factor), start)
+        lag.masked_fill_(waiting & _started_coordinates(real_grad, grad_factor, math_dtype), start)
     return lag
 
 
@@ -226,12 +233,14 @@ def relative_step_on_device(step: Tensor) -> tuple[Tensor, Tensor]:
     return relative.to(torch.int64), (relative == 0) & (step > 0)
 
 
-def record_starts_on_device(lag: Tensor, real_grad: Tensor, step: Tensor) -> None:
+def record_starts_on_device(lag: Tensor, real_grad: Tensor, step: Tensor, found_inf: Tensor | None = None) -> None:
     """:func:`record_starts` for lags per element, on their device, without reading anything on the host
     (``capturable=True``, ``torch.compile``): a new window's shift included, at the cost of rewriting every lag at
-    every step. ``step``: the tensor's step counter, already advanced."""
+    every step. ``step``: the tensor's step counter, already advanced; ``found_inf`` (GradScaler's): a skipped step
+    starts nothing."""
     relative, new_window = relative_step_on_device(step)
-    lag.copy_(lags_after_starts(shifted_to_window(lag, new_window), real_grad != 0, relative))
+    after = lags_after_starts(shifted_to_window(lag, new_window), real_grad != 0, relative)
+    lag.copy_(after if found_inf is None else torch.where(found_inf.to(lag.device) != 0, lag, after))
 
 
 def counts_on_device(lag: Tensor, step: Tensor) -> Tensor:

@@ -42,6 +42,11 @@ def _normalised(group: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor's real view (its coordinates, one per real number), else the tensor."""
+    return torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
+
+
 def _bias_corrected(p_state: Mapping[str, Any], beta1: float, beta2: float, where: str) -> dict[str, Any]:
     """An Adam/AdamW parameter state with its moments divided by their bias corrections 1 − β^t (in float64)."""
     missing = [key for key in ("step", "exp_avg", "exp_avg_sq") if key not in p_state]
@@ -189,7 +194,7 @@ class AdamNX(torch.optim.Optimizer):
                     p_state["step"] = self._exact_step(p_state["step"], p, group)
                 if "coord_step" in p_state:  # an optimizer pickled before lags were kept
                     counts = p_state.pop("coord_step").to(p.device, torch.int32)
-                    p_state["coord_lag"] = guard.lags_from_counts(counts, float(p_state["step"]))
+                    p_state["coord_lag"] = guard.lags_from_counts(counts, float(p_state["step"]), _real(p))
 
     @staticmethod
     def _exact_step(step: Any, param: Tensor, group: dict[str, Any]) -> Tensor:
@@ -342,7 +347,7 @@ class AdamNX(torch.optim.Optimizer):
                 state.pop("coord_lag", None)
                 if "coord_step" in saved:  # kept as lags, in the coarsest layout that holds them
                     counts = saved["coord_step"].detach().to(p.device, torch.int32, copy=True)
-                    state["coord_lag"] = guard.lags_from_counts(counts, float(state["step"]))
+                    state["coord_lag"] = guard.lags_from_counts(counts, float(state["step"]), _real(p))
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -522,7 +527,7 @@ class AdamNX(torch.optim.Optimizer):
                 v = torch.view_as_real(state["exp_avg_sq"]) if p.is_complex() else state["exp_avg_sq"]
                 step = float(state["step"])
                 counts = torch.where(v > 0, min(int(step), MAX_COORD_STEP), 0).to(torch.int32)
-                state["coord_lag"] = guard.lags_from_counts(counts, step)
+                state["coord_lag"] = guard.lags_from_counts(counts, step, _real(p))
             states.append(state)
         return states
 

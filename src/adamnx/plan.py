@@ -86,6 +86,7 @@ class GuardPlan:
     betas: tuple[float, float]
     math_dtype: torch.dtype
     device: torch.device
+    past_first_window: bool = False  # host mode: a step is past 2^30, so counts may be longer than relative steps
     _table: Tensor | None = None
     _table_ready: bool = False
 
@@ -93,8 +94,11 @@ class GuardPlan:
         """The coefficient table (3, L) every count of this step indexes (clamped to its last row), on the bucket's
         device in the math dtype; None when the counts are too long for one (evaluate per element instead)."""
         if not self._table_ready:
-            # a coordinate's count is at most its tensor's step (on the device: one host read, to size the table)
+            # A coordinate's count is at most its tensor's step (on the device: one host read, to size the table).
+            # Past step 2^30 the relative step starts over while counts go on: then the lags say how long they are.
             longest = max(self.relative_steps) if self.relative_steps else int(torch.stack(self.steps).max())
+            if self.past_first_window:
+                longest = max(longest, self._longest_count())
             self._table = coordinate_table(longest, self._longest_count, *self.betas, self.math_dtype, self.device)
             self._table_ready = True
         return self._table
@@ -193,6 +197,11 @@ def device_coefficients(step: Tensor, betas: tuple[float, float], dtype: torch.d
     return Weights(w1, 1 - w2, w2)
 
 
+def _readable_on_host(t: Tensor) -> bool:
+    """Whether reading ``t`` costs nothing: on the CPU, outside a compiled graph (an accelerator's would sync)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -230,7 +239,7 @@ def plan_step(
         return None
     if (grad_scale is not None or found_inf is not None) and not backend.amp:
         raise RuntimeError("grad_scale/found_inf are only supported by fused=True")
-    if found_inf is not None and found_inf.device.type == "cpu" and not torch.compiler.is_compiling():
+    if found_inf is not None and _readable_on_host(found_inf):
         if found_inf.item():
             return None  # it found inf/NaN: params, moments and counters stay as they were (as torch's fused Adam)
         found_inf = None  # nothing to skip
@@ -285,8 +294,8 @@ def _plan_guard(bucket: Bucket, states: list[dict[str, Any]], backend: Executor,
         layout = guard.layout_of(lag, param.shape)
         if layout not in backend.guard_layouts or (plan.on_device and layout != ELEMENT):
             lag = state["coord_lag"] = guard.expand(lag, param)
-        if plan.on_device:
-            guard.record_starts_on_device(lag, grad, step)
+        if plan.on_device and ELEMENT not in backend.records_starts:
+            guard.record_starts_on_device(lag, grad, step, plan.found_inf)
         lags.append(lag)
     relative = [] if bucket.step_values is None else [guard.relative_step(s) for s in bucket.step_values]
     for i, t in enumerate(relative):
@@ -294,8 +303,9 @@ def _plan_guard(bucket: Bucket, states: list[dict[str, Any]], backend: Executor,
             lags[i] = guard.rebase(lags[i])
     layouts = [guard.layout_of(lag, p.shape) for lag, p in zip(lags, bucket.params)]
     plan_guard = GuardPlan(
-        lags, layouts, states, relative, bucket.steps, bucket.betas, bucket.math_dtype, bucket.device
-    )
+        lags, layouts, states, relative, bucket.steps, bucket.betas, bucket.math_dtype, bucket.device,
+        past_first_window=any(s >= guard.WINDOW for s in bucket.step_values or ()),
+    )  # fmt: skip
     if not plan.on_device:
         for i, layout in enumerate(layouts):
             if layout not in backend.records_starts:
@@ -310,7 +320,9 @@ def _grad_factor(plan: StepPlan) -> float:
 
 def _record(plan_guard: GuardPlan, bucket: Bucket, i: int, grad_factor: float) -> None:
     assert bucket.step_values is not None
-    lag = guard.record_starts(plan_guard.lags[i], bucket.grads[i], bucket.step_values[i], grad_factor)
+    lag = guard.record_starts(
+        plan_guard.lags[i], bucket.grads[i], bucket.step_values[i], grad_factor, bucket.math_dtype
+    )
     if lag is not plan_guard.lags[i]:
         plan_guard.states[i]["coord_lag"] = plan_guard.lags[i] = lag
         plan_guard.layouts[i] = guard.layout_of(lag, bucket.params[i].shape)

@@ -204,6 +204,11 @@ def _build(compiler: str | None = None) -> Path:
     elif target.exists():
         _damaged(target, "does not match its checksum (truncated, empty or overwritten)")
     compiler = compiler or _compiler()
+    # The first fused step waits for this (~10 s): say so, in one line, rather than seem to hang.
+    print(
+        f"adamnx: building the fused CPU kernel in {target.parent} (once per machine and torch version)",
+        file=sys.stderr,
+    )
     fd, tmp = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:

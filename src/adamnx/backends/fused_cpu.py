@@ -103,12 +103,16 @@ def _walkable(tensors: list[list[Tensor]], lags: list[Tensor], i: int) -> bool:
 
 
 def _contiguous(tensors: list[list[Tensor]], lags: list[Tensor], i: int) -> tuple[list[Tensor], list[Tensor]]:
-    """Swap tensor ``i`` (and its lags per element) for contiguous copies in the lists; the originals and copies."""
-    originals = [lst[i] for lst in tensors] + ([lags[i]] if lags else [])
+    """Swap tensor ``i`` (and its lags) for contiguous copies in the lists; the tensors the step writes (param,
+    moments, lags) and their copies, to write back. The gradient is only read: never written (it may be a
+    broadcast view that cannot be)."""
+    lists = [*tensors, *([lags] if lags else [])]
+    originals = [lst[i] for lst in lists]
     copies = [t.contiguous() for t in originals]
-    for lst, copy in zip([*tensors, *([lags] if lags else [])], copies):
+    for lst, copy in zip(lists, copies):
         lst[i] = copy
-    return originals, copies
+    written = [k for k in range(len(lists)) if k != 1]
+    return [originals[k] for k in written], [copies[k] for k in written]
 
 
 def _eager(plan: StepPlan, bucket: Bucket, i: int, lr: float, grad_factor: float) -> None:

@@ -221,7 +221,9 @@ def _run(views, per_tensor, coeffs, scalars, stochastic, table) -> None:
     for i in range(len(views[0])):
         tensors = [lst[i] for lst in views]
         numel = tensors[0].numel()
-        flat = dense_1d_views(tensors) if numel > 1 and not isinstance(table, tuple) else None
+        # a complex param's real view goes eagerly: dynamo fails to trace views of a complex base after real ones
+        complex_view = tensors[0]._base is not None and tensors[0]._base.is_complex()
+        flat = dense_1d_views(tensors) if numel > 1 and not isinstance(table, tuple) and not complex_view else None
         if flat is not None:
             compiled_idx.append(i)
             for lst, t in zip(compiled, flat):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from adamnx.bench import registry
 from adamnx.bench.config import BenchConfig, ConfigError, recorded_sweep, to_dict
 from adamnx.bench.environment import environment
 from adamnx.bench.registry import display_name, run_key
@@ -187,8 +188,7 @@ def _broadcast(value: Any) -> Any:
 def _note(task: Task, result: dict) -> str:
     if result["diverged"]:
         return ", diverged"
-    value = result["test_at_best_val"]
-    return f", test {task.metric_name} {100 * value:.2f}%" if task.classification else f", test MSE {value:.4g}"
+    return ", " + registry.format_metric(task.metric_name, result["test_at_best_val"])
 
 
 def _train_all(

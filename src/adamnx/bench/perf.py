@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from adamnx.bench.arguments import SHAPE_KINDS, perf_arguments, run_folder
+
 __all__ = ["add_arguments", "run_from_args"]
 
 BYTES_PER_PARAM = 28  # fp32: read p, g, m, v (16) + write p, m, v (12)
@@ -78,7 +80,6 @@ def _candidates() -> dict[str, Any]:
     }
 
 
-SHAPE_KINDS = ("large", "small", "embedding")
 EMBEDDING_DIM = 32
 EMBEDDING_ACTIVE_ROWS = 0.1  # the fraction of an embedding's rows that get a gradient (rare rows: the guard's case)
 
@@ -455,30 +456,14 @@ def _plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated parameter counts")
-    parser.add_argument(
-        "--shapes",
-        default="large,small",
-        help="large (few big matrices), small (many conv blocks), embedding (one table, a tenth of its rows active)",
-    )
-    parser.add_argument("--reps", type=int, default=15, help="timed steps per candidate and round")
-    parser.add_argument("--rounds", type=int, default=1, help="independent rounds (fresh optimizers each)")
-    parser.add_argument(
-        "--peak-gbps", type=float, default=None, help="the device's rated memory bandwidth, for a %% of peak column"
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--candidates", default=",".join(_candidates()), help="comma-separated subset")
-    parser.add_argument("--memory-size", type=float, default=1e7, help="params for the memory probe (0: skip)")
-    parser.add_argument("--no-compile-probe", action="store_true", help="skip the cold/warm compile timing")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for step_speed.{json,md,png}")
+add_arguments = perf_arguments  # benchmarks/step_speed.py builds its parser with these
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     try:
         sizes = [int(float(s)) for s in args.sizes.split(",")]
         kinds = [k.strip() for k in args.shapes.split(",")]
-        names = [c.strip() for c in args.candidates.split(",")]
+        names = list(_candidates()) if args.candidates == "all" else [c.strip() for c in args.candidates.split(",")]
     except ValueError as exc:
         print(f"adamnx: error: {exc}", file=sys.stderr)
         return 2
@@ -490,6 +475,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.out is None:
+        args.out = str(run_folder("perf"))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("adamnx: error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from adamnx.bench import registry
 from adamnx.bench.config import BenchConfig
 from adamnx.bench.optimizers import DECAY_RULES, adamnx_beta2
 from adamnx.bench.registry import REFERENCE, display_name
@@ -91,8 +92,7 @@ def _fmt(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _metric_scale(summary: dict) -> tuple[float, str]:
-    labels = {"accuracy": "test accuracy %", "mse": "test MSE", "bpb": "test bits per byte"}
-    return (100.0 if summary["metric"] == "accuracy" else 1.0), labels.get(
+    return (100.0 if summary["metric"] == "accuracy" else 1.0), registry.METRIC_LABELS.get(
         summary["metric"], f"test {summary['metric']}"
     )
 

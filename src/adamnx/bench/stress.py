@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from adamnx import AdamNX
+from adamnx.bench.arguments import run_folder
 from adamnx.bench.optimizers import implementation_options
 
-__all__ = ["add_arguments", "run_from_args", "run_stress"]
+__all__ = ["run_from_args", "run_stress"]
 
 
 def _adamnx(impl: dict, guard: bool):
@@ -182,17 +183,6 @@ def write_outputs(results: dict, out_dir: Path, config: dict) -> str:
     return text
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--t-late", type=int, default=20_000, help="step at which rare rows appear")
-    parser.add_argument("--extra-steps", type=int, default=500, help="steps after t-late")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (a tiny model: a second thread only spin-waits)"
-    )
-    parser.add_argument("--out", default="benchmarks/results/late-activation", help="output folder")
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     if args.t_late < 1 or args.extra_steps < 1 or not args.lr > 0 or args.threads < 1:
         print("adamnx: error: --t-late, --extra-steps and --threads must be ≥ 1 and --lr > 0", file=sys.stderr)
@@ -207,5 +197,5 @@ def run_from_args(args: argparse.Namespace) -> int:
         "threads": args.threads,
     }
     results = run_stress(config["steps"], args.t_late, lr=args.lr, seed=args.seed)
-    print(write_outputs(results, Path(args.out), config))
+    print(write_outputs(results, Path(args.out) if args.out else run_folder("stress"), config))
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adamnx.bench import lm
+from adamnx.bench import lm, registry
 from adamnx.bench.models import CNN1D, ConvNeXt32, ResNet18, mlp
 from adamnx.integrations import param_groups as weight_decay_groups
 
@@ -97,14 +97,12 @@ class LanguageModelTask(Task):
 
 
 TASKS = {
-    "mnist1d": Task("mnist1d", "MNIST-1D (generated locally by mnist1d), small 1-D CNN", True),
-    "digits": Task("digits", "scikit-learn's bundled 8×8 digits, MLP", True),
-    "quadratic": Task("quadratic", "noisy ill-conditioned least squares (condition number 1e3)", False),
-    "charlm": LanguageModelTask(
-        "charlm", "byte-level GPT on the Python documentation's topic texts (pydoc_data.topics, offline)", False
-    ),
-    "cifar10": Task("cifar10", "CIFAR-10 from --data-dir (python pickles), authors' recipe", True),
-    "cifar100": Task("cifar100", "CIFAR-100 from --data-dir (python pickles), authors' recipe", True),
+    "mnist1d": Task("mnist1d", registry.TASK_DESCRIPTIONS["mnist1d"], True),
+    "digits": Task("digits", registry.TASK_DESCRIPTIONS["digits"], True),
+    "quadratic": Task("quadratic", registry.TASK_DESCRIPTIONS["quadratic"], False),
+    "charlm": LanguageModelTask("charlm", registry.TASK_DESCRIPTIONS["charlm"], False),
+    "cifar10": Task("cifar10", registry.TASK_DESCRIPTIONS["cifar10"], True),
+    "cifar100": Task("cifar100", registry.TASK_DESCRIPTIONS["cifar100"], True),
 }
 
 

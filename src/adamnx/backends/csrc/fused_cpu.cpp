@@ -272,15 +272,18 @@ bool same_dense_layout(const Tensor& p, const Tensor& g, const Tensor& m, const 
 
 enum class Layout { kNone, kTensor, kRow, kElement };
 
-// A tensor's lag layout (adamnx.guard): none (no guard), one lag (0-d), per row ((R, 1, ..., 1), contiguous rows of
-// a contiguous param), per element (the param's sizes and strides). kNone for lags the kernel cannot walk.
+// A tensor's lag layout (adamnx.guard): none (no guard), one lag (0-d), per row ((R, 1, ..., 1), rows that are blocks
+// of memory), per element (the param's sizes and strides). kNone for lags the kernel cannot walk.
 Layout layout_of(const Tensor& p, const Tensor& lag, bool guarded) {
   if (!guarded) return Layout::kNone;
   if (lag.scalar_type() != at::kInt || !lag.device().is_cpu()) return Layout::kNone;
   if (lag.dim() == 0) return Layout::kTensor;
   if (lag.sizes() == p.sizes() && lag.strides() == p.strides()) return Layout::kElement;
+  // Rows are walked as runs of consecutive elements: the first dimension must be the outermost in memory (a
+  // contiguous param, channels_last too), so that each row is one block.
+  const bool outermost = p.size(0) <= 1 || p.stride(0) * p.size(0) == p.numel();
   const bool rows = lag.dim() == p.dim() && p.dim() >= 2 && lag.size(0) == p.size(0) && lag.numel() == p.size(0) &&
-                    lag.is_contiguous() && p.is_contiguous();
+                    lag.is_contiguous() && p.is_non_overlapping_and_dense() && outermost;
   return rows ? Layout::kRow : Layout::kNone;
 }
 
