@@ -445,3 +445,25 @@ def test_a_build_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     _cpu_extension._build()
     assert first == [f"adamnx: building the fused CPU kernel in {tmp_path} (once per machine and torch version)"]
     assert capsys.readouterr().err == ""
+
+
+def test_advance_steps_advances_every_counter_in_one_call():
+    ops = _cpu_extension.load()
+    steps = [torch.tensor(3.0, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float32)]
+    out = torch.empty(2, dtype=torch.float64)
+    ops.advance_steps_(steps, 1.0, out)
+    assert out.tolist() == [4.0, 8.0] and steps[0].item() == 4.0 and steps[1].item() == 8.0
+    with pytest.raises(RuntimeError, match="1-element float32 or float64"):  # checked before any counter moves
+        ops.advance_steps_([steps[0], torch.tensor(1, dtype=torch.int64)], 1.0, out)
+    assert steps[0].item() == 4.0
+
+
+def test_a_dtype_pair_without_a_kernel_in_an_awkward_layout_goes_eagerly():
+    """fp16 params with bf16 moments have no kernel: refused by the kernel twice (in place, then as contiguous
+    copies) they are stepped in torch ops, like the for-loop's."""
+    torch.manual_seed(0)
+    p0 = torch.randn(4, 6).half()
+    grads = [[torch.randn(6, 4).half().t()] for _ in range(5)]  # the grad in another memory order
+    fused, _ = _run([p0], grads, fused=True, state_dtype=torch.bfloat16)
+    loop, _ = _run([p0], grads, foreach=False, state_dtype=torch.bfloat16)
+    torch.testing.assert_close(fused[0], loop[0], rtol=2e-3, atol=1e-3)

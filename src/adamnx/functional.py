@@ -67,7 +67,7 @@ def adamnx(
     step_tensors(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, hp, flags,
         grad_scale=grad_scale, found_inf=found_inf, capturable=capturable, differentiable=differentiable,
-        guard_states=states,
+        has_complex=has_complex or any(p.is_complex() for p in params), guard_states=states,
     )  # fmt: skip
     if coord_steps is not None and states is not None:
         for count, state, step in zip(coord_steps, states, state_steps):
@@ -97,6 +97,7 @@ def step_tensors(
     found_inf: Tensor | None = None,
     capturable: bool = False,
     differentiable: bool = False,
+    has_complex: bool = True,
     guard_states: list[dict[str, Any]] | None = None,
 ) -> None:
     """One step of these tensors with the rows the (resolved) ``flags`` select for their devices: plan, execute,
@@ -120,7 +121,7 @@ def step_tensors(
         run(
             backend, part(params), part(grads), part(exp_avgs), part(exp_avg_sqs), part(state_steps), hp,
             grad_scale=grad_scale, found_inf=found_inf, capturable=capturable, differentiable=differentiable,
-            guard_states=part(guard_states),
+            has_complex=has_complex, guard_states=part(guard_states),
         )  # fmt: skip
 
 

@@ -586,7 +586,7 @@ class AdamNX(torch.optim.Optimizer):
                     # Nothing of this group changes: params, moments and step counts stay as they were.
                     group["skipped_steps"] = group.get("skipped_steps", 0) + 1
                     continue
-                self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+                has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
                 if not params:
                     continue
                 beta1, beta2 = group["betas"]
@@ -597,7 +597,7 @@ class AdamNX(torch.optim.Optimizer):
                 step_tensors(
                     params, grads, exp_avgs, exp_avg_sqs, state_steps, hp, self._flags(group, params),
                     grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
-                    capturable=group["capturable"], differentiable=group["differentiable"],
+                    capturable=group["capturable"], differentiable=group["differentiable"], has_complex=has_complex,
                     guard_states=self._guard_states(params) if group["per_coordinate_steps"] else None,
                 )  # fmt: skip
         return loss

@@ -21,7 +21,7 @@ What a step writes, and who writes it:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +57,8 @@ class Executor(Protocol):
     def guard_layouts(self) -> frozenset[str]: ...  # the guard's layouts it executes
     @property
     def records_starts(self) -> frozenset[str]: ...  # the layouts whose starts it records itself
+    @property
+    def advance_steps(self) -> Callable[[list[Tensor]], list[float]] | None: ...  # a faster counter advance
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,10 @@ def _readable_on_host(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -226,14 +232,16 @@ def plan_step(
     found_inf: Tensor | None = None,
     capturable: bool = False,
     differentiable: bool = False,
+    has_complex: bool = True,
     guard_states: list[dict[str, Any]] | None = None,
 ) -> StepPlan | None:
     """Plan one step of these tensors on ``backend``, advancing their step counters (and recording the guard's
     starts the backend does not record itself). None: nothing to step (no tensors, or a GradScaler found inf/NaN
     and the counters live on the host, where reading that costs nothing).
 
-    ``guard_states``: with per_coordinate_steps, each param's state dict, whose ``coord_lag`` the plan reads and
-    replaces when its layout changes.
+    ``has_complex`` False (no complex tensor among them) saves looking for complex ones. ``guard_states``: with
+    per_coordinate_steps, each param's state dict, whose ``coord_lag`` the plan reads and replaces when its layout
+    changes.
     """
     if not params:
         return None
@@ -257,6 +265,8 @@ def plan_step(
         increment: Any = 1.0 if found_inf is None else 1 - found_inf.to(state_steps[0].device, state_steps[0].dtype)
         torch._foreach_add_(state_steps, increment)
         step_values = None
+    elif backend.advance_steps is not None:
+        step_values = backend.advance_steps(state_steps)
     else:
         torch._foreach_add_(state_steps, 1.0)
         step_values = torch.stack(state_steps).tolist() if len(state_steps) > 1 else [state_steps[0].item()]
@@ -266,11 +276,12 @@ def plan_step(
         first = params[indices[0]]
         dtype = math_dtype(first.dtype, exp_avgs[indices[0]].dtype)
         stochastic = stochastic_rounding and first.dtype == torch.bfloat16
+        real = _real if has_complex else _same
         bucket = Bucket(
-            [_real(params[i]) for i in indices],
-            [_real(grads[i]) for i in indices],
-            [_real(exp_avgs[i]) for i in indices],
-            [_real(exp_avg_sqs[i]) for i in indices],
+            [real(params[i]) for i in indices],
+            [real(grads[i]) for i in indices],
+            [real(exp_avgs[i]) for i in indices],
+            [real(exp_avg_sqs[i]) for i in indices],
             [state_steps[i] for i in indices],
             dtype,
             stochastic,

@@ -57,7 +57,8 @@ class Backend:
     the others before it runs). ``cuda_graph_safe``: its step, without the guard, syncs nothing with the host, so it
     can be captured in a CUDA graph without ``capturable=True``. ``traced``: ``torch.compile(opt.step)`` traces it
     into the graph (False: it runs as it is, outside). ``prepare``: called (once per step, before anything changes)
-    to build what it needs, such as a C++ kernel; it raises to refuse the step.
+    to build what it needs, such as a C++ kernel; it raises to refuse the step. ``advance_steps``: a faster way to
+    advance host step counters by one and read them (one call for hundreds of counters), for the planner.
     """
 
     name: str
@@ -74,6 +75,7 @@ class Backend:
     cuda_graph_safe: bool = False
     traced: bool = True
     prepare: Callable[[], None] | None = None
+    advance_steps: Callable[[list[Tensor]], list[float]] | None = None
     notes: str = field(default="", compare=False)
 
     def option(self) -> str:
@@ -99,6 +101,7 @@ BACKENDS: dict[str, Backend] = {
         records_starts=frozenset({ROW, ELEMENT}),
         traced=False,
         prepare=fused_cpu.prepare,
+        advance_steps=fused_cpu.advance_steps,
         notes="the C++ kernel: one pass over memory, one parallel region for all tensors of a dtype",
     ),
     "fused-inductor": Backend(

@@ -18,17 +18,23 @@ from torch import Tensor
 
 from adamnx._table import host_coefficients
 from adamnx.backends import _cpu_extension
-from adamnx.backends._pieces import dense_1d_views
 from adamnx.plan import Bucket, StepPlan
 from adamnx.schedule import coefficients
 from adamnx.update import update_copies
 
-__all__ = ["execute", "prepare"]
+__all__ = ["advance_steps", "execute", "prepare"]
 
 
 def prepare() -> None:
     """Build or load the C++ kernel before a step changes anything (a no-op once loaded)."""
     _cpu_extension.load()
+
+
+def advance_steps(steps: list[Tensor]) -> list[float]:
+    """The row's ``advance_steps``: every step counter (CPU) advanced by one, in one C++ call; the new counts."""
+    out = torch.empty(len(steps), dtype=torch.float64)
+    _cpu_extension.load().advance_steps_(steps, 1.0, out)
+    return out.tolist()
 
 
 @functools.lru_cache(maxsize=64)
@@ -58,8 +64,12 @@ def _local(t: Any) -> Any:
 def _step_bucket(ops: Any, plan: StepPlan, b: int, bucket: Bucket, lr: float, grad_factor: float) -> None:
     assert bucket.step_values is not None
     hp, guard = plan.hp, bucket.guard
-    tensors = [[_local(t) for t in lst] for lst in (bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs)]
-    lags = [] if guard is None else [_local(lag) for lag in guard.lags]
+    tensors = [bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs]
+    lags = [] if guard is None else list(guard.lags)
+    if type(bucket.params[0]).__name__ == "DTensor":  # FSDP2's shards: the update is elementwise, on local shards
+        tensors = [[_local(t) for t in lst] for lst in tensors]
+        lags = [_local(lag) for lag in lags]
+    tensors = [list(lst) for lst in tensors]  # the kernel may get contiguous copies in place of some
     steps = bucket.step_values
     if all(s == steps[0] for s in steps):  # the usual case: one count for the bucket, one pair of coefficients
         w1s, w2s = _shared_coefficients(steps[0], *bucket.betas)
@@ -76,30 +86,41 @@ def _step_bucket(ops: Any, plan: StepPlan, b: int, bucket: Bucket, lr: float, gr
         table = found
     relative = torch.tensor(guard.relative_steps if guard is not None else [], dtype=torch.int64)
     broken = torch.zeros(len(steps) if guard is not None else 0, dtype=torch.int32)
-    # Tensors whose memory layouts differ (a param and its grad in other strides): the kernel steps contiguous copies.
-    copies = {i: _contiguous(tensors, lags, i) for i in range(len(steps)) if not _walkable(tensors, lags, i)}
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if bucket.stochastic else 0
-    left = ops.fused_step_(
-        *tensors, lags, w1s, w2s, relative, table, broken,
-        lr, hp.weight_decay, hp.eps, grad_factor, bucket.stochastic, seed,
-    )  # fmt: skip
-    for originals, contiguous in copies.values():
-        for original, copy in zip(originals, contiguous):
-            if copy is not original:
-                original.copy_(copy)
+    kernel_arguments = (w1s, w2s, relative, table, broken, lr, hp.weight_decay, hp.eps, grad_factor, bucket.stochastic)
+    left = ops.fused_step_(*tensors, lags, *kernel_arguments, seed)
+    # Tensors it could not walk in place (a param and its grad in other memory orders): the same kernel steps
+    # contiguous copies of them, written back; dtype pairs without a kernel go eagerly.
+    copied = [i for i in left if _walkable_copied(tensors, lags, i)]
+    if copied:
+        copies = [_contiguous(tensors, lags, i) for i in copied]
+        subset = [[lst[i] for i in copied] for lst in tensors]
+        sub_lags = [lags[i] for i in copied] if lags else []
+        w1, w2 = (w if w.numel() == 1 else w[copied] for w in (w1s, w2s))
+        sub_relative = relative[copied] if guard is not None else relative
+        sub_broken = torch.zeros(len(copied) if guard is not None else 0, dtype=torch.int32)
+        other_seed = (seed * 6364136223846793005 + 1442695040888963407) % 2**64 - 2**63  # another random stream
+        still = ops.fused_step_(
+            *subset, sub_lags, w1, w2, sub_relative, table, sub_broken, *kernel_arguments[5:], other_seed
+        )  # fmt: skip
+        if guard is not None:
+            broken[copied] = sub_broken
+        for originals, contiguous in copies:
+            for original, copy in zip(originals, contiguous):
+                if copy is not original:
+                    original.copy_(copy)
+        left = [i for i in left if i not in copied] + [copied[j] for j in still]
     for i in left:  # dtype pairs without a kernel: the same math, eagerly
         _eager(plan, bucket, i, lr, grad_factor)
     if guard is not None:
         plan.handed_back += [(b, i) for i in {*left, *broken.nonzero().view(-1).tolist()}]
 
 
-def _walkable(tensors: list[list[Tensor]], lags: list[Tensor], i: int) -> bool:
-    """Whether the kernel can walk tensor ``i`` in place: p, g, m, v (and lags per element) one dense block of memory
-    each, in one layout."""
-    walked = [lst[i] for lst in tensors]
-    if lags and lags[i].dim() > 0 and lags[i].shape == walked[0].shape:
-        walked.append(lags[i])
-    return dense_1d_views(walked) is not None
+def _walkable_copied(tensors: list[list[Tensor]], lags: list[Tensor], i: int) -> bool:
+    """Whether the kernel walks tensor ``i`` once its tensors are contiguous copies (it refused a layout, not a
+    dtype pair)."""
+    p, g, m, v = (lst[i] for lst in tensors)
+    return g.dtype == p.dtype and v.dtype == m.dtype and (not lags or lags[i].dtype == torch.int32)
 
 
 def _contiguous(tensors: list[list[Tensor]], lags: list[Tensor], i: int) -> tuple[list[Tensor], list[Tensor]]:

@@ -479,6 +479,27 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
   return rejected;
 }
 
+// Advance every 0-d step counter by `increment` and write the new counts to `out` (float64, one per counter): one
+// call instead of a torch op per counter (a model has hundreds of tensors, each with its own counter).
+void advance_steps_(const std::vector<Tensor>& steps, double increment, const Tensor& out) {
+  const int64_t n = static_cast<int64_t>(steps.size());
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() && out.numel() == n && out.device().is_cpu(),
+              "adamnx advance_steps_: out must be a contiguous float64 CPU tensor with one value per step");
+  for (const Tensor& s : steps) {  // all checked before any counter moves
+    TORCH_CHECK(s.numel() == 1 && s.device().is_cpu() && (s.scalar_type() == at::kDouble || s.scalar_type() == at::kFloat),
+                "adamnx advance_steps_: steps must be 1-element float32 or float64 CPU tensors");
+  }
+  double* values = out.mutable_data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor& s = steps[i];
+    if (s.scalar_type() == at::kDouble) {
+      values[i] = (*s.mutable_data_ptr<double>() += increment);
+    } else {
+      values[i] = (*s.mutable_data_ptr<float>() += static_cast<float>(increment));
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(adamnx, m) {
@@ -486,6 +507,10 @@ TORCH_LIBRARY(adamnx, m) {
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] lags, Tensor w1s, Tensor w2s, Tensor relative_steps, Tensor table, Tensor(e!) broken, "
       "float lr, float weight_decay, float eps, float grad_factor, bool stochastic_rounding, int seed) -> int[]");
+  m.def("advance_steps_(Tensor(a!)[] steps, float increment, Tensor(b!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(adamnx, CPU, m) { m.impl("fused_step_", &fused_step_); }
+TORCH_LIBRARY_IMPL(adamnx, CPU, m) {
+  m.impl("fused_step_", &fused_step_);
+  m.impl("advance_steps_", &advance_steps_);
+}
