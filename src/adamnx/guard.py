@@ -81,10 +81,12 @@ def layout_of(lag: Tensor, shape: torch.Size | tuple[int, ...]) -> str:
 def fits(lag: Tensor, param: Tensor) -> bool:
     """Whether ``lag`` is a lag tensor of one of the layouts for this param (int32; 0-d, per row, or per element of
     its real view)."""
-    shape = (*param.shape, 2) if param.is_complex() else tuple(param.shape)
     if not isinstance(lag, Tensor) or lag.dtype != torch.int32:
         return False
-    if lag.dim() == 0 or tuple(lag.shape) == shape:
+    if lag.dim() == 0:
+        return True
+    shape = (*param.shape, 2) if param.is_complex() else tuple(param.shape)
+    if tuple(lag.shape) == shape:
         return True
     return len(shape) >= 2 and tuple(lag.shape) == (shape[0],) + (1,) * (len(shape) - 1)
 
@@ -161,6 +163,14 @@ def _started_coordinates(grad: Tensor, grad_factor: float, math_dtype: torch.dty
     return grad.to(math_dtype or grad.dtype) * grad_factor != 0
 
 
+def _rows_with_a_start(rows: Tensor, grad_factor: float, math_dtype: torch.dtype | None) -> Tensor:
+    """Which rows have a non-zero (or NaN) gradient: their largest or smallest value is not 0 (two fast reductions,
+    no temporary), or, with a GradScaler's factor, the scaled values as a kernel tests them."""
+    if grad_factor == 1.0:
+        return (rows.amax(1) != 0) | (rows.amin(1) != 0)
+    return _started_coordinates(rows, grad_factor, math_dtype).any(1)
+
+
 def record_starts(
     lag: Tensor, real_grad: Tensor, step: float, grad_factor: float = 1.0, math_dtype: torch.dtype | None = None
 ) -> Tensor:
@@ -189,23 +199,21 @@ def record_starts(
         return torch.where(nonzero, start, NOT_STARTED).to(torch.int32)
     if kind == ROW:
         row_lags = lag.view(-1)
-        waiting = (row_lags == NOT_STARTED).nonzero().squeeze(1)
-        if waiting.numel() == 0:
+        waiting = row_lags == NOT_STARTED
+        count = int(waiting.sum())
+        if count == 0:
             return lag
         grad_rows = real_grad.reshape(real_grad.shape[0], -1)
-        # Only the rows that have not started are looked at (an embedding's rare rows: most of them, or few).
-        few = waiting.numel() * 8 < row_lags.numel()
-        looked_at = grad_rows.index_select(0, waiting) if few else grad_rows
-        if grad_factor == 1.0:  # a row has a non-zero (or NaN) value when its largest or smallest is not 0
-            started = (looked_at.amax(1) != 0) | (looked_at.amin(1) != 0)  # two fast reductions, no temporary
-        else:
-            started = _started_coordinates(looked_at, grad_factor, math_dtype).any(1)
-        if not few:
-            started = started.index_select(0, waiting)
-        candidates = waiting[started]  # rows that start now, whole or in part: few, and looked at in full
-        whole = _started_coordinates(grad_rows.index_select(0, candidates), grad_factor, math_dtype).all(1)
-        if bool(whole.all()):  # every waiting row starts whole, or not at all
-            row_lags.index_fill_(0, candidates, start)
+        if count * 8 < row_lags.numel():  # few rows wait: look at those alone
+            rows = waiting.nonzero().squeeze(1)
+            starting = rows[_rows_with_a_start(grad_rows.index_select(0, rows), grad_factor, math_dtype)]
+        else:  # most rows wait (an embedding's rare rows): look at every row, once
+            starting = (_rows_with_a_start(grad_rows, grad_factor, math_dtype) & waiting).nonzero().squeeze(1)
+        if starting.numel() == 0:
+            return lag
+        whole = _started_coordinates(grad_rows.index_select(0, starting), grad_factor, math_dtype).all(1)
+        if bool(whole.all()):  # every row that starts starts whole
+            row_lags.index_fill_(0, starting, start)
             return lag
         lag = expand(lag, real_grad)  # a row starts in part: its coordinates start at different steps
     waiting = lag == NOT_STARTED

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from adamnx import guard
 from adamnx._table import coordinate_table, count_coefficients, host_coefficients
-from adamnx.guard import ELEMENT, NOT_STARTED
+from adamnx.guard import ELEMENT, NOT_STARTED, TENSOR
 from adamnx.schedule import coefficients
 from adamnx.update import Weights, math_dtype
 
@@ -89,6 +89,7 @@ class GuardPlan:
     math_dtype: torch.dtype
     device: torch.device
     past_first_window: bool = False  # host mode: a step is past 2^30, so counts may be longer than relative steps
+    tensor_lags: dict[int, int] = field(default_factory=dict)  # host mode: the values of the lags kept per tensor
     _table: Tensor | None = None
     _table_ready: bool = False
 
@@ -160,7 +161,9 @@ class Bucket:
         assert self.step_values is not None
         count = self.step_values[i]
         if self.guard is not None:
-            count = min(max(self.guard.relative_steps[i] - int(self.guard.lags[i]), 0), guard.MAX_COUNT)
+            lag = self.guard.tensor_lags.get(i)
+            lag = int(self.guard.lags[i]) if lag is None else lag
+            count = min(max(self.guard.relative_steps[i] - lag, 0), guard.MAX_COUNT)
         w1, w2 = host_coefficients(count, *self.betas)
         return Weights(w1, 1 - w2, w2)
 
@@ -297,7 +300,7 @@ def plan_step(
 
 def _plan_guard(bucket: Bucket, states: list[dict[str, Any]], backend: Executor, plan: StepPlan) -> GuardPlan:
     """The bucket's lags in layouts the backend executes, with the starts it does not record itself recorded."""
-    lags = []
+    lags, layouts = [], []
     for state, param, grad, step in zip(states, bucket.params, bucket.grads, bucket.steps):
         lag = state.get("coord_lag")
         if lag is None:
@@ -305,22 +308,29 @@ def _plan_guard(bucket: Bucket, states: list[dict[str, Any]], backend: Executor,
         layout = guard.layout_of(lag, param.shape)
         if layout not in backend.guard_layouts or (plan.on_device and layout != ELEMENT):
             lag = state["coord_lag"] = guard.expand(lag, param)
+            layout = ELEMENT
         if plan.on_device and ELEMENT not in backend.records_starts:
             guard.record_starts_on_device(lag, grad, step, plan.found_inf)
         lags.append(lag)
+        layouts.append(layout)
     relative = [] if bucket.step_values is None else [guard.relative_step(s) for s in bucket.step_values]
     for i, t in enumerate(relative):
         if t == 0 and bucket.step_values is not None and bucket.step_values[i] > 0:  # a new window
             lags[i] = guard.rebase(lags[i])
-    layouts = [guard.layout_of(lag, p.shape) for lag, p in zip(lags, bucket.params)]
     plan_guard = GuardPlan(
         lags, layouts, states, relative, bucket.steps, bucket.betas, bucket.math_dtype, bucket.device,
         past_first_window=any(s >= guard.WINDOW for s in bucket.step_values or ()),
     )  # fmt: skip
-    if not plan.on_device:
-        for i, layout in enumerate(layouts):
-            if layout not in backend.records_starts:
-                _record(plan_guard, bucket, i, _grad_factor(plan))
+    if plan.on_device:
+        return plan_guard
+    # The lags kept one per tensor, read in one go (a model has hundreds of tensors): those that have started need
+    # nothing recorded, and their weights are read from here.
+    whole = [i for i, layout in enumerate(layouts) if layout == TENSOR]
+    plan_guard.tensor_lags = dict(zip(whole, torch.stack([lags[i] for i in whole]).tolist())) if whole else {}
+    for i, layout in enumerate(layouts):
+        waiting = layout != TENSOR or plan_guard.tensor_lags[i] == NOT_STARTED
+        if waiting and layout not in backend.records_starts:
+            _record(plan_guard, bucket, i, _grad_factor(plan))
     return plan_guard
 
 
@@ -331,12 +341,15 @@ def _grad_factor(plan: StepPlan) -> float:
 
 def _record(plan_guard: GuardPlan, bucket: Bucket, i: int, grad_factor: float) -> None:
     assert bucket.step_values is not None
-    lag = guard.record_starts(
-        plan_guard.lags[i], bucket.grads[i], bucket.step_values[i], grad_factor, bucket.math_dtype
-    )
-    if lag is not plan_guard.lags[i]:
+    before = plan_guard.lags[i]
+    lag = guard.record_starts(before, bucket.grads[i], bucket.step_values[i], grad_factor, bucket.math_dtype)
+    if lag is not before:
         plan_guard.states[i]["coord_lag"] = plan_guard.lags[i] = lag
         plan_guard.layouts[i] = guard.layout_of(lag, bucket.params[i].shape)
+    if plan_guard.layouts[i] == TENSOR:
+        plan_guard.tensor_lags[i] = int(lag)
+    else:
+        plan_guard.tensor_lags.pop(i, None)
 
 
 def finish(plan: StepPlan) -> None:
