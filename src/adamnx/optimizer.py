@@ -269,7 +269,7 @@ class AdamNX(torch.optim.Optimizer):
             loaded["state_dict"] = hooked
 
         def restore(optimizer: torch.optim.Optimizer) -> None:  # before user post-hooks, which may change it again
-            self._keep_options(before[1], loaded["state_dict"]["param_groups"])
+            loaded["differences"] = self._keep_options(before[1], loaded["state_dict"]["param_groups"])
             self._restore_exact_state(loaded["state_dict"])
 
         handles = [
@@ -284,22 +284,23 @@ class AdamNX(torch.optim.Optimizer):
         finally:
             for handle in handles:
                 handle.remove()
+        if loaded.get("differences"):
+            warnings.warn(
+                "load_state_dict kept this optimizer's options where the checkpoint's differ: "
+                + "; ".join(loaded["differences"])
+                + ". Pass the options you want to the constructor.",
+                stacklevel=2,
+            )
 
-    def _keep_options(self, own_groups: list[dict[str, Any]], saved_groups: list[dict[str, Any]]) -> None:
-        """The loaded groups take this optimizer's options back (KEPT_ON_LOAD); one warning names the differences."""
+    def _keep_options(self, own_groups: list[dict[str, Any]], saved_groups: list[dict[str, Any]]) -> list[str]:
+        """The loaded groups take this optimizer's options back (KEPT_ON_LOAD); the differences, for one warning."""
         differences = []
         for index, (group, own, saved) in enumerate(zip(self.param_groups, own_groups, saved_groups)):
             for key in KEPT_ON_LOAD:
                 if key in saved and saved[key] != own[key]:
                     differences.append(f"group {index} {key} (checkpoint: {saved[key]!r}, kept: {own[key]!r})")
                 group[key] = own[key]
-        if differences:
-            warnings.warn(
-                "load_state_dict kept this optimizer's options where the checkpoint's differ: "
-                + "; ".join(differences)
-                + ". Pass the options you want to the constructor.",
-                stacklevel=4,
-            )
+        return differences
 
     def _converted(self, state_dict: Mapping[str, Any], from_optimizer: str) -> dict[str, Any]:
         """A state dict of torch's Adam or AdamW as AdamNX's: bias-corrected moments, the same step counts, and this
