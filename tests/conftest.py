@@ -39,6 +39,8 @@ _SLOW_TESTS = {
     "test_build_is_cached_by_source_torch_version_and_flags",
     "test_matches_for_loop_across_thread_splits",
     "test_importing_adamnx_does_not_import_jax",
+    # builds the documentation site (~30 s)
+    "test_the_built_site_renders_its_formulas_offline",
     # runs every implementation test on a throwaway backend, in a subprocess (~1 min)
     "test_a_backend_registered_from_the_tests_alone_runs_the_whole_battery",
     # trains the bench's mnist1d model with JAX (~9 s)

@@ -51,6 +51,7 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
         assert "Smoke run: too short for conclusions" in report and "ties" not in report and "beats" not in report
         for plot in ("curves.png", "beta2_hat.png", "stability.png"):
             assert _is_png(run / plot), plot
+            assert f"]({plot})]({plot})" in report, plot  # shown inline, linked to the full-size image
         config = json.loads((run / "config.json").read_text())
         assert config["task"] == task and config["seeds"] == [0, 1]
         env = json.loads((run / "environment.json").read_text())
@@ -257,3 +258,4 @@ def test_late_activation_stress_task_shows_the_hazard_and_the_mitigation(tmp_pat
     text = write_outputs(results, tmp_path, {"t_late": 3_000, "steps": 3_020})
     assert "adamnx-fused+guard" in text and "× without the guard" in text
     assert (tmp_path / "late_activation.png").exists()
+    assert "](late_activation.png)](late_activation.png)" in text

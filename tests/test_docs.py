@@ -1,7 +1,7 @@
 """Every code example in README.md and docs/ works.
 
-- ```python blocks run: each page's blocks in order, in one namespace, with a temporary folder as the working
-  directory (so nothing is written into the repository). A block is left out only when the line right before it
+- ```python blocks run, each on its own (a fresh namespace: a reader copies one block, imports included), with a
+  temporary folder as the working directory (so nothing is written into the repository). A block is left out only when the line right before it
   is ``<!-- not-run: the reason -->`` (for what needs several processes or CUDA); each such block is reported as
   a skipped test that gives the page, the line and the reason (``pytest -ra``), never silently.
 - ```bash / ```console blocks: every ``adamnx ...`` (or ``python -m adamnx ...``) command is parsed by the
@@ -102,20 +102,16 @@ def test_no_stray_markers():
                 assert following.startswith("```"), f"{path.name}:{n + 1}: a not-run marker before no code block"
 
 
-@pytest.mark.parametrize("page", PYTHON_PAGES)
-def test_python_examples_run(page, tmp_path, monkeypatch):
+RUN = [b for b in BLOCKS if b.lang in PYTHON and b.not_run is None]
+
+
+@pytest.mark.parametrize("block", RUN, ids=[f"{b.page}:{b.line}" for b in RUN])
+def test_python_examples_run_on_their_own(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "docs_example_" + re.sub(r"\W", "_", page)}
-    ran = 0
-    for block in (b for b in BLOCKS if b.page == page and b.lang in PYTHON):
-        if block.not_run is not None:
-            continue  # reported by test_opted_out_block, with its reason
-        code = compile(block.code, f"{page}:{block.line}", "exec")
-        with contextlib.redirect_stdout(io.StringIO()):
-            exec(code, namespace)
-        ran += 1
-    if not ran:  # each opted-out block is reported by test_opted_out_block, with its reason
-        pytest.skip(f"{page}: every Python block is opted out")
+    namespace: dict = {"__name__": "docs_example_" + re.sub(r"\W", "_", f"{block.page}_{block.line}")}
+    code = compile(block.code, f"{block.page}:{block.line}", "exec")
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(code, namespace)
 
 
 def _commands(block: Block) -> list[list[str]]:
@@ -212,3 +208,79 @@ def test_api_reference_covers_every_public_name():
             if module_name == "adamnx" and f"adamnx.{name}" not in targets and home not in targets:
                 missing.append(f"adamnx.{name}")
     assert not missing, f"public names missing from docs/api.md: {missing}"
+
+
+def _check_site():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_site", ROOT / "docs" / "_ext" / "check_site.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_site_check_finds_scripts_and_fonts_from_another_host(tmp_path):
+    """What .ci/run runs on the built site: a page that loads MathJax from a CDN, or a stylesheet that imports
+    Google's fonts, is found; links to other sites and local scripts are not."""
+    check = _check_site()
+    (tmp_path / "index.html").write_text(
+        '<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>'
+        '<script src="javascripts/mathjax/tex-mml-chtml.js"></script>'
+        '<link rel="canonical" href="https://example.org/adamnx/">'
+        '<a href="https://arxiv.org/abs/2511.13465">the paper</a>'
+    )
+    (tmp_path / "style.css").write_text("@import url('https://fonts.googleapis.com/css?family=Roboto');")
+    found = check.external_fetches(tmp_path)
+    assert found == [
+        "index.html: https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js",
+        "style.css: https://fonts.googleapis.com/css?family=Roboto",
+    ]
+
+
+def test_the_built_site_renders_its_formulas_offline(tmp_path):
+    """The real site, built as .ci/run builds it: MathJax is its own copy, and nothing is fetched from elsewhere."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mathjax")
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "site" / "javascripts" / "mathjax" / "tex-mml-chtml.js").is_file()
+    assert _check_site().external_fetches(tmp_path / "site") == []
+    # A flag in the implementations table (`foreach=False`) is not broken mid-word: the page loads our stylesheet,
+    # which keeps code in table cells on one line.
+    page = (tmp_path / "site" / "implementations" / "index.html").read_text(encoding="utf-8")
+    assert "<td><code>foreach=False</code></td>" in page and "stylesheets/extra.css" in page
+    css = (tmp_path / "site" / "stylesheets" / "extra.css").read_text()
+    assert re.search(r"td code[^{]*\{[^}]*white-space:\s*nowrap", css)
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGE = re.compile(r"(\[)?!\[[^\]]*\]\(([^)\s]+\.png)\)(\]\(([^)\s]+)\))?")
+
+
+def _images(text: str) -> list[tuple[str, str | None]]:
+    """Each image of a page: its path, and the link around it (None when it is not linked)."""
+    return [(m.group(2), m.group(4) if m.group(1) else None) for m in IMAGE.finditer(text)]
+
+
+def test_every_image_of_the_docs_links_to_its_full_size():
+    for path in PAGES:
+        for image, link in _images(path.read_text(encoding="utf-8")):
+            assert link == image, f"{path.relative_to(ROOT)}: {image} is shown scaled down and not linked to itself"
+
+
+@pytest.mark.parametrize("folder", sorted({p.parent for p in RESULTS.rglob("*.png")}), ids=lambda p: p.name)
+def test_every_recorded_plot_is_shown_inline_beside_its_numbers(folder):
+    shown = {image: link for md in folder.glob("*.md") for image, link in _images(md.read_text(encoding="utf-8"))}
+    for plot in folder.glob("*.png"):
+        assert shown.get(plot.name) == plot.name, (
+            f"{plot.relative_to(ROOT)} is not shown inline and linked in its report"
+        )

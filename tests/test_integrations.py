@@ -134,3 +134,19 @@ def test_the_readme_spelling_works_after_a_bare_import():
     code = "import adamnx, torch; print(len(adamnx.integrations.param_groups(torch.nn.Linear(2, 2), 0.01)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "2", result.stderr[-2000:]
+
+
+def test_huggingface_trainer_weight_decay_overrides_adamnx_default(tmp_path):
+    """What docs/scaling.md warns of: the Trainer puts its own `weight_decay` (0.0 unless set) on every group it
+    builds, so AdamNX's default 0.01, and a `weight_decay` in the optimizer's kwargs, are not what runs."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    assert args.weight_decay == 0.0
+    trainer = transformers.Trainer(
+        model=TinyRegressor(), args=args, optimizer_cls_and_kwargs=(AdamNX, {"lr": 1e-2, "weight_decay": 0.01})
+    )
+    opt = trainer.create_optimizer()
+    opt = getattr(opt, "optimizer", opt)
+    assert isinstance(opt, AdamNX) and opt.defaults["weight_decay"] == 0.01
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]  # the Trainer's, not AdamNX's

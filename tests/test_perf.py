@@ -34,6 +34,7 @@ def test_perf_runs_every_candidate_and_writes_json_markdown_and_plot(tmp_path, c
     assert (tmp_path / "step_speed.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (tmp_path / "step_speed.md").read_text()
     assert "| large |" in markdown and "% peak |" in markdown and "| embedding |" in markdown
+    assert "](step_speed.png)](step_speed.png)" in markdown
 
 
 def test_target_table_uses_the_same_implementation_and_both_ratios():

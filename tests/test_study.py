@@ -82,6 +82,7 @@ def test_tiny_study_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "| T/H |" in report and "paired p" in report and "cpu model" in report
     assert (out / "horizon.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](horizon.png)](horizon.png)" in report
     band_run = json.loads((out / "runs" / "adamw-b2=0.9990-seed1.json").read_text())
     assert band_run["beta2"] == 0.999 and band_run["seed"] == 1
     assert len(list((out / "runs").glob("*.json"))) == 9 * 2

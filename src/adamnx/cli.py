@@ -206,7 +206,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     except (ConfigError, DataError) as exc:
         return _fail(str(exc))
     except ImportError as exc:
-        return _fail(f'{exc}. Install the harness\'s dependencies: pip install "adamnx[bench]"')
+        return _fail(f'{exc}. Install the harness\'s dependencies: pip install -e ".[bench]" in a clone of adamnx')
 
 
 def _interrupted(root: Path) -> int:

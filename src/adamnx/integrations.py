@@ -4,6 +4,8 @@ Recipes (README, "Scaling out"):
 
 - Hugging Face ``transformers.Trainer(..., optimizer_cls_and_kwargs=(AdamNX, {"lr": 1e-3}))``, or build the
   optimizer yourself and pass ``optimizers=(opt, scheduler)`` (use :func:`param_groups` for the usual split).
+  With ``optimizer_cls_and_kwargs`` the Trainer's ``TrainingArguments.weight_decay`` (0.0 by default) is put on
+  every group and overrides AdamNX's 0.01, and a ``weight_decay`` in the kwargs: set it in the arguments.
 - PyTorch Lightning: return ``AdamNX(self.parameters(), ...)`` from ``configure_optimizers``; its closure-driven
   ``step(closure)`` evaluates the closure exactly once.
 """

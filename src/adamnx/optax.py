@@ -17,7 +17,7 @@ per-coordinate :math:`t`  ``coord_count`` (``per_coordinate_steps=True``; int32 
 With ``per_coordinate_steps=True`` the state is a :class:`ScaleByAdamNXPerCoordinateState` (the three fields of
 :class:`ScaleByAdamNXState`, then ``coord_count``), as ``AdamNX(..., per_coordinate_steps=True)``'s ``coord_step``.
 
-Importing :mod:`adamnx` never imports JAX; this module needs ``pip install "adamnx[jax]"``.
+Importing :mod:`adamnx` never imports JAX; this module needs JAX and optax (``pip install jax optax``, or ``pip install -e ".[jax]"`` in a clone of adamnx).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ try:
     import optax
     import optax.tree_utils as otu
 except ImportError as exc:  # pragma: no cover - exercised only without JAX
-    raise ImportError('adamnx.optax needs JAX and optax: pip install "adamnx[jax]"') from exc
+    raise ImportError(
+        'adamnx.optax needs JAX and optax: pip install jax optax (or, in a clone of adamnx, pip install -e ".[jax]")'
+    ) from exc
 
 from adamnx.schedule import coefficients
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from adamnx.bench.arguments import SHAPE_KINDS, perf_arguments, run_folder
+from adamnx.bench.markdown import figure
 
 __all__ = ["add_arguments", "run_from_args"]
 
@@ -359,9 +360,10 @@ def write_outputs(results: dict, out_dir: Path) -> None:
             f"Fused AdamNX first step (kernel build on the CPU / compilation on CUDA, 1M params): cold cache {c['cold_first_step_s']:.1f} s, "
             f"warm cache {c['warm_first_step_s']:.1f} s.",
         ]
-    (out_dir / "step_speed.md").write_text("\n".join(lines) + "\n")
     with contextlib.suppress(ImportError):  # matplotlib is in the bench extra
         _plot(results, out_dir / "step_speed.png")
+        lines += ["", figure("step_speed.png", "AdamNX's step time over AdamW's, per implementation and size")]
+    (out_dir / "step_speed.md").write_text("\n".join(lines) + "\n")
 
 
 # The speed targets: AdamNX's step time over the same implementation of AdamW's, at 10M parameters and more.

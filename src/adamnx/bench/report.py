@@ -14,6 +14,7 @@ import numpy as np
 
 from adamnx.bench import registry
 from adamnx.bench.config import BenchConfig
+from adamnx.bench.markdown import figure
 from adamnx.bench.optimizers import DECAY_RULES, adamnx_beta2
 from adamnx.bench.registry import REFERENCE, display_name
 from adamnx.bench.stats import mean_std
@@ -82,6 +83,13 @@ def summarize(cfg: BenchConfig, task: Task, results: list[dict]) -> dict[str, An
         ref_values = [r["test_at_best_val"] for r in ref_runs] if ref_runs else None
         rows.append(_row(cfg, runs, ref_values, optimizer == ref))
     return {"task": task.name, "metric": task.metric_name, "higher_is_better": task.higher_is_better, "rows": rows}
+
+
+_PLOT_TITLES = {
+    "curves.png": "training loss, validation loss and the test metric",
+    "beta2_hat.png": "1 − β̂2_t and ‖Δv‖/‖v‖ per step",
+    "stability.png": "the test metric and late-training stability",
+}
 
 
 def _fmt(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
@@ -502,7 +510,11 @@ Diverged runs: {diverged}.
 
 {chr(10).join(f"- {k}: {v}" for k, v in env.items())}
 
-Plots: {", ".join(f"[{p}]({p})" for p in plots)}. Raw data: `metrics.jsonl`, `results.json`, `config.json`.
+## Plots
+
+{(chr(10) * 2).join(figure(p, _PLOT_TITLES.get(p, p)) for p in plots)}
+
+Raw data: `metrics.jsonl`, `results.json`, `config.json`.
 """
     (out_dir / "report.md").write_text(text)
     return summary

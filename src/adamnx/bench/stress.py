@@ -12,6 +12,7 @@ median time of ``optimizer.step()``: the guard's cost on this model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -23,6 +24,7 @@ from torch import nn
 
 from adamnx import AdamNX
 from adamnx.bench.arguments import run_folder
+from adamnx.bench.markdown import figure
 from adamnx.bench.optimizers import implementation_options
 
 __all__ = ["run_from_args", "run_stress"]
@@ -140,46 +142,11 @@ def write_outputs(results: dict, out_dir: Path, config: dict) -> str:
         f"is small ({config.get('params', 'a 1,000-row embedding')}), so they measure per-step overhead as much as "
         "arithmetic: `adamnx perf --shapes embedding` times the guard on a large table.",
     ]
+    with contextlib.suppress(ImportError):  # matplotlib is in the bench extra
+        _plot(results, config, out_dir / "late_activation.png")
+        lines += ["", figure("late_activation.png", "largest update of the rare rows over lr, per step")]
     text = "\n".join(lines) + "\n"
     (out_dir / "late_activation.md").write_text(text)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-
-        # Implementations of one optimizer give the same updates: one line per distinct trace, the others named in
-        # its legend entry, so that coinciding series are not drawn on top of each other unseen.
-        def same(a: list[dict], b: list[dict]) -> bool:  # equal to 0.1%: the implementations differ by rounding
-            return len(a) == len(b) and all(abs(x["rare"] - y["rare"]) <= 1e-3 * abs(x["rare"]) for x, y in zip(a, b))
-
-        lines: list[list[str]] = []
-        for name, r in results.items():
-            group = next((g for g in lines if same(results[g[0]]["trace"], r["trace"])), None)
-            (group.append(name) if group else lines.append([name]))
-        styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
-        for i, names in enumerate(lines):
-            trace = results[names[0]]["trace"]
-            marker, ls = styles[i % len(styles)]
-            ax.semilogy(
-                [t["step"] for t in trace],
-                [max(t["rare"], 1e-3) for t in trace],
-                marker=marker,
-                markevery=max(1, len(trace) // 12),
-                ls=ls,
-                label=" = ".join(names),
-            )
-        ax.axvline(config["t_late"], color="k", ls="--", lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("max |Δθ| / lr over rare rows")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "late_activation.png", dpi=90)
-        plt.close(fig)
-    except ImportError:  # pragma: no cover
-        pass
     return text
 
 
@@ -199,3 +166,41 @@ def run_from_args(args: argparse.Namespace) -> int:
     results = run_stress(config["steps"], args.t_late, lr=args.lr, seed=args.seed)
     print(write_outputs(results, Path(args.out) if args.out else run_folder("stress"), config))
     return 0
+
+
+def _plot(results: dict, config: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+
+    # Implementations of one optimizer give the same updates: one line per distinct trace, the others named in
+    # its legend entry, so that coinciding series are not drawn on top of each other unseen.
+    def same(a: list[dict], b: list[dict]) -> bool:  # equal to 0.1%: the implementations differ by rounding
+        return len(a) == len(b) and all(abs(x["rare"] - y["rare"]) <= 1e-3 * abs(x["rare"]) for x, y in zip(a, b))
+
+    groups: list[list[str]] = []
+    for name, r in results.items():
+        group = next((g for g in groups if same(results[g[0]]["trace"], r["trace"])), None)
+        (group.append(name) if group else groups.append([name]))
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
+    for i, names in enumerate(groups):
+        trace = results[names[0]]["trace"]
+        marker, ls = styles[i % len(styles)]
+        ax.semilogy(
+            [t["step"] for t in trace],
+            [max(t["rare"], 1e-3) for t in trace],
+            marker=marker,
+            markevery=max(1, len(trace) // 12),
+            ls=ls,
+            label=" = ".join(names),
+        )
+    ax.axvline(config["t_late"], color="k", ls="--", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("max |Δθ| / lr over rare rows")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -21,6 +21,7 @@ from typing import Any
 from adamnx.bench.config import BenchConfig, ConfigError, to_dict
 from adamnx.bench.environment import environment
 from adamnx.bench.harness import Prepared, prepare
+from adamnx.bench.markdown import figure
 from adamnx.bench.optimizers import optimizer_spec, with_beta2
 from adamnx.bench.runner import save_json, train_one
 from adamnx.bench.tasks import get_task
@@ -446,7 +447,7 @@ study's; selected on validation). Total training time {summary["wall_time_s"] / 
 1 − β̂2_T: AdamNX's second-moment weight at the last step (≈ 1/T before the horizon, vanishing after it).
 ‖Δv‖/‖v‖: relative change of the second moment per step, averaged over the last measurements.
 
-![test metric vs T/H](horizon.png)
+{figure("horizon.png", "test metric vs T/H")}
 
 ## Exact optimizers
 
