@@ -1,9 +1,11 @@
 """bf16 training with AdamNX on MNIST-1D: how far each low-precision setting lands from the float32 run.
 
-Settings: float32; bf16 params with bf16 state (pure bf16, the default for bf16 params); bf16 params with
-float32 state (``state_dtype=torch.float32``); the same plus ``stochastic_rounding=True``; and stochastic
-rounding with bf16 state. Same data, batches, initialisation (cast from the float32 init) and lr schedule;
-several seeds; reports the final training loss (mean over the last 10% of steps) and test accuracy.
+Settings: float32; float32 params with bf16 state (``state_dtype=torch.bfloat16``); bf16 params with bf16 state
+(pure bf16, the default for bf16 params); bf16 params with float32 state (``state_dtype=torch.float32``); the same
+plus ``stochastic_rounding=True``; and stochastic rounding with bf16 state. bf16 moments always round
+stochastically (round-to-nearest biases v upwards under AdamNX's 1 − β̂2_t ≈ 1/t). Same data, batches,
+initialisation (cast from the float32 init) and lr schedule; several seeds; reports the final training loss (mean
+over the last 10% of steps) and test accuracy.
 
     python benchmarks/low_precision.py [--steps 1400] [--seeds 0 1 2] [--out benchmarks/results/low-precision]
 """
@@ -24,6 +26,7 @@ from adamnx.bench.tasks import get_task, paper_lr_lambda
 
 SETTINGS = {
     "float32": (torch.float32, {}),
+    "float32 + bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}),
     "bf16 (pure)": (torch.bfloat16, {}),
     "bf16 + fp32 state": (torch.bfloat16, {"state_dtype": torch.float32}),
     "bf16 + fp32 state + SR": (torch.bfloat16, {"state_dtype": torch.float32, "stochastic_rounding": True}),

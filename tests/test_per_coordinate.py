@@ -436,9 +436,11 @@ def test_rows_walked_by_the_cpu_kernel_give_the_per_element_bits(threads, dtype,
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        torch.manual_seed(0)  # bf16 moments round stochastically: both runs draw the same random streams
         params, opt = _run_with_checkpoint("fused", params0, grads, at=4)
         with monkeypatch.context() as patch:
             _lags_per_element_only(patch)
+            torch.manual_seed(0)
             expected, other = run_torch(params0, grads, impl="fused", **HYPER)
     finally:
         torch.set_num_threads(previous)

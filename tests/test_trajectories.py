@@ -21,6 +21,11 @@ CHANGED_ON_PURPOSE = {
     "expression of its own: other roundings",
     "fused/f32-layout": "a tensor whose param and grad differ in layout is stepped by the C++ kernel on contiguous "
     "copies, not by an eager copy of the formula",
+    # after the redesign, every implementation (a scenario's name alone: all of them)
+    **dict.fromkeys(
+        ("bf16", "bf16-sr", "bf16-guard-sr"),
+        "bf16 moments round stochastically (round-to-nearest biased v upwards: +31% after 1,000 steps)",
+    ),
 }
 
 CASES = [
@@ -41,7 +46,8 @@ def test_the_final_state_is_what_it_was_before_the_redesign(impl, scenario):
     expected = RECORDED["results"][f"{impl}/{scenario}"]
     actual = {name: summary(t) for name, t in run(impl, scenario).items()}
     assert sorted(actual) == sorted(expected)
-    if SAME_MACHINE and impl not in CHANGED_ON_PURPOSE and f"{impl}/{scenario}" not in CHANGED_ON_PURPOSE:
+    changed_on_purpose = {impl, scenario, f"{impl}/{scenario}"} & set(CHANGED_ON_PURPOSE)
+    if SAME_MACHINE and not changed_on_purpose:
         changed = [name for name in expected if actual[name][0] != expected[name][0]]
         assert not changed, f"bits changed in {changed}"
         return

@@ -72,15 +72,36 @@ def _advance_coord_count(count: jax.Array | None, g: jax.Array | None) -> jax.Ar
     return jnp.where(started, optax.safe_int32_increment(count), jnp.zeros_like(count))
 
 
-def _new_mu(m, g, w):
-    return None if g is None else (m + w.one_minus_beta1_t.astype(m.dtype) * (g.astype(m.dtype) - m))
+def _math_dtype(*dtypes: Any) -> Any:
+    """The dtype a leaf's moments are updated in: the widest of their dtypes and at least float32 (as torch's)."""
+    return jnp.result_type(jnp.float32, *dtypes)
 
 
-def _new_nu(v, g, w):
-    if g is None:
-        return None
-    w2 = w.one_minus_beta2_hat
-    return v * (1 - w2).astype(v.dtype) + w2.astype(v.dtype) * jnp.square(g)
+def _new_moments(m, v, g, w):
+    """m_t and v_t of one leaf, in the math dtype (rounded to the state's dtypes only when stored)."""
+    dtype = _math_dtype(m.dtype, v.dtype, g.dtype)
+    m, v, g = m.astype(dtype), v.astype(dtype), g.astype(dtype)
+    w1, w2 = w.one_minus_beta1_t.astype(dtype), w.one_minus_beta2_hat.astype(dtype)
+    return m + w1 * (g - m), v * (1 - w2) + w2 * jnp.square(g)
+
+
+def _round_bf16(x: jax.Array, noise: jax.Array) -> jax.Array:
+    """``x`` to bfloat16, stochastically (unbiased): ``noise``, uniform in [0, 2^16), is added below bf16's last
+    mantissa bit, then truncated (torch's ``adamnx.update.stochastic_round_to_bf16``)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    rounded = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
+    return rounded.astype(jnp.bfloat16)  # low 16 bits 0: exact
+
+
+def _stored(m, v, mu_dtype, nu_dtype, key):
+    """m and v in the state's dtypes: bf16 rounded stochastically (AdamNX's 1 − β̂2_t ≈ 1/t makes round-to-nearest
+    bias v upwards, as in torch), other dtypes to nearest."""
+    if jnp.bfloat16 not in (mu_dtype, nu_dtype):
+        return m.astype(mu_dtype), v.astype(nu_dtype)
+    bits = jax.random.bits(key, m.shape, jnp.uint32)  # 16 bits for each moment
+    m = _round_bf16(m, bits & 0xFFFF) if mu_dtype == jnp.bfloat16 else m.astype(mu_dtype)
+    v = _round_bf16(v, bits >> 16) if nu_dtype == jnp.bfloat16 else v.astype(nu_dtype)
+    return m, v
 
 
 def scale_by_adamnx(
@@ -89,7 +110,9 @@ def scale_by_adamnx(
     eps: float = 1e-8,
     *,
     mu_dtype: Any | None = None,
+    nu_dtype: Any | None = None,
     per_coordinate_steps: bool = False,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescale updates by AdamNX's moments: :math:`u_t = m_t / (\sqrt{v_t} + \epsilon)`.
 
@@ -106,6 +129,10 @@ def scale_by_adamnx(
         b2: :math:`\beta_2`, ``0 < b2 < 1``; sets the horizon :math:`H = 1/(1-c)` (0.99 → ~9,950 steps).
         eps: added to :math:`\sqrt{v_t}`.
         mu_dtype: dtype of the first moment (``None``: the params').
+        nu_dtype: dtype of the second moment (``None``: the params'). The moments are updated in at least float32
+            and rounded once when stored; bf16 moments round stochastically (unbiased), as in torch: AdamNX's
+            weight 1 − β̂2_t ≈ 1/t makes a decrease of v smaller than half a bf16 ulp past t ≈ 256, and
+            round-to-nearest would bias v upwards (+31% after 1,000 steps of unit Gaussian gradients).
         per_coordinate_steps: count steps per element, from its first non-zero gradient (``coord_count``, int32
             shaped like each param), so that a coordinate whose gradient is zero until a late step follows the
             schedule from its own t = 1 (m = g, v = g², then v the mean of its g²), as
@@ -115,6 +142,8 @@ def scale_by_adamnx(
             2^24 steps; beyond, t is rounded by a relative 2^-24 at most, which moves a coefficient by about one
             float32 ulp.
             Off by default: the paper's algorithm.
+        seed: the random stream of the stochastic rounding of bf16 moments (a key folded with the step count and
+            the leaf's index: no key in the state, and the same updates for the same inputs).
 
     Returns:
         A :class:`optax.GradientTransformationExtraArgs`. Its state is a :class:`ScaleByAdamNXState`, or with
@@ -145,12 +174,13 @@ def scale_by_adamnx(
         mechanism for the second-order moment estimate", arXiv:2511.13465.
     """
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
     if isinstance(b1, (int, float)) and isinstance(b2, (int, float)):
         coefficients(1, (b1, b2))  # validates the betas eagerly, with torch's messages
 
     def init_fn(params: optax.Params) -> ScaleByAdamNXState | ScaleByAdamNXPerCoordinateState:
         count = jnp.zeros([], jnp.int32)
-        mu, nu = otu.tree_zeros_like(params, dtype=mu_dtype), otu.tree_zeros_like(params)
+        mu, nu = otu.tree_zeros_like(params, dtype=mu_dtype), otu.tree_zeros_like(params, dtype=nu_dtype)
         if per_coordinate_steps:
             return ScaleByAdamNXPerCoordinateState(count, mu, nu, otu.tree_zeros_like(params, dtype=jnp.int32))
         return ScaleByAdamNXState(count=count, mu=mu, nu=nu)
@@ -170,16 +200,21 @@ def scale_by_adamnx(
         else:
             shared = coefficients(count.astype(step_dtype), (b1, b2))
             weights = jax.tree.map(lambda _: shared, state.nu, is_leaf=_is_none)
-        mu = jax.tree.map(_new_mu, state.mu, updates, weights, is_leaf=_is_none)
-        nu = jax.tree.map(_new_nu, state.nu, updates, weights, is_leaf=_is_none)
-        scaled = jax.tree.map(
-            lambda m, v, g: None if g is None else (m / (jnp.sqrt(v) + eps)).astype(g.dtype),
-            mu,
-            nu,
-            updates,
-            is_leaf=_is_none,
-        )
-        mu = otu.tree_cast(mu, mu_dtype)
+        leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+        step_key = jax.random.fold_in(jax.random.key(seed), count)
+        keys = treedef.unflatten([jax.random.fold_in(step_key, i) for i in range(len(leaves))])
+
+        def leaf(m, v, g, w, key):
+            if g is None:
+                return None
+            new_m, new_v = _new_moments(m, v, g, w)
+            return (new_m / (jnp.sqrt(new_v) + eps)).astype(g.dtype), _stored(new_m, new_v, m.dtype, v.dtype, key)
+
+        out = jax.tree.map(leaf, state.mu, state.nu, updates, weights, keys, is_leaf=_is_none)
+        is_pair = lambda x: x is None or isinstance(x, tuple)  # noqa: E731
+        scaled = jax.tree.map(lambda o: None if o is None else o[0], out, is_leaf=is_pair)
+        mu = jax.tree.map(lambda o: None if o is None else o[1][0], out, is_leaf=is_pair)
+        nu = jax.tree.map(lambda o: None if o is None else o[1][1], out, is_leaf=is_pair)
         if per_coordinate_steps:
             return scaled, ScaleByAdamNXPerCoordinateState(count, mu, nu, coord_count)
         return scaled, ScaleByAdamNXState(count=count, mu=mu, nu=nu)
@@ -196,7 +231,9 @@ def adamnx(
     *,
     mask: Any | None = None,
     mu_dtype: Any | None = None,
+    nu_dtype: Any | None = None,
     per_coordinate_steps: bool = False,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamNX with decoupled weight decay, exactly as :class:`adamnx.AdamNX` (same defaults).
 
@@ -215,8 +252,10 @@ def adamnx(
         mask: a pytree of booleans (or a function of the params returning one) selecting the leaves that
             get weight decay, as in :func:`optax.adamw`.
         mu_dtype: dtype of the first moment.
+        nu_dtype: dtype of the second moment (bf16 moments round stochastically: see :func:`scale_by_adamnx`).
         per_coordinate_steps: per-element step counts from each coordinate's first non-zero gradient; see
             :func:`scale_by_adamnx`. The weight decay still applies to every coordinate from step 1.
+        seed: the stochastic rounding's random stream (see :func:`scale_by_adamnx`).
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -231,8 +270,17 @@ def adamnx(
         >>> bool(jnp.all(jnp.abs(params) < 0.1))
         True
     """
+    moments = scale_by_adamnx(
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        per_coordinate_steps=per_coordinate_steps,
+        seed=seed,
+    )
     return optax.chain(
-        scale_by_adamnx(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, per_coordinate_steps=per_coordinate_steps),
+        moments,
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )

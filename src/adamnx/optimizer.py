@@ -111,6 +111,8 @@ class AdamNX(torch.optim.Optimizer):
         fused: use the fused one-pass implementation (CPU and CUDA; supports ``GradScaler``'s found_inf).
         state_dtype: dtype of m and v (``None``: the param's, like torch). ``torch.float32`` for bf16/fp16 params
             keeps the moments in float32 and computes the update in float32, rounding the param once.
+            ``torch.bfloat16`` halves float32 params' state. bf16 moments always round stochastically (unbiased):
+            AdamNX's weight 1 − β̂2_t ≈ 1/t would make round-to-nearest bias v upwards.
         stochastic_rounding: round bf16 params' updates stochastically (unbiased), so that updates smaller
             than half a bf16 ulp are not lost; computes the update in float32. Ignored for other dtypes.
         skip_nonfinite: skip the step of a param group whose gradients contain inf/NaN, leaving params,

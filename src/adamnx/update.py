@@ -25,6 +25,7 @@ __all__ = [
     "foreach_update",
     "foreach_update_copies",
     "math_dtype",
+    "moments_in_state_dtype",
     "stochastic_round_to_bf16",
     "update",
     "update_copies",
@@ -112,10 +113,7 @@ def update_copies(
     theta = param.to(dtype, copy=True)
     g, m, v = (t.to(dtype, copy=differentiable) for t in (grad, exp_avg, exp_avg_sq))
     theta, m, v = update(theta, g, m, v, weights, lr, weight_decay, eps, in_place=not differentiable)
-    for target, value in ((exp_avg, m), (exp_avg_sq, v)):
-        if value is not target:
-            target.copy_(value)
-    param.copy_(stochastic_round_to_bf16(theta) if stochastic else theta)
+    _write_back(param, exp_avg, exp_avg_sq, theta, m, v, stochastic)
 
 
 def foreach_update(
@@ -170,23 +168,52 @@ def foreach_update_copies(
     gs = [g.to(dtype) for g in grads]
     ms, vs = [m.to(dtype) for m in exp_avgs], [v.to(dtype) for v in exp_avg_sqs]
     foreach_update(thetas, gs, ms, vs, weights, lr, weight_decay, eps)
-    for targets, values in ((exp_avgs, ms), (exp_avg_sqs, vs)):
-        for target, value in zip(targets, values):
-            if value is not target:
-                target.copy_(value)
-    for param, theta in zip(params, thetas):
-        param.copy_(stochastic_round_to_bf16(theta) if stochastic else theta)
+    for i, param in enumerate(params):  # tensor by tensor: the for-loop's order of random draws
+        _write_back(param, exp_avgs[i], exp_avg_sqs[i], thetas[i], ms[i], vs[i], stochastic)
 
 
-def stochastic_round_to_bf16(x: Tensor) -> Tensor:
+def _write_back(
+    param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, theta: Tensor, m: Tensor, v: Tensor, stochastic: bool
+) -> None:
+    """A tensor's update, computed in the math dtype, rounded into its param and moments (moments computed in
+    place need no write)."""
+    if m is not exp_avg:
+        m, v = moments_in_state_dtype(m, v, exp_avg.dtype)
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+    param.copy_(stochastic_round_to_bf16(theta) if stochastic else theta)
+
+
+def stochastic_round_to_bf16(x: Tensor, noise: Tensor | None = None) -> Tensor:
     """Round float32 ``x`` to bfloat16 stochastically: up with probability equal to the distance to the lower value.
 
     Adds 16 random bits below bf16's last mantissa bit, then truncates; unbiased (E[round(x)] = x), so updates
-    smaller than half a bf16 ulp still move the parameter on average instead of being rounded away.
+    smaller than half a bf16 ulp still move the value on average instead of being rounded away. ``noise``: int32
+    shaped like ``x``, uniform in [0, 2^16) (drawn here when not given). Autograd sees the rounding as the identity.
     """
-    bits = x.to(torch.float32).view(torch.int32)  # float64 math (a float64 state): to float32 first (nearest)
-    noise = torch.randint_like(bits, 0, 1 << 16)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # low 16 bits 0: the cast is exact
+    value = x.detach()
+    bits = value.to(torch.float32).view(torch.int32)  # float64 math (a float64 state): to float32 first (nearest)
+    if noise is None:
+        noise = torch.randint_like(bits, 0, 1 << 16)
+    rounded = ((bits + noise) & -65536).view(torch.float32)  # low 16 bits 0: the cast to bf16 below is exact
+    if x.requires_grad:  # differentiable=True: the gradient passes through the rounding unchanged
+        return (x + (rounded.to(x.dtype) - value)).to(torch.bfloat16)
+    return rounded.to(torch.bfloat16)
+
+
+def moments_in_state_dtype(exp_avg: Tensor, exp_avg_sq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The moments, computed in the math dtype, rounded to the state's ``dtype``: bf16 stochastically, others to
+    nearest.
+
+    Why bf16 moments cannot round to nearest: AdamNX's weight 1 − β̂2_t is about 1/t, and once (1 − β̂2_t)·v is
+    below half a bf16 ulp of v (past t ≈ 256) a decrease of v rounds away while a large g² still pushes v up: v
+    drifts upwards (+31% after 1,000 steps of unit Gaussian gradients). Stochastic rounding is unbiased, so v tracks
+    float32 state. One draw of 32 random bits per element serves both moments (16 bits each).
+    """
+    if dtype != torch.bfloat16:
+        return exp_avg.to(dtype), exp_avg_sq.to(dtype)
+    bits = torch.randint_like(exp_avg, -(1 << 31), 1 << 31, dtype=torch.int32)
+    return stochastic_round_to_bf16(exp_avg, bits & 0xFFFF), stochastic_round_to_bf16(exp_avg_sq, (bits >> 16) & 0xFFFF)
 
 
 def _wider_real_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:

@@ -86,7 +86,9 @@ def _step_bucket(ops: Any, plan: StepPlan, b: int, bucket: Bucket, lr: float, gr
         table = found
     relative = torch.tensor(guard.relative_steps if guard is not None else [], dtype=torch.int64)
     broken = torch.zeros(len(steps) if guard is not None else 0, dtype=torch.int32)
-    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if bucket.stochastic else 0
+    # stochastic rounding's stream: params (stochastic_rounding) and bf16 moments (always) round stochastically
+    random = bucket.stochastic or bucket.exp_avgs[0].dtype == torch.bfloat16
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if random else 0
     kernel_arguments = (w1s, w2s, relative, table, broken, lr, hp.weight_decay, hp.eps, grad_factor, bucket.stochastic)
     left = ops.fused_step_(*tensors, lags, *kernel_arguments, seed)
     # Tensors it could not walk in place (a param and its grad in other memory orders): the same kernel steps

@@ -27,7 +27,7 @@ from adamnx._table import count_coefficients
 from adamnx.backends._pieces import dense_1d_views
 from adamnx.plan import Bucket, StepPlan
 from adamnx.schedule import coefficients
-from adamnx.update import Weights, stochastic_round_to_bf16, update
+from adamnx.update import Weights, moments_in_state_dtype, stochastic_round_to_bf16, update
 
 __all__ = ["execute"]
 
@@ -77,7 +77,7 @@ def _kernel(
         param.to(dtype), g, exp_avg.to(dtype), exp_avg_sq.to(dtype), weights, lr, weight_decay, eps, in_place=False
     )
     p = stochastic_round_to_bf16(p) if stochastic else p.to(param.dtype)
-    m, v = m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
+    m, v = moments_in_state_dtype(m, v, exp_avg.dtype)  # bf16 state: stochastically, unbiased
     if found_inf is not None:  # a GradScaler is in use (a second graph, compiled only then)
         # it found inf/NaN: keep everything as it was (torch's fused optimizers do the same)
         skip = found_inf != 0

@@ -93,6 +93,9 @@ inline uint32_t mix32(uint32_t h) {
 
 // float32 → bfloat16, rounded up with probability equal to the distance to the value below: 16 random bits
 // are added below bf16's last mantissa bit, then truncated (adamnx.update.stochastic_round_to_bf16's rule).
+// Params round so when asked (stochastic_rounding); bf16 moments always do: AdamNX's weight 1 − β̂2_t ≈ 1/t makes a
+// decrease of v smaller than half a bf16 ulp past t ≈ 256, and round-to-nearest would lose it while a large g²
+// still pushes v up (adamnx.update.moments_in_state_dtype).
 inline c10::BFloat16 round_stochastic(float x, uint32_t random) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
@@ -106,16 +109,24 @@ template <bool kLowWeight, typename P, typename S, typename M, bool kStochastic>
 void update_loop(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
                  S* __restrict__ exp_avg_sq, int64_t begin, int64_t end, const Weights<M> w, const StepScalars<M> s,
                  uint32_t key) {
+  constexpr bool kBFloat16State = std::is_same_v<S, c10::BFloat16>;
   for (int64_t i = begin; i < end; ++i) {
     M p = static_cast<M>(param[i]), m = static_cast<M>(exp_avg[i]), v = static_cast<M>(exp_avg_sq[i]);
     adamnx_update<M, kLowWeight>(p, m, v, static_cast<M>(grad[i]) * s.grad_factor, w, s);
+    [[maybe_unused]] const uint32_t random = (kStochastic || kBFloat16State) ? mix32(static_cast<uint32_t>(i) ^ key) : 0;
     if constexpr (kStochastic) {
-      param[i] = round_stochastic(p, mix32(static_cast<uint32_t>(i) ^ key));
+      param[i] = round_stochastic(p, random);
     } else {
       param[i] = static_cast<P>(p);
     }
-    exp_avg[i] = static_cast<S>(m);
-    exp_avg_sq[i] = static_cast<S>(v);
+    if constexpr (kBFloat16State) {  // bf16 moments round stochastically: AdamNX's 1 − β̂2_t ≈ 1/t (see round_moment)
+      const uint32_t moments_random = mix32(random ^ 0x9e3779b9u);
+      exp_avg[i] = round_stochastic(static_cast<float>(m), moments_random);
+      exp_avg_sq[i] = round_stochastic(static_cast<float>(v), moments_random >> 16);
+    } else {
+      exp_avg[i] = static_cast<S>(m);
+      exp_avg_sq[i] = static_cast<S>(v);
+    }
   }
 }
 
@@ -370,6 +381,8 @@ bool run_for_param_type(at::ScalarType state_type, bool stochastic, const Step& 
   constexpr bool kLowPrecision = kBFloat16 || std::is_same_v<P, c10::Half>;
   const bool same_state = state_type == c10::CppTypeToScalarType<P>::value;
   const bool float_state = kLowPrecision && state_type == at::kFloat;
+  // float32 params with bf16 moments (state_dtype=torch.bfloat16): half the state's bytes
+  const bool bfloat16_state = std::is_same_v<P, float> && state_type == at::kBFloat16;
   if (stochastic) {  // only bfloat16 params round stochastically (the optimizer enforces it)
     if constexpr (kBFloat16) {
       if (same_state) run_step<P, P, true>(step);
@@ -382,7 +395,10 @@ bool run_for_param_type(at::ScalarType state_type, bool stochastic, const Step& 
   if constexpr (kLowPrecision) {
     if (float_state) run_step<P, float, false>(step);
   }
-  return same_state || float_state;
+  if constexpr (std::is_same_v<P, float>) {
+    if (bfloat16_state) run_step<P, c10::BFloat16, false>(step);
+  }
+  return same_state || float_state || bfloat16_state;
 }
 
 // One AdamNX step over CPU tensors whose params share a dtype. Returns the indices of the tensors it did NOT update
