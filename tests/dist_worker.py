@@ -86,6 +86,25 @@ def ddp(rank, world, out):
     _save_params(model.module, out, rank)
 
 
+def ddp_gradient_release(rank, world, out):
+    """Gradient release is refused under DDP (its gradients are averaged after the backward pass), and the refusal
+    leaves the optimizer as it was: the ordinary loop then matches the single process."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import adamnx
+    from adamnx import AdamNX
+
+    model = DistributedDataParallel(make_model())
+    opt = AdamNX(model.parameters(), lr=LR, fused=True)
+    try:
+        adamnx.release_gradients(opt)
+        message = None
+    except RuntimeError as exc:
+        message = str(exc)
+    _train(model, opt, rank, world, STEPS)
+    _save_params(model.module, out, rank, {"refusal": message})
+
+
 def fsdp2(rank, world, out):
     import adamnx.backends as backends
 
@@ -224,7 +243,18 @@ def ddp_and_bench(rank, world, out):
 
 SCENARIOS = {
     f.__name__: f
-    for f in (ddp, fsdp2, fsdp2_fused, zero, dcp_save, dcp_load, fresh_dcp_probe, bench_ddp, ddp_and_bench)
+    for f in (
+        ddp,
+        ddp_gradient_release,
+        fsdp2,
+        fsdp2_fused,
+        zero,
+        dcp_save,
+        dcp_load,
+        fresh_dcp_probe,
+        bench_ddp,
+        ddp_and_bench,
+    )
 }
 
 

@@ -37,6 +37,12 @@ def test_ddp_matches_single_process(tmp_path):
     _assert_matches_reference(tmp_path, 1e-6)
 
 
+def test_gradient_release_is_refused_under_ddp_and_changes_nothing(tmp_path):
+    torchrun("ddp_gradient_release", tmp_path)
+    assert "DDP" in json.loads((tmp_path / "extra.json").read_text())["refusal"]
+    _assert_matches_reference(tmp_path, 1e-6)
+
+
 def test_fsdp2_runs_foreach_on_dtensors_and_matches(tmp_path):
     torchrun("fsdp2", tmp_path)
     _assert_matches_reference(tmp_path, 1e-5)

@@ -79,6 +79,30 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
     assert torch.equal(stochastic_round_to_bf16(exact).float(), exact.bfloat16().float())
 
 
+def _non_finite() -> torch.Tensor:
+    """inf, −inf, and NaNs whose payload bits are all set (adding noise would carry out of them: ±0 or inf)."""
+    bits = torch.tensor([0x7F800000, -0x00800000, 0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32)
+    return bits.view(torch.float32).repeat(1_000)
+
+
+def test_stochastic_rounding_keeps_inf_and_nan():
+    x = _non_finite()
+    r = stochastic_round_to_bf16(x).float()
+    assert torch.equal(r[:2], x[:2]) and r.view(-1, 5)[:, 2:].isnan().all()
+
+
+@pytest.mark.parametrize("impl", NOT_CAPTURABLE)
+def test_a_non_finite_gradient_stays_non_finite_in_bf16_moments(impl):
+    """A NaN gradient gives NaN moments (never a finite 0 that would hide it), with bf16 state as with float32."""
+    grad = _non_finite()
+    p = torch.zeros_like(grad, requires_grad=True)
+    opt = IMPLEMENTATIONS[impl]([p], state_dtype=torch.bfloat16)
+    p.grad = grad
+    opt.step()
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert not opt.state[p][key].float().isfinite().any(), key
+
+
 @pytest.mark.parametrize("impl", NOT_CAPTURABLE)
 def test_stochastic_rounding_keeps_updates_smaller_than_half_an_ulp(impl):
     """Updates of lr = 1e-3 on params near 4 (bf16 ulp 1/32): round-to-nearest loses them all, SR keeps them."""

@@ -12,19 +12,31 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from adamnx import integrations
     from adamnx.optimizer import AdamNX
+    from adamnx.release import GradientRelease, release_gradients
     from adamnx.schedule import Coefficients, beta2_for_horizon, coefficients, horizon
 
-__all__ = ["AdamNX", "Coefficients", "beta2_for_horizon", "coefficients", "horizon", "integrations"]
+__all__ = [
+    "AdamNX",
+    "Coefficients",
+    "GradientRelease",
+    "beta2_for_horizon",
+    "coefficients",
+    "horizon",
+    "integrations",
+    "release_gradients",
+]
 __version__ = "0.1.0"
 
 # public name → the module that defines it (None: the name is that submodule)
 _WHERE = {
     "AdamNX": "adamnx.optimizer",
     "Coefficients": "adamnx.schedule",
+    "GradientRelease": "adamnx.release",
     "beta2_for_horizon": "adamnx.schedule",
     "coefficients": "adamnx.schedule",
     "horizon": "adamnx.schedule",
     "integrations": None,
+    "release_gradients": "adamnx.release",
 }
 
 

@@ -89,6 +89,7 @@ def _round_bf16(x: jax.Array, noise: jax.Array) -> jax.Array:
     """``x`` to bfloat16, stochastically (unbiased): ``noise``, uniform in [0, 2^16), is added below bf16's last
     mantissa bit, then truncated (torch's ``adamnx.update.stochastic_round_to_bf16``)."""
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    noise = jnp.where((bits & 0x7F800000) == 0x7F800000, jnp.uint32(0), noise)  # inf and NaN keep their bits
     rounded = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
     return rounded.astype(jnp.bfloat16)  # low 16 bits 0: exact
 

@@ -168,23 +168,53 @@ class AdamNX(torch.optim.Optimizer):
         }
         check_hyperparameters(defaults)  # before the base class builds any group or state
         self._supported_groups: dict[int, tuple] = {}  # group id → its rows and the ids of its params they accept
+        self._gradient_release: Any = None  # adamnx.release.GradientRelease while gradients are released
+        self._stepping_only: Tensor | None = None  # gradient release: the one param a step updates
         super().__init__(params, _normalised(defaults))
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
         # GradScaler hands the step its grad_scale/found_inf (instead of unscaling the grads itself and skipping
-        # inf steps) only when every group runs implementations that honour them.
+        # inf steps) only when every group runs implementations that honour them. Gradient release: always, so that
+        # the step sees the scaler and refuses it with a clear message.
+        if getattr(self, "_gradient_release", None) is not None:
+            return True
         return all(all(b.amp for b in backends.rows_for(g["fused"], g["foreach"])) for g in self.param_groups)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check a new group's own hyperparameters before the base class stores it.
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         check_hyperparameters(merged)
+        release = getattr(self, "_gradient_release", None)  # not yet set while the constructor adds its groups
+        if release is not None:
+            release.check_new_group(merged, len(self.param_groups))
         super().add_param_group(_normalised(param_group))
+        if release is not None:
+            release.watch(len(self.param_groups) - 1)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients (torch.optim's). With gradients released (:func:`adamnx.release_gradients`) each
+        gradient is freed after its param's step already, and one being accumulated stays."""
+        release = getattr(self, "_gradient_release", None)
+        if release is not None:
+            release.zero_grad()
+            return
+        super().zero_grad(set_to_none)
+
+    def _stepped(self, group: dict[str, Any]) -> list[Tensor]:
+        """The params of a group that a step updates: those with a gradient; with gradients released, the one param
+        whose gradient has just arrived (others may hold gradients being accumulated)."""
+        only = self._stepping_only
+        if only is not None:  # the caller (adamnx.release) knows the param's group
+            return [only] if only.grad is not None else []
+        return [p for p in group["params"] if p.grad is not None]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._supported_groups = {}  # new group objects (a copy, a pickle, a load): check them again
+        # a load keeps released gradients released; a copy or a pickle starts without (its hooks are not copied)
+        self.__dict__.setdefault("_gradient_release", None)
+        self.__dict__.setdefault("_stepping_only", None)
         # Fill options that older checkpoints (including the authors' implementation) do not have.
         for group in self.param_groups:
             for key, value in OPTION_DEFAULTS.items():
@@ -368,7 +398,7 @@ class AdamNX(torch.optim.Optimizer):
             # Traced apart from state creation, dynamo's analysis of these checks diverges when it restarts (they
             # read the state that creation writes); traced here, in the same pass, they compile (fullgraph too).
             self._check_params(group)
-        with_grad = [p for p in group["params"] if p.grad is not None]
+        with_grad = self._stepped(group)
         has_complex = False
         for p in with_grad:
             if not self.state.get(p):
@@ -385,7 +415,7 @@ class AdamNX(torch.optim.Optimizer):
             state = self.state[p]
             has_complex |= torch.is_complex(p)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(_gradient(p))
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
@@ -408,7 +438,7 @@ class AdamNX(torch.optim.Optimizer):
     def _check_representable(self, group: dict[str, Any]) -> None:
         """lr, lr·weight_decay and eps fit in the dtype each param's update is computed in (float32 for float32, bf16
         and fp16 params): 1e300 passes the ranges, then turns into inf there, and the step writes inf or NaN."""
-        dtypes = {math_dtype(p.dtype, self._state_dtype(p, group)) for p in group["params"] if p.grad is not None}
+        dtypes = {math_dtype(p.dtype, self._state_dtype(p, group)) for p in self._stepped(group)}
         lr = group["lr"]
         if isinstance(lr, Tensor):
             if lr.device.type != "cpu":
@@ -435,15 +465,13 @@ class AdamNX(torch.optim.Optimizer):
         # been switched on since their state was created, or by a checkpoint); their device and dtype cannot change
         # unnoticed since (the moved-or-cast check below). (Under torch.compile the checks are traced, as constants
         # and guards: nothing to remember.)
-        remember = bool(limited) and not torch.compiler.is_compiling()
+        # (Stepping one param, gradient release: its support is checked directly, a key of the group costs more.)
+        remember = bool(limited) and not torch.compiler.is_compiling() and self._stepping_only is None
         checked = (tuple(map(id, limited)), tuple(map(id, group["params"]))) if remember else ()
         support_checked = remember and self._supported_groups.get(id(group)) == checked
-        with_grad = []
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            with_grad.append(p)
+        with_grad = self._stepped(group)
+        for p in with_grad:
+            grad = _gradient(p)
             if grad.is_sparse:
                 raise RuntimeError("AdamNX does not support sparse gradients")
             if differentiable and p.is_leaf and p.requires_grad:
@@ -568,7 +596,12 @@ class AdamNX(torch.optim.Optimizer):
                 )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step. ``closure`` (optional) re-evaluates the model and returns the loss."""
+        """Perform one optimization step. ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        With gradients released (:func:`adamnx.release_gradients`) the backward pass has stepped every param
+        already: this runs the closure, if any, and steps nothing more."""
+        if self._gradient_release is not None:
+            return self._gradient_release.step_called(closure)
         self._check_graph_capture()
         loss = None
         if closure is not None:
@@ -578,29 +611,48 @@ class AdamNX(torch.optim.Optimizer):
             for index, group in enumerate(self.param_groups):
                 self._check_group(index, group)
             for group in self.param_groups:
-                params: list[Tensor] = []
-                grads: list[Tensor] = []
-                exp_avgs: list[Tensor] = []
-                exp_avg_sqs: list[Tensor] = []
-                state_steps: list[Tensor] = []
-                if group["skip_nonfinite"] and not self._all_finite(
-                    [p.grad for p in group["params"] if p.grad is not None]
-                ):
-                    # Nothing of this group changes: params, moments and step counts stay as they were.
-                    group["skipped_steps"] = group.get("skipped_steps", 0) + 1
-                    continue
-                has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
-                if not params:
-                    continue
-                beta1, beta2 = group["betas"]
-                hp = Hyperparameters(
-                    beta1, beta2, group["lr"], group["weight_decay"], group["eps"], group["maximize"],
-                    group["stochastic_rounding"],
-                )  # fmt: skip
-                step_tensors(
-                    params, grads, exp_avgs, exp_avg_sqs, state_steps, hp, self._flags(group, params),
-                    grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
-                    capturable=group["capturable"], differentiable=group["differentiable"], has_complex=has_complex,
-                    guard_states=self._guard_states(params) if group["per_coordinate_steps"] else None,
-                )  # fmt: skip
+                self._step_group(group)
         return loss
+
+    def _step_param(self, p: Tensor, index: int) -> None:
+        """Gradient release: step param ``p`` of group ``index`` alone, with the checks of a whole step (a bad
+        input raises before ``p`` or its state changes)."""
+        group = self.param_groups[index]
+        self._stepping_only = p
+        try:
+            self._check_group(index, group)
+            self._step_group(group)
+        finally:
+            self._stepping_only = None
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        state_steps: list[Tensor] = []
+        if group["skip_nonfinite"] and not self._all_finite([_gradient(p) for p in self._stepped(group)]):
+            # Nothing of this group changes: params, moments and step counts stay as they were.
+            group["skipped_steps"] = group.get("skipped_steps", 0) + 1
+            return
+        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        hp = Hyperparameters(
+            beta1, beta2, group["lr"], group["weight_decay"], group["eps"], group["maximize"],
+            group["stochastic_rounding"],
+        )  # fmt: skip
+        step_tensors(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, hp, self._flags(group, params),
+            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+            capturable=group["capturable"], differentiable=group["differentiable"], has_complex=has_complex,
+            guard_states=self._guard_states(params) if group["per_coordinate_steps"] else None,
+        )  # fmt: skip
+
+
+def _gradient(p: Tensor) -> Tensor:
+    """The gradient of a param a step updates (``AdamNX._stepped`` returns only params that have one)."""
+    grad = p.grad
+    assert grad is not None
+    return grad

@@ -195,6 +195,8 @@ def stochastic_round_to_bf16(x: Tensor, noise: Tensor | None = None) -> Tensor:
     bits = value.to(torch.float32).view(torch.int32)  # float64 math (a float64 state): to float32 first (nearest)
     if noise is None:
         noise = torch.randint_like(bits, 0, 1 << 16)
+    # inf and NaN keep their bits (a carry out of a NaN's payload would make it ±0 or inf)
+    noise = torch.where((bits & 0x7F800000) == 0x7F800000, 0, noise)
     rounded = ((bits + noise) & -65536).view(torch.float32)  # low 16 bits 0: the cast to bf16 below is exact
     if x.requires_grad:  # differentiable=True: the gradient passes through the rounding unchanged
         return (x + (rounded.to(x.dtype) - value)).to(torch.bfloat16)

@@ -99,7 +99,8 @@ inline uint32_t mix32(uint32_t h) {
 inline c10::BFloat16 round_stochastic(float x, uint32_t random) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
-  bits = (bits + (random & 0xffffu)) & 0xffff0000u;
+  const uint32_t finite = -static_cast<uint32_t>((bits & 0x7f800000u) != 0x7f800000u);  // inf, NaN: no noise
+  bits = (bits + (random & 0xffffu & finite)) & 0xffff0000u;
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
