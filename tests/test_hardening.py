@@ -15,6 +15,7 @@ import torch
 
 import adamnx.backends
 import adamnx.backends._pieces
+import adamnx.update
 from adamnx import AdamNX
 from helpers import IMPLEMENTATIONS, rel_err, run_torch, takes_tensor_lr, without_options
 
@@ -757,6 +758,8 @@ def test_wider_math_in_pieces_equals_the_whole_tensor_update(impl, dtype, monkey
     params0 = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     grads = [[torch.randn(s, generator=g).to(dtype) for s in shapes] for _ in range(5)]
     results = []
+    # bf16 moments tile a step's random bits with a period that divides every piece size (as the real ones do)
+    monkeypatch.setattr(adamnx.update, "NOISE_PERIOD", 4)
     for piece in (1 << 20, 4):
         monkeypatch.setattr(adamnx.backends._pieces, "_PIECE", {"cpu": piece})
         for coords in (False, True):
@@ -978,3 +981,11 @@ def test_conversion_refuses_what_it_cannot_convert():
     with pytest.raises(ValueError, match=r"takes a state dict saved by torch\.optim\.AdamW"):
         opt.load_state_dict(AdamNX(model.parameters()).state_dict(), from_optimizer="adamw")
     assert not opt.state and p.grad is not None
+
+
+def test_the_period_of_shared_random_bits_divides_every_piece_size():
+    """A tensor cut in pieces draws the bits it draws whole only if every piece starts at a multiple of the period."""
+    from adamnx.backends._pieces import _ACCELERATOR_PIECE, _PIECE
+
+    for size in (*_PIECE.values(), _ACCELERATOR_PIECE):
+        assert size % adamnx.update.NOISE_PERIOD == 0

@@ -21,10 +21,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NOISE_PERIOD",
     "Weights",
     "foreach_update",
     "foreach_update_copies",
     "math_dtype",
+    "moment_noise",
     "moments_in_state_dtype",
     "stochastic_round_to_bf16",
     "update",
@@ -105,15 +107,17 @@ def update_copies(
     dtype: torch.dtype,
     stochastic: bool = False,
     differentiable: bool = False,
+    noise: Tensor | None = None,
 ) -> None:
     """:func:`update` computed on copies in the math ``dtype`` and rounded once into the tensors (stochastically to
-    bf16 params with ``stochastic``). Moments already in the math dtype are updated in place. ``differentiable``:
-    every input is copied and the update runs out of place, so that the write-back overwrites nothing autograd saved.
+    bf16 params with ``stochastic``; bf16 moments always, with ``noise``'s bits when given). Moments already in the
+    math dtype are updated in place. ``differentiable``: every input is copied and the update runs out of place, so
+    that the write-back overwrites nothing autograd saved.
     """
     theta = param.to(dtype, copy=True)
     g, m, v = (t.to(dtype, copy=differentiable) for t in (grad, exp_avg, exp_avg_sq))
     theta, m, v = update(theta, g, m, v, weights, lr, weight_decay, eps, in_place=not differentiable)
-    _write_back(param, exp_avg, exp_avg_sq, theta, m, v, stochastic)
+    _write_back(param, exp_avg, exp_avg_sq, theta, m, v, stochastic, noise)
 
 
 def foreach_update(
@@ -161,6 +165,7 @@ def foreach_update_copies(
     *,
     dtype: torch.dtype,
     stochastic: bool = False,
+    noise: Tensor | None = None,
 ) -> None:
     """:func:`foreach_update` computed on copies in the math ``dtype``, as :func:`update_copies` (callers pass lists
     of pieces, so that the copies stay bounded)."""
@@ -169,16 +174,23 @@ def foreach_update_copies(
     ms, vs = [m.to(dtype) for m in exp_avgs], [v.to(dtype) for v in exp_avg_sqs]
     foreach_update(thetas, gs, ms, vs, weights, lr, weight_decay, eps)
     for i, param in enumerate(params):  # tensor by tensor: the for-loop's order of random draws
-        _write_back(param, exp_avgs[i], exp_avg_sqs[i], thetas[i], ms[i], vs[i], stochastic)
+        _write_back(param, exp_avgs[i], exp_avg_sqs[i], thetas[i], ms[i], vs[i], stochastic, noise)
 
 
 def _write_back(
-    param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, theta: Tensor, m: Tensor, v: Tensor, stochastic: bool
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    theta: Tensor,
+    m: Tensor,
+    v: Tensor,
+    stochastic: bool,
+    noise: Tensor | None,
 ) -> None:
     """A tensor's update, computed in the math dtype, rounded into its param and moments (moments computed in
     place need no write)."""
     if m is not exp_avg:
-        m, v = moments_in_state_dtype(m, v, exp_avg.dtype)
+        m, v = moments_in_state_dtype(m, v, exp_avg.dtype, noise)
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
     param.copy_(stochastic_round_to_bf16(theta) if stochastic else theta)
@@ -195,27 +207,60 @@ def stochastic_round_to_bf16(x: Tensor, noise: Tensor | None = None) -> Tensor:
     bits = value.to(torch.float32).view(torch.int32)  # float64 math (a float64 state): to float32 first (nearest)
     if noise is None:
         noise = torch.randint_like(bits, 0, 1 << 16)
-    # inf and NaN keep their bits (a carry out of a NaN's payload would make it ±0 or inf)
-    noise = torch.where((bits & 0x7F800000) == 0x7F800000, 0, noise)
+    # A carry never leaves an inf (its low 16 bits are 0), but can leave a NaN's payload (making it ±0): NaNs are
+    # kept as they are. ``noise`` may broadcast against ``x`` (see moments_in_state_dtype).
     rounded = ((bits + noise) & -65536).view(torch.float32)  # low 16 bits 0: the cast to bf16 below is exact
+    rounded = torch.where(value.isnan(), value.to(torch.float32), rounded)
     if x.requires_grad:  # differentiable=True: the gradient passes through the rounding unchanged
         return (x + (rounded.to(x.dtype) - value)).to(torch.bfloat16)
     return rounded.to(torch.bfloat16)
 
 
-def moments_in_state_dtype(exp_avg: Tensor, exp_avg_sq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+# The period of a step's shared random bits (see moment_noise): a divisor of every piece size (adamnx.backends._pieces),
+# so that a tensor cut in pieces draws what it draws whole.
+NOISE_PERIOD = 4096
+
+
+def moment_noise(device: torch.device) -> Tensor:
+    """One step's random bits for the stochastic rounding of bf16 moments, shared by the tensors of a bucket: element
+    ``i`` of each tensor draws ``noise[i mod 4096]``. Each element's draw is uniform and fresh every step, so the
+    rounding stays unbiased; drawing 4,096 values instead of one per element matters on the CPU, whose generator
+    is serial (2–3 ns a value: more than the rest of the update)."""
+    return torch.randint(-(1 << 31), 1 << 31, (NOISE_PERIOD,), dtype=torch.int32, device=device)
+
+
+def moments_in_state_dtype(
+    exp_avg: Tensor, exp_avg_sq: Tensor, dtype: torch.dtype, noise: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The moments, computed in the math dtype, rounded to the state's ``dtype``: bf16 stochastically, others to
     nearest.
 
     Why bf16 moments cannot round to nearest: AdamNX's weight 1 − β̂2_t is about 1/t, and once (1 − β̂2_t)·v is
     below half a bf16 ulp of v (past t ≈ 256) a decrease of v rounds away while a large g² still pushes v up: v
     drifts upwards (+31% after 1,000 steps of unit Gaussian gradients). Stochastic rounding is unbiased, so v tracks
-    float32 state. One draw of 32 random bits per element serves both moments (16 bits each).
+    float32 state. 32 random bits per element serve both moments (16 bits each): from ``noise``
+    (:func:`moment_noise`, tiled) or, without it, drawn per element.
     """
     if dtype != torch.bfloat16:
         return exp_avg.to(dtype), exp_avg_sq.to(dtype)
-    bits = torch.randint_like(exp_avg, -(1 << 31), 1 << 31, dtype=torch.int32)
-    return stochastic_round_to_bf16(exp_avg, bits & 0xFFFF), stochastic_round_to_bf16(exp_avg_sq, (bits >> 16) & 0xFFFF)
+    if noise is None:
+        bits = torch.randint_like(exp_avg, -(1 << 31), 1 << 31, dtype=torch.int32)
+        return (
+            stochastic_round_to_bf16(exp_avg, bits & 0xFFFF),
+            stochastic_round_to_bf16(exp_avg_sq, (bits >> 16) & 0xFFFF),
+        )
+    return _tiled_round(exp_avg, noise & 0xFFFF), _tiled_round(exp_avg_sq, (noise >> 16) & 0xFFFF)
+
+
+def _tiled_round(x: Tensor, noise: Tensor) -> Tensor:
+    """:func:`stochastic_round_to_bf16` of ``x`` with element ``i`` drawing ``noise[i mod NOISE_PERIOD]``: the whole
+    periods broadcast against ``noise`` (the noise is never repeated in memory), the tail takes its first values."""
+    flat = x.reshape(-1)
+    whole = flat.numel() - flat.numel() % NOISE_PERIOD
+    out = torch.empty(flat.shape, dtype=torch.bfloat16, device=x.device)
+    out[:whole].view(-1, NOISE_PERIOD).copy_(stochastic_round_to_bf16(flat[:whole].view(-1, NOISE_PERIOD), noise))
+    out[whole:].copy_(stochastic_round_to_bf16(flat[whole:], noise[: flat.numel() - whole]))
+    return out.view(x.shape)
 
 
 def _wider_real_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:

@@ -6,7 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
+import torch
 from torch import Tensor
+
+from adamnx.plan import Bucket, StepPlan
+from adamnx.update import moment_noise
 
 # The coefficients that go with a tensor: a tuple (adamnx.update.Weights, or empty), rebuilt piece by piece.
 C = TypeVar("C", bound=tuple)
@@ -17,7 +21,7 @@ def _rebuilt(coefficients: C, values: list[Any]) -> C:
     return cast(C, make(values) if make is not None else tuple(values))
 
 
-__all__ = ["buckets_of_pieces", "dense_1d_views", "in_pieces", "in_row_pieces", "piece_size"]
+__all__ = ["buckets_of_pieces", "dense_1d_views", "host_moment_noise", "in_pieces", "in_row_pieces", "piece_size"]
 
 # Elements per piece (three float32 copies of a piece exist at a time). On the CPU small pieces stay in cache (12 MB)
 # and are faster than whole tensors; an accelerator pays ~12 launches per piece, so its pieces are larger (768 MB of
@@ -28,6 +32,16 @@ _ACCELERATOR_PIECE = 1 << 26
 
 def piece_size(tensor: Tensor) -> int:
     return _PIECE.get(tensor.device.type, _ACCELERATOR_PIECE)
+
+
+def host_moment_noise(plan: StepPlan, bucket: Bucket) -> Tensor | None:
+    """A step's shared random bits for a bucket's bf16 moments on the CPU (:func:`adamnx.update.moment_noise`, whose
+    period divides every piece size: a tensor cut in pieces draws what it draws whole); None elsewhere (on a device
+    the generator is fast: one draw per element)."""
+    moments = bucket.exp_avgs[0]
+    if plan.on_device or moments.dtype != torch.bfloat16 or moments.device.type != "cpu":
+        return None
+    return moment_noise(moments.device)
 
 
 def dense_1d_views(tensors: list[Tensor]) -> list[Tensor] | None:

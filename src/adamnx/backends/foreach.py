@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adamnx.backends._pieces import buckets_of_pieces, in_row_pieces
+from adamnx.backends._pieces import buckets_of_pieces, host_moment_noise, in_row_pieces
 from adamnx.guard import ROW, TENSOR
 from adamnx.plan import Bucket, StepPlan, device_coefficients
 from adamnx.update import Weights, foreach_update, foreach_update_copies
@@ -25,11 +25,12 @@ def execute(plan: StepPlan) -> None:
         grads = list(torch._foreach_neg(bucket.grads)) if hp.maximize else bucket.grads
         tensors = [bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs]
         lr = hp.lr.to(bucket.math_dtype) if isinstance(hp.lr, Tensor) else hp.lr  # lr·λ in the math dtype
+        noise = host_moment_noise(plan, bucket)
         for (params, gs, exp_avgs, exp_avg_sqs), weights in _lists(plan, bucket, tensors):
             if bucket.wider:
                 foreach_update_copies(
                     params, gs, exp_avgs, exp_avg_sqs, weights, lr, hp.weight_decay, hp.eps,
-                    dtype=bucket.math_dtype, stochastic=bucket.stochastic,
+                    dtype=bucket.math_dtype, stochastic=bucket.stochastic, noise=noise,
                 )  # fmt: skip
             else:
                 foreach_update(params, gs, exp_avgs, exp_avg_sqs, weights, lr, hp.weight_decay, hp.eps)

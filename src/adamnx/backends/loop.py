@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from adamnx.backends._pieces import in_pieces, in_row_pieces
+from adamnx.backends._pieces import host_moment_noise, in_pieces, in_row_pieces
 from adamnx.guard import ROW, TENSOR
 from adamnx.plan import Bucket, StepPlan, device_coefficients
 from adamnx.update import Weights, update, update_copies
@@ -26,6 +26,7 @@ def execute(plan: StepPlan) -> None:
         lr = lr.item()
     for bucket in plan.buckets:
         step_lr = lr.to(bucket.math_dtype) if isinstance(lr, Tensor) else lr  # lr·λ in the math dtype, not lr's
+        noise = host_moment_noise(plan, bucket)
         for i in range(len(bucket.params)):
             grad = -bucket.grads[i] if hp.maximize else bucket.grads[i]
             tensors = [bucket.params[i], grad, bucket.exp_avgs[i], bucket.exp_avg_sqs[i]]
@@ -34,6 +35,7 @@ def execute(plan: StepPlan) -> None:
                     update_copies(
                         param, g, exp_avg, exp_avg_sq, weights, step_lr, hp.weight_decay, hp.eps,
                         dtype=bucket.math_dtype, stochastic=bucket.stochastic, differentiable=plan.differentiable,
+                        noise=noise,
                     )  # fmt: skip
                 else:
                     update(param, g, exp_avg, exp_avg_sq, weights, step_lr, hp.weight_decay, hp.eps)
