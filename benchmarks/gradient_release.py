@@ -27,6 +27,8 @@ CONFIGS = {
     "AdamNX fused": {"optimizer": "adamnx", "release": False},
     "AdamNX fused, gradient release": {"optimizer": "adamnx", "release": True},
     "AdamNX foreach, gradient release": {"optimizer": "adamnx-foreach", "release": True},
+    "AdamNX8bit fused": {"optimizer": "adamnx8bit", "release": False},
+    "AdamNX8bit fused, gradient release": {"optimizer": "adamnx8bit", "release": True},
 }
 
 
@@ -66,6 +68,9 @@ def run_one(config: str, layers: int, width: int, steps: int, threads: int) -> d
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     elif kind["optimizer"] == "adamnx-foreach":
         opt = adamnx.AdamNX(model.parameters(), lr=1e-4, foreach=True)
+    elif kind["optimizer"] == "adamnx8bit":
+        opt = adamnx.AdamNX8bit(model.parameters(), lr=1e-4, fused=True)
+        fused_cpu.prepare()
     else:
         opt = adamnx.AdamNX(model.parameters(), lr=1e-4, fused=True)
         fused_cpu.prepare()  # build or load the C++ kernel now: not in the timed steps
@@ -203,7 +208,7 @@ def write(rows: list[dict], paired: dict, out: Path, config: dict) -> None:
         "",
         "Steady steps: the peak over the steps after the first (Linux's VmHWM, reset after the first step"
         + ("" if all(r["peak_reset"] for r in rows) else "; NOT reset on this machine: the whole run's peak")
-        + "). The first step creates the optimizer state (8 bytes per param) amid the gradients; its peak is the "
+        + "). The first step creates the optimizer state (8 bytes per param; 2.03 for AdamNX8bit) amid the gradients; its peak is the "
         "process's until then. A training step is zero_grad, forward, backward and step; with gradient release the "
         "step runs inside the backward pass (each param as soon as its gradient is ready) and `step()` is a no-op.",
         "",

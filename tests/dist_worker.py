@@ -241,10 +241,38 @@ def ddp_and_bench(rank, world, out):
         raise SystemExit(code)
 
 
+def run_8bit(model, world_rank_world=None, steps: int = STEPS) -> list[torch.Tensor]:
+    """AdamNX8bit (weights of 256 elements quantized: min_8bit_size=64) on the float32 model: with DDP when given
+    (rank, world), else one process on full batches. Every rank draws the same random numbers (seeded alike)."""
+    from adamnx import AdamNX8bit
+
+    torch.manual_seed(1)
+    opt = AdamNX8bit(model.parameters(), lr=LR, min_8bit_size=64)
+    for step in range(steps):
+        x, y = batch(step) if world_rank_world is None else local_batch(step, *world_rank_world)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x.float()), y.float()).backward()
+        opt.step()
+    return opt
+
+
+def ddp_8bit(rank, world, out):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(make_model().float())
+    opt = run_8bit(model, (rank, world))
+    assert opt.state[model.module[2].weight]["exp_avg"].dtype == torch.int8
+    codes = opt.state[model.module[2].weight]["exp_avg_sq"].clone()
+    gathered = [torch.empty_like(codes) for _ in range(world)]
+    dist.all_gather(gathered, codes)
+    _save_params(model.module, out, rank, {"ranks_agree": all(torch.equal(g, gathered[0]) for g in gathered)})
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
         ddp,
+        ddp_8bit,
         ddp_gradient_release,
         fsdp2,
         fsdp2_fused,

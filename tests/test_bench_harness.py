@@ -126,7 +126,9 @@ def test_threads_are_set_before_training_and_recorded(tmp_path):
 def test_the_registry_names_what_the_modules_hold():
     assert tuple(TASKS) == registry.TASK_NAMES
     assert set(OPTIMIZERS) == set(registry.DISPLAY_NAMES)
-    assert set(registry.DEFAULT_OPTIMIZERS) | set(registry.ABLATION_OPTIMIZERS) == set(OPTIMIZERS)
+    assert set(registry.DEFAULT_OPTIMIZERS) | set(registry.ABLATION_OPTIMIZERS) | set(registry.COMPACT_VARIANTS) == set(
+        OPTIMIZERS
+    )
     assert set(registry.DEFAULT_TASKS) <= set(TASKS)
 
 
@@ -148,6 +150,29 @@ def test_report_leads_with_the_verdict_numbers_claims_without_gaps_and_uses_disp
     assert "AdamNX ties" in report or "AdamNX beats" in report or "AdamNX loses" in report
     assert "| SGD + momentum |" in report and "| sgdm |" not in report
     assert report.index("## What the numbers say") < report.index("## Results")
+
+
+def test_compact_state_runs_at_adamnx_lr_and_is_compared_seed_by_seed(tmp_path):
+    """adamnx-bf16 and adamnx-8bit need no lr of their own (AdamNX's), are left out of the verdict against Adam and
+    its variants, and get their own claim: the paired difference per seed and a paired t-test."""
+    overrides = ["steps=30", "eval_every=10", "seeds=[0,1]", "optimizers=[adamnx,adam,adamnx-bf16,adamnx-8bit]",
+                 "hessian_iters=0"]  # fmt: skip
+    cfg = load_config("digits", overrides)
+    assert cfg.lr_for("adamnx-8bit") == cfg.lr_for("adamnx-bf16") == cfg.lr["adamnx"]
+    run_bench(cfg, tmp_path / "run", progress=False)
+    report = (tmp_path / "run" / "report.md").read_text()
+    claims = dict((title, n) for n, title in _claims(report))
+    assert "Compact state costs accuracy?" in claims
+    verdict = report.split("**Outperforms")[1].split("\n")[0]
+    assert "AdamNX8bit" not in verdict and "bf16 state" not in verdict
+    section = report.split("**Compact state costs accuracy?**")[1].split("\n")[0]
+    assert "AdamNX8bit − AdamNX = " in section and "seeds [0, 1]" in section and "paired t-test" in section
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    from adamnx.bench.report import compact_state_differences
+
+    found = compact_state_differences(results)
+    by_seed = {(r["optimizer"], r["seed"]): r["test_at_best_val"] for r in results}
+    assert found["adamnx-8bit"]["differences"] == [by_seed["adamnx-8bit", s] - by_seed["adamnx", s] for s in (0, 1)]
 
 
 def test_report_takes_the_horizon_from_the_configured_beta2(tmp_path, monkeypatch):

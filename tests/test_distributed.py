@@ -37,6 +37,18 @@ def test_ddp_matches_single_process(tmp_path):
     _assert_matches_reference(tmp_path, 1e-6)
 
 
+def test_ddp_with_8bit_state_matches_single_process(tmp_path):
+    """AdamNX8bit under DDP: every rank holds the same codes, and the run matches one process on full batches (the
+    all-reduced gradient differs from the full batch's in the last float32 bits: a rounding may go the other way)."""
+    torchrun("ddp_8bit", tmp_path)
+    assert json.loads((tmp_path / "extra.json").read_text())["ranks_agree"]
+    params = torch.load(tmp_path / "params.pt", weights_only=True)
+    model = dist_worker.make_model().float()
+    dist_worker.run_8bit(model)
+    for p, q in zip(params, model.parameters()):
+        assert _rel(p, q.detach()) <= 1e-3
+
+
 def test_gradient_release_is_refused_under_ddp_and_changes_nothing(tmp_path):
     torchrun("ddp_gradient_release", tmp_path)
     assert "DDP" in json.loads((tmp_path / "extra.json").read_text())["refusal"]

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from adamnx import integrations
+    from adamnx.adamnx8bit import AdamNX8bit
     from adamnx.optimizer import AdamNX
     from adamnx.release import GradientRelease, release_gradients
     from adamnx.schedule import Coefficients, beta2_for_horizon, coefficients, horizon
 
 __all__ = [
     "AdamNX",
+    "AdamNX8bit",
     "Coefficients",
     "GradientRelease",
     "beta2_for_horizon",
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 # public name → the module that defines it (None: the name is that submodule)
 _WHERE = {
     "AdamNX": "adamnx.optimizer",
+    "AdamNX8bit": "adamnx.adamnx8bit",
     "Coefficients": "adamnx.schedule",
     "GradientRelease": "adamnx.release",
     "beta2_for_horizon": "adamnx.schedule",

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from adamnx import quantized
 from adamnx.backends import FLOATING_DTYPES, rows_for
 from adamnx.guard import MAX_COUNT
 
@@ -139,9 +140,13 @@ def check_hyperparameters(group: Mapping[str, Any], *, read_tensors: bool = True
 # --------------------------------------------------------------------------- state dicts
 
 
-def check_state_dict(state_dict: Any, param_groups: list[dict[str, Any]]) -> None:
+def check_state_dict(
+    state_dict: Any, param_groups: list[dict[str, Any]], keeps_8bit: Callable[[Tensor], bool] | None = None
+) -> None:
     """Refuse, with a ValueError naming the group or parameter and the field, any state dict that would not load
-    into ``param_groups`` as a valid AdamNX state: every check runs before the caller changes anything."""
+    into ``param_groups`` as a valid AdamNX state: every check runs before the caller changes anything.
+    ``keeps_8bit``: which params the optimizer keeps 8-bit moments for (their float moments are loaded in float32,
+    then quantized)."""
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state_dict must be a dict with 'state' and 'param_groups', got {type(state_dict).__name__}")
     saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
@@ -182,6 +187,8 @@ def check_state_dict(state_dict: Any, param_groups: list[dict[str, Any]]) -> Non
                 raise ValueError(f"state of parameter {pid} must be a dict, got {type(p_state).__name__}")
             if p_state:
                 target = param.dtype if state_dtype is None or param.is_complex() else state_dtype
+                if keeps_8bit is not None and keeps_8bit(param):
+                    target = torch.float32
                 _check_param_state(pid, param, p_state, target)
 
 
@@ -231,10 +238,21 @@ def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], targ
     missing = [key for key in STATE_KEYS if key not in p_state]
     if missing:
         raise ValueError(f"{where} is missing {missing}")
-    unknown = [key for key in p_state if key not in STATE_KEYS + OPTIONAL_STATE_KEYS]
+    unknown = [key for key in p_state if key not in STATE_KEYS + OPTIONAL_STATE_KEYS + quantized.QUANTIZED_KEYS]
     if unknown:
-        raise ValueError(f"{where} has unknown entries {unknown} (AdamNX keeps {list(STATE_KEYS)} and 'coord_step')")
+        raise ValueError(
+            f"{where} has unknown entries {unknown} (AdamNX keeps {list(STATE_KEYS)} and 'coord_step'; 8-bit "
+            f"moments also {list(quantized.QUANTIZED_KEYS)})"
+        )
     step = _check_step(p_state["step"], where)
+    if quantized.is_quantized_state(p_state):
+        quantized.check_quantized_state(p_state, _local(param), where)
+        m, v = quantized.moments_of(p_state)  # as the values they hold, in the dtype they will be loaded in
+        _check_values(m, target, nonnegative=False, where=f"{where}: 8-bit 'exp_avg'")
+        _check_values(v, target, nonnegative=True, where=f"{where}: 8-bit 'exp_avg_sq'")
+        if "coord_step" in p_state:
+            _check_coord_step(p_state["coord_step"], param, step, where)
+        return
     for key in ("exp_avg", "exp_avg_sq"):
         value = p_state[key]
         if isinstance(value, Tensor) and value.is_nested:  # has no single shape to compare

@@ -99,9 +99,11 @@ def step_tensors(
     differentiable: bool = False,
     has_complex: bool = True,
     guard_states: list[dict[str, Any]] | None = None,
+    moment_scales: list[tuple[Tensor, Tensor] | None] | None = None,
 ) -> None:
     """One step of these tensors with the rows the (resolved) ``flags`` select for their devices: plan, execute,
-    finish. ``guard_states``: with per_coordinate_steps, each param's state, holding its ``coord_lag``."""
+    finish. ``guard_states``: with per_coordinate_steps, each param's state, holding its ``coord_lag``.
+    ``moment_scales``: per param, the block scales of its 8-bit moments (:mod:`adamnx.quantized`), or None."""
     if isinstance(hp.beta1, float) and isinstance(hp.beta2, float):
         check_betas(hp.beta1, hp.beta2)  # before any counter advances: a step that raises changes nothing
     by_device: dict[str, list[int]] = {}
@@ -121,7 +123,7 @@ def step_tensors(
         run(
             backend, part(params), part(grads), part(exp_avgs), part(exp_avg_sqs), part(state_steps), hp,
             grad_scale=grad_scale, found_inf=found_inf, capturable=capturable, differentiable=differentiable,
-            has_complex=has_complex, guard_states=part(guard_states),
+            has_complex=has_complex, guard_states=part(guard_states), moment_scales=part(moment_scales),
         )  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamnx import backends, guard
+from adamnx import backends, guard, quantized
 from adamnx._validation import (
     KEPT_ON_LOAD,
     MAX_COORD_STEP,
@@ -297,7 +297,7 @@ class AdamNX(torch.optim.Optimizer):
         before = self.state, self.param_groups
 
         def check(optimizer: torch.optim.Optimizer, hooked: dict[str, Any]) -> None:  # after user pre-hooks
-            check_state_dict(hooked, self.param_groups)
+            check_state_dict(hooked, self.param_groups, self._keeps_8bit)
             loaded["state_dict"] = hooked
 
         def restore(optimizer: torch.optim.Optimizer) -> None:  # before user post-hooks, which may change it again
@@ -373,14 +373,36 @@ class AdamNX(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 state["step"] = self._exact_step(saved["step"], p, group)
-                state_dtype = self._state_dtype(p, group)
-                for key in ("exp_avg", "exp_avg_sq"):  # a copy: never alias the caller's (or another optimizer's)
-                    state[key] = saved[key].detach().to(device=p.device, dtype=state_dtype, copy=True)
+                for key in ("exp_avg", "exp_avg_sq", *quantized.QUANTIZED_KEYS):
+                    state.pop(key, None)
+                state.update(self._loaded_moments(saved, p, group))
                 state.pop("coord_step", None)
                 state.pop("coord_lag", None)
                 if "coord_step" in saved:  # kept as lags, in the coarsest layout that holds them
                     counts = saved["coord_step"].detach().to(p.device, torch.int32, copy=True)
                     state["coord_lag"] = guard.lags_from_counts(counts, float(state["step"]), _real(p))
+
+    def _loaded_moments(self, saved: Mapping[str, Any], p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """A param's moments from a checkpoint in the format this optimizer keeps them: copies (never aliasing the
+        caller's), exact when the formats agree; 8-bit codes dequantized, or float moments quantized, otherwise."""
+        if self._keeps_8bit(p):
+            if quantized.is_quantized_state(saved):
+                keys = ("exp_avg", "exp_avg_sq", *quantized.QUANTIZED_KEYS)
+                return {key: saved[key].detach().to(p.device, copy=True) for key in keys}
+            m, v = (saved[key].detach().to(p.device, torch.float32) for key in ("exp_avg", "exp_avg_sq"))
+            return quantized.quantized_moments(m, v)
+        state_dtype = self._state_dtype(p, group)
+        if quantized.is_quantized_state(saved):
+            m, v = quantized.moments_of({k: t.detach().to(p.device) for k, t in saved.items() if isinstance(t, Tensor)})
+            return {"exp_avg": m.to(state_dtype), "exp_avg_sq": v.to(state_dtype)}
+        return {
+            key: saved[key].detach().to(device=p.device, dtype=state_dtype, copy=True)
+            for key in ("exp_avg", "exp_avg_sq")
+        }
+
+    def _keeps_8bit(self, p: Tensor) -> bool:
+        """Whether this optimizer keeps ``p``'s moments as 8-bit codes (:class:`adamnx.AdamNX8bit`)."""
+        return False
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -393,6 +415,7 @@ class AdamNX(torch.optim.Optimizer):
         exp_avgs: list[Tensor],
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
+        scales: list[tuple[Tensor, Tensor] | None] | None = None,
     ) -> bool:
         if torch.compiler.is_compiling():
             # Traced apart from state creation, dynamo's analysis of these checks diverges when it restarts (they
@@ -407,9 +430,12 @@ class AdamNX(torch.optim.Optimizer):
                 on_device = group["capturable"] or group["fused"]
                 device = p.device if on_device else torch.device("cpu")
                 state["step"] = torch.zeros((), dtype=_step_dtype(device), device=device)
-                state_dtype = self._state_dtype(p, group)
-                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+                if self._keeps_8bit(p):
+                    state.update(quantized.new_state(p))
+                else:
+                    state_dtype = self._state_dtype(p, group)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
                 if probe:
                     continue  # state created, nothing stepped: t = 1 stays the first real step
             state = self.state[p]
@@ -419,6 +445,9 @@ class AdamNX(torch.optim.Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
+            if scales is not None:
+                is_8bit = "exp_avg_absmax" in state
+                scales.append((state["exp_avg_absmax"], state["exp_avg_sq_absmax"]) if is_8bit else None)
         return has_complex
 
     def _check_group(self, index: int, group: dict[str, Any]) -> None:
@@ -438,7 +467,10 @@ class AdamNX(torch.optim.Optimizer):
     def _check_representable(self, group: dict[str, Any]) -> None:
         """lr, lr·weight_decay and eps fit in the dtype each param's update is computed in (float32 for float32, bf16
         and fp16 params): 1e300 passes the ranges, then turns into inf there, and the step writes inf or NaN."""
-        dtypes = {math_dtype(p.dtype, self._state_dtype(p, group)) for p in self._stepped(group)}
+        dtypes = {
+            math_dtype(p.dtype, torch.float32 if self._keeps_8bit(p) else self._state_dtype(p, group))
+            for p in self._stepped(group)
+        }
         lr = group["lr"]
         if isinstance(lr, Tensor):
             if lr.device.type != "cpu":
@@ -487,8 +519,11 @@ class AdamNX(torch.optim.Optimizer):
                     raise RuntimeError("state_dtype is not supported for complex parameters")
                 continue
             wanted = p.dtype if state_dtype is None or p.is_complex() else state_dtype
+            is_8bit = "exp_avg_absmax" in state
             for key in ("exp_avg", "exp_avg_sq"):
                 moment = state[key]
+                if is_8bit:
+                    wanted = torch.int8 if key == "exp_avg" else torch.uint8
                 if not isinstance(moment, Tensor) or moment.shape != p.shape:
                     shape = tuple(moment.shape) if isinstance(moment, Tensor) else type(moment).__name__
                     raise RuntimeError(
@@ -502,6 +537,21 @@ class AdamNX(torch.optim.Optimizer):
                         f"{moment.dtype} on {moment.device}: it was moved or cast after the state was created. "
                         "Call opt.load_state_dict(opt.state_dict()) to move the state along with it."
                     )
+            if is_8bit:
+                for key in quantized.QUANTIZED_KEYS:
+                    scales = state.get(key)
+                    blocks = quantized.blocks_of(p.numel())
+                    if not isinstance(scales, Tensor) or scales.shape != (blocks,) or scales.dtype != torch.float32:
+                        raise RuntimeError(
+                            f"a parameter's 8-bit optimizer state '{key}' must be float32 of shape ({blocks},), one "
+                            "scale per block of its elements: it was replaced by hand. del opt.state[param] restarts "
+                            "that parameter's state at its next step."
+                        )
+                    if scales.device != p.device:
+                        raise RuntimeError(
+                            f"a parameter is on {p.device} but its optimizer state '{key}' is on {scales.device}: "
+                            "call opt.load_state_dict(opt.state_dict()) to move the state along with it"
+                        )
             if "coord_lag" in state and not guard.fits(state["coord_lag"], p):
                 raise RuntimeError(
                     f"a parameter has shape {tuple(p.shape)} but its optimizer state 'coord_lag' "
@@ -635,7 +685,8 @@ class AdamNX(torch.optim.Optimizer):
             # Nothing of this group changes: params, moments and step counts stay as they were.
             group["skipped_steps"] = group.get("skipped_steps", 0) + 1
             return
-        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        scales: list[tuple[Tensor, Tensor] | None] = []
+        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales)
         if not params:
             return
         beta1, beta2 = group["betas"]
@@ -648,6 +699,7 @@ class AdamNX(torch.optim.Optimizer):
             grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
             capturable=group["capturable"], differentiable=group["differentiable"], has_complex=has_complex,
             guard_states=self._guard_states(params) if group["per_coordinate_steps"] else None,
+            moment_scales=scales if any(s is not None for s in scales) else None,
         )  # fmt: skip
 
 

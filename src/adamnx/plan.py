@@ -150,6 +150,9 @@ class Bucket:
     step_values: list[float] | None  # host mode: each tensor's step count after this step; None on the device
     betas: tuple[float, float]
     guard: GuardPlan | None = None
+    # 8-bit moments (adamnx.quantized): each tensor's (exp_avg_absmax, exp_avg_sq_absmax), the scales of its codes;
+    # exp_avgs/exp_avg_sqs then hold int8/uint8 codes. None: the moments are floats.
+    scales: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -215,10 +218,11 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _group_by_device_and_dtype(params: Sequence[Tensor]) -> list[list[int]]:
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+def _group_by_device_and_dtype(params: Sequence[Tensor], exp_avgs: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of tensors that share a device, a param dtype and a state dtype (8-bit codes apart from floats)."""
+    buckets: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
-        buckets[(p.device, p.dtype)].append(i)
+        buckets[(p.device, p.dtype, exp_avgs[i].dtype)].append(i)
     return list(buckets.values())
 
 
@@ -237,6 +241,7 @@ def plan_step(
     differentiable: bool = False,
     has_complex: bool = True,
     guard_states: list[dict[str, Any]] | None = None,
+    moment_scales: list[tuple[Tensor, Tensor] | None] | None = None,
 ) -> StepPlan | None:
     """Plan one step of these tensors on ``backend``, advancing their step counters (and recording the guard's
     starts the backend does not record itself). None: nothing to step (no tensors, or a GradScaler found inf/NaN
@@ -244,7 +249,8 @@ def plan_step(
 
     ``has_complex`` False (no complex tensor among them) saves looking for complex ones. ``guard_states``: with
     per_coordinate_steps, each param's state dict, whose ``coord_lag`` the plan reads and replaces when its layout
-    changes.
+    changes. ``moment_scales``: per param, the scales of its 8-bit moments (:mod:`adamnx.quantized`), or None where
+    they are floats.
     """
     if not params:
         return None
@@ -275,9 +281,11 @@ def plan_step(
         step_values = torch.stack(state_steps).tolist() if len(state_steps) > 1 else [state_steps[0].item()]
     plan = StepPlan([], hp, grad_scale, found_inf, on_device, capturable, differentiable)
     stochastic_rounding = hp.stochastic_rounding
-    for indices in _group_by_device_and_dtype(params):
+    for indices in _group_by_device_and_dtype(params, exp_avgs):
         first = params[indices[0]]
-        dtype = math_dtype(first.dtype, exp_avgs[indices[0]].dtype)
+        scales = None if moment_scales is None else moment_scales[indices[0]]
+        state_dtype = exp_avgs[indices[0]].dtype if scales is None else torch.float32  # 8-bit: float32 math
+        dtype = math_dtype(first.dtype, state_dtype)
         stochastic = stochastic_rounding and first.dtype == torch.bfloat16
         real = _real if has_complex else _same
         bucket = Bucket(
@@ -291,11 +299,18 @@ def plan_step(
             wider=stochastic or first.dtype != dtype or exp_avgs[indices[0]].dtype != dtype,
             step_values=None if step_values is None else [step_values[i] for i in indices],
             betas=(hp.beta1, hp.beta2),
+            scales=None if scales is None else [_scales_of(moment_scales, i) for i in indices],
         )
         if guard_states is not None:
             bucket.guard = _plan_guard(bucket, [guard_states[i] for i in indices], backend, plan)
         plan.buckets.append(bucket)
     return plan
+
+
+def _scales_of(moment_scales: Any, i: int) -> tuple[Tensor, Tensor]:
+    scales = moment_scales[i]
+    assert scales is not None  # a bucket's tensors share a state dtype: 8-bit codes all have scales
+    return scales
 
 
 def _plan_guard(bucket: Bucket, states: list[dict[str, Any]], backend: Executor, plan: StepPlan) -> GuardPlan:

@@ -59,6 +59,7 @@ class Backend:
     into the graph (False: it runs as it is, outside). ``prepare``: called (once per step, before anything changes)
     to build what it needs, such as a C++ kernel; it raises to refuse the step. ``advance_steps``: a faster way to
     advance host step counters by one and read them (one call for hundreds of counters), for the planner.
+    ``quantized_state``: it steps 8-bit moments (:mod:`adamnx.quantized`, :class:`adamnx.AdamNX8bit`).
     """
 
     name: str
@@ -74,6 +75,7 @@ class Backend:
     records_starts: frozenset[str] = frozenset()
     cuda_graph_safe: bool = False
     traced: bool = True
+    quantized_state: bool = False
     prepare: Callable[[], None] | None = None
     advance_steps: Callable[[list[Tensor]], list[float]] | None = None
     notes: str = field(default="", compare=False)
@@ -100,6 +102,7 @@ BACKENDS: dict[str, Backend] = {
         amp=True,
         records_starts=frozenset({ROW, ELEMENT}),
         traced=False,
+        quantized_state=True,
         prepare=fused_cpu.prepare,
         advance_steps=fused_cpu.advance_steps,
         notes="the C++ kernel: one pass over memory, one parallel region for all tensors of a dtype",
@@ -114,6 +117,7 @@ BACKENDS: dict[str, Backend] = {
         guard_layouts=frozenset({ELEMENT}),
         records_starts=frozenset({ELEMENT}),
         cuda_graph_safe=True,
+        quantized_state=True,
         notes="a TorchInductor-generated kernel (Triton on CUDA), CHUNK tensors per compiled call",
     ),
     "foreach": Backend(
@@ -121,6 +125,7 @@ BACKENDS: dict[str, Backend] = {
         foreach.execute,
         {"fused": False, "foreach": True},
         capturable=True,
+        quantized_state=True,
         notes="torch's _foreach_ kernels, a kernel per operation for a list of tensors",
     ),
     "for-loop": Backend(
@@ -129,6 +134,7 @@ BACKENDS: dict[str, Backend] = {
         {"fused": False, "foreach": False},
         capturable=True,
         differentiable=True,
+        quantized_state=True,
         notes="torch ops, tensor by tensor",
     ),
 }

@@ -87,6 +87,7 @@ def _flags() -> list[str]:
         "-std=c++17",
         "-O3",
         "-fno-math-errno",  # lets sqrt vectorise; results are IEEE sqrt either way
+        "-fno-trapping-math",  # lets branches over float compares vectorise (selects); no value changes
         "-ffp-contract=off",  # the kernel writes its fused multiply-adds itself: every walk rounds alike
         "-fopenmp",  # at::parallel_for is OpenMP inline code: torch's own OpenMP runtime runs it
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from adamnx.backends import loop
 from adamnx.backends._pieces import buckets_of_pieces, host_moment_noise, in_row_pieces
 from adamnx.guard import ROW, TENSOR
 from adamnx.plan import Bucket, StepPlan, device_coefficients
@@ -22,9 +23,12 @@ def execute(plan: StepPlan) -> None:
     if isinstance(hp.lr, Tensor) and not plan.capturable:
         raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
     for bucket in plan.buckets:
+        lr = hp.lr.to(bucket.math_dtype) if isinstance(hp.lr, Tensor) else hp.lr  # lr·λ in the math dtype
+        if bucket.scales is not None:  # 8-bit moments: tensor by tensor (no _foreach_ form of the blocks)
+            loop.execute_8bit(plan, bucket, range(len(bucket.params)), lr)
+            continue
         grads = list(torch._foreach_neg(bucket.grads)) if hp.maximize else bucket.grads
         tensors = [bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs]
-        lr = hp.lr.to(bucket.math_dtype) if isinstance(hp.lr, Tensor) else hp.lr  # lr·λ in the math dtype
         noise = host_moment_noise(plan, bucket)
         for (params, gs, exp_avgs, exp_avg_sqs), weights in _lists(plan, bucket, tensors):
             if bucket.wider:

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from adamnx._table import host_coefficients
-from adamnx.backends import _cpu_extension
+from adamnx.backends import _cpu_extension, loop
+from adamnx.guard import TENSOR
 from adamnx.plan import Bucket, StepPlan
 from adamnx.schedule import coefficients
 from adamnx.update import update_copies
@@ -54,7 +55,38 @@ def execute(plan: StepPlan) -> None:
     lr = hp.lr.item() if isinstance(hp.lr, Tensor) else hp.lr
     ops = _cpu_extension.load()
     for b, bucket in enumerate(plan.buckets):
-        _step_bucket(ops, plan, b, bucket, lr, grad_factor)
+        if bucket.scales is not None:
+            _step_8bit_bucket(ops, plan, b, bucket, lr, grad_factor)
+        else:
+            _step_bucket(ops, plan, b, bucket, lr, grad_factor)
+
+
+def _step_8bit_bucket(ops: Any, plan: StepPlan, b: int, bucket: Bucket, lr: float, grad_factor: float) -> None:
+    """8-bit moments (:mod:`adamnx.quantized`): the kernel steps the tensors whose coefficients are one set (no guard,
+    or a guard whose coordinates started together); per-row and per-element coefficients, and memory it cannot walk,
+    run :func:`adamnx.quantized.update_8bit` (their starts then recorded by the planner's finish)."""
+    assert bucket.step_values is not None and bucket.scales is not None
+    guard = bucket.guard
+    scalar = [i for i in range(len(bucket.params)) if guard is None or guard.layouts[i] == TENSOR]
+    w1s = torch.empty(len(scalar), dtype=torch.float64)
+    w2s = torch.empty(len(scalar), dtype=torch.float64)
+    for k, i in enumerate(scalar):
+        weights = bucket.scalar_coefficients(i)
+        w1s[k], w2s[k] = float(weights.one_minus_beta1_t), float(weights.one_minus_beta2_hat)
+    lists = [bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs]
+    lists = [[_local(lst[i]) for i in scalar] for lst in lists]
+    scales = [[_local(bucket.scales[i][k]) for i in scalar] for k in (0, 1)]
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+    left = ops.fused_step_8bit_(
+        *lists, *scales, w1s, w2s, lr, plan.hp.weight_decay, plan.hp.eps, grad_factor, bucket.stochastic, seed
+    )  # fmt: skip
+    others = sorted({*(scalar[k] for k in left), *(i for i in range(len(bucket.params)) if i not in set(scalar))})
+    if others:
+        # grad_factor holds maximize's sign already: execute_8bit applies maximize again, so undo it here
+        factor = -grad_factor if plan.hp.maximize else grad_factor
+        loop.execute_8bit(plan, bucket, others, lr, factor)
+        if guard is not None:
+            plan.handed_back += [(b, i) for i in others if guard.layouts[i] != TENSOR]
 
 
 def _local(t: Any) -> Any:

@@ -25,7 +25,8 @@ from torch import Tensor
 from adamnx import guard as guard_module
 from adamnx._table import count_coefficients
 from adamnx.backends._pieces import dense_1d_views
-from adamnx.plan import Bucket, StepPlan
+from adamnx.plan import Bucket, StepPlan, device_coefficients
+from adamnx.quantized import update_8bit
 from adamnx.schedule import coefficients
 from adamnx.update import Weights, moments_in_state_dtype, stochastic_round_to_bf16, update
 
@@ -171,13 +172,17 @@ def _warn_eager_fallback_once(device_type: str, dtype: torch.dtype, reason: str)
 
 
 def execute(plan: StepPlan) -> None:
-    for bucket in plan.buckets:
-        _step_bucket(plan, bucket)
+    for b, bucket in enumerate(plan.buckets):
+        if bucket.scales is not None:
+            _step_8bit_bucket(plan, b, bucket)
+        else:
+            _step_bucket(plan, bucket)
 
 
-def _step_bucket(plan: StepPlan, bucket: Bucket) -> None:
-    hp, dtype = plan.hp, bucket.math_dtype
-    device = bucket.device
+def _scalars(plan: StepPlan, bucket: Bucket) -> tuple[Any, ...]:
+    """lr, weight_decay, eps, grad_factor (±1/GradScaler's scale) as 0-d tensors in the math dtype on the bucket's
+    device, and found_inf (or None): a new step, learning rate or scale never recompiles."""
+    hp, dtype, device = plan.hp, bucket.math_dtype, bucket.device
 
     def f64(value: float) -> Tensor:  # a fill kernel, where torch.tensor would copy from the host: capturable
         return torch.full((), value, dtype=torch.float64, device=device)
@@ -188,11 +193,72 @@ def _step_bucket(plan: StepPlan, bucket: Bucket) -> None:
         grad_factor = grad_factor / plan.grad_scale.to(device=device, dtype=torch.float64)
     found_inf = None if plan.found_inf is None else plan.found_inf.to(device=device, dtype=dtype)
     # Separate tensors, not views of one stack: inputs aliasing each other would make dynamo recompile.
-    scalars = (
-        *(t.to(dtype) for t in (lr, f64(hp.weight_decay), f64(hp.eps))),
-        grad_factor.to(dtype),
-        found_inf,
-    )
+    return (*(t.to(dtype) for t in (lr, f64(hp.weight_decay), f64(hp.eps))), grad_factor.to(dtype), found_inf)
+
+
+def _kernel_8bit(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_absmax: Tensor,
+    exp_avg_sq_absmax: Tensor, w1: Tensor, b2: Tensor, w2: Tensor, lr: Tensor, weight_decay: Tensor, eps: Tensor,
+    grad_factor: Tensor, found_inf: Tensor | None, stochastic: bool,
+) -> None:  # fmt: skip
+    """One step of one param with 8-bit moments (:func:`adamnx.quantized.update_8bit`), every scalar a tensor."""
+    update_8bit(
+        param, grad.to(lr.dtype) * grad_factor, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
+        Weights(w1, b2, w2), lr, weight_decay, eps, dtype=lr.dtype, stochastic=stochastic, found_inf=found_inf,
+    )  # fmt: skip
+
+
+@functools.cache
+def _compiled_8bit(device_type: str, dtype: torch.dtype, amp: bool, stochastic: bool, guarded: bool) -> Any:
+    """The compiled 8-bit kernel for one key (its own code object: dynamo's cache is per code object)."""
+    flags = "".join(name for name, on in (("_amp", amp), ("_sr", stochastic), ("_pc", guarded)) if on)
+    code = _kernel_8bit.__code__.replace(co_name=f"_adamnx_8bit_{device_type}_{str(dtype)[6:]}{flags}")
+    kernel = types.FunctionType(code, _kernel_8bit.__globals__, code.co_name)
+    return torch.compile(kernel, dynamic=True, fullgraph=True)
+
+
+def _step_8bit_bucket(plan: StepPlan, b: int, bucket: Bucket) -> None:
+    """8-bit moments: the compiled kernel tensor by tensor (blocks are whole tensors' blocks); with the guard, the
+    weights per element, and the starts recorded here (on the device) or by the planner's finish (on the host)."""
+    assert bucket.scales is not None
+    scalars = _scalars(plan, bucket)
+    dtype, device, guard = bucket.math_dtype, bucket.device, bucket.guard
+    w1s, w2s = coefficients(torch.stack(bucket.steps).to(device), bucket.betas)
+    coeffs = [c.to(dtype) for c in (w1s, 1 - w2s, w2s)]
+    eager: Any = _kernel_8bit  # (called with unpacked argument tuples)
+    for i, param in enumerate(bucket.params):
+        tensors = (param, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], *bucket.scales[i])
+        if guard is None:
+            weights: tuple[Tensor, ...] = tuple(c[i] for c in coeffs)
+        elif plan.on_device:
+            counts = guard.device_counts(i, bucket.steps[i]).clamp_min(1)
+            weights = tuple(w.to(dtype) for w in device_coefficients(counts, bucket.betas, dtype))
+        else:
+            weights = tuple(bucket.element_coefficients(i))
+        key = (device.type, param.dtype, scalars[-1] is not None, bucket.stochastic, guard is not None)
+        if param.numel() > 1 and key not in _UNCOMPILABLE:
+            try:
+                with _kernel_config():
+                    _compiled_8bit(*key)(*tensors, *weights, *scalars, bucket.stochastic)
+            except Exception as exc:
+                if not _is_compiler_missing(exc):
+                    raise
+                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                _warn_eager_fallback_once(device.type, param.dtype, reason)
+                _UNCOMPILABLE.add(key)
+                eager(*tensors, *weights, *scalars, bucket.stochastic)
+        else:
+            eager(*tensors, *weights, *scalars, bucket.stochastic)
+        if guard is not None:
+            if plan.on_device:
+                guard_module.record_starts_on_device(guard.lags[i], bucket.grads[i], bucket.steps[i], plan.found_inf)
+            else:
+                plan.handed_back.append((b, i))
+
+
+def _step_bucket(plan: StepPlan, bucket: Bucket) -> None:
+    dtype, device = bucket.math_dtype, bucket.device
+    scalars = _scalars(plan, bucket)
     # One vectorised evaluation of the coefficients for the whole bucket, on the device, no host sync; β̂2 = 1 − w2 is
     # formed in float64, then everything is rounded to the math dtype once.
     w1s, w2s = coefficients(torch.stack(bucket.steps).to(device), bucket.betas)

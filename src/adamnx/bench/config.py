@@ -73,7 +73,8 @@ class BenchConfig:
         for name, lr in self.lr.items():
             if not lr > 0:
                 raise ConfigError(f"lr.{name} must be > 0, got {lr}")
-        missing = [o for o in self.optimizers if o not in self.lr and not o.startswith("rule-")]
+        at_adamnx_lr = (*registry.ABLATION_OPTIMIZERS, *registry.COMPACT_VARIANTS)
+        missing = [o for o in self.optimizers if o not in self.lr and o not in at_adamnx_lr]
         if missing:
             raise ConfigError(f"no learning rate for {missing[0]!r}: set it with --set lr.{missing[0]}=VALUE")
         if self.framework not in (*registry.FRAMEWORKS, "both"):
@@ -102,7 +103,8 @@ class BenchConfig:
         return [(o, f) for f in self.frameworks() for o in self.optimizers]
 
     def lr_for(self, optimizer: str) -> float:
-        # The ablation's rules all run at AdamNX's learning rate: only the β̂2 rule changes.
+        # The ablation's rules and the compact-state variants run at AdamNX's learning rate: only the β̂2 rule (or the
+        # moments' storage) changes.
         return self.lr[optimizer] if optimizer in self.lr else self.lr["adamnx"]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamnx import AdamNX
+from adamnx import AdamNX, AdamNX8bit
 from adamnx.schedule import first_moment_weight, second_moment_weight
 
 __all__ = [
@@ -168,6 +168,19 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         torch.optim.SGD, {"momentum": 0.9, "weight_decay": 0.0}, "torch.optim.SGD(params, lr, momentum=0.9)"
     ),
 }
+# AdamNX with compact state (the accuracy study of bf16 and 8-bit moments): the same hyperparameters and lr as AdamNX.
+OPTIMIZERS["adamnx-bf16"] = OptimizerSpec(
+    AdamNX,
+    {"betas": (0.9, 0.99), "weight_decay": 0.01, "state_dtype": torch.bfloat16},
+    "adamnx.AdamNX(params, lr, betas=(0.9, 0.99), weight_decay=0.01, state_dtype=torch.bfloat16)",
+)
+# min_8bit_size=256: the harness's models are small (MNIST-1D's CNN has no tensor of 4,096 elements), and the study
+# is of 8-bit moments, so every weight matrix and conv kernel is quantized; biases keep float32 moments.
+OPTIMIZERS["adamnx-8bit"] = OptimizerSpec(
+    AdamNX8bit,
+    {"betas": (0.9, 0.99), "weight_decay": 0.01, "min_8bit_size": 256},
+    "adamnx.AdamNX8bit(params, lr, betas=(0.9, 0.99), weight_decay=0.01, min_8bit_size=256)",
+)
 for _rule in DECAY_RULES:
     OPTIMIZERS[f"rule-{_rule}"] = OptimizerSpec(
         DecayRuleAdam,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ABLATION_OPTIMIZERS",
+    "COMPACT_VARIANTS",
     "DEFAULT_OPTIMIZERS",
     "DEFAULT_TASKS",
     "DISPLAY_NAMES",
@@ -50,7 +51,11 @@ DISPLAY_NAMES = {
     "rule-adamnx": "AdamNX's rule",
     "rule-mean": "1/t rule",
     "rule-adafactor": "Adafactor's rule",
+    "adamnx-bf16": "AdamNX, bf16 state",
+    "adamnx-8bit": "AdamNX8bit",
 }
+# AdamNX with compact state: run at AdamNX's learning rate, compared with it seed by seed (the same init and batches)
+COMPACT_VARIANTS = ("adamnx-bf16", "adamnx-8bit")
 DEFAULT_OPTIMIZERS = ("adamnx", "adam", "adamw", "adaxw", "sgdm")
 ABLATION_OPTIMIZERS = ("rule-adam", "rule-adax", "rule-adamnx", "rule-mean", "rule-adafactor")
 REFERENCE = ("adamnx", "rule-adamnx")  # the row every other row is compared with, whichever is in the run

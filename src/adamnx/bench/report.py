@@ -16,7 +16,7 @@ from adamnx.bench import registry
 from adamnx.bench.config import BenchConfig
 from adamnx.bench.markdown import figure
 from adamnx.bench.optimizers import DECAY_RULES, adamnx_beta2
-from adamnx.bench.registry import REFERENCE, display_name
+from adamnx.bench.registry import COMPACT_VARIANTS, REFERENCE, display_name
 from adamnx.bench.stats import mean_std
 from adamnx.bench.tasks import Task
 from adamnx.schedule import horizon, second_moment_weight
@@ -156,7 +156,7 @@ def _verdict_claim(cfg: BenchConfig, summary: dict) -> str | None:
         if ref is None or ref["optimizer"] != "adamnx":
             continue
         for row in rows:
-            if row is ref:
+            if row is ref or row["optimizer"] in COMPACT_VARIANTS:  # those have their own claim
                 continue
             p = row["p_vs_adamnx"]
             if not math.isfinite(p):
@@ -176,6 +176,57 @@ def _verdict_claim(cfg: BenchConfig, summary: dict) -> str | None:
 
 def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def compact_state_differences(results: list[dict], framework: str = "torch") -> dict[str, dict[str, Any]]:
+    """Each compact-state variant (bf16 or 8-bit moments) against float32 AdamNX, seed by seed (the same init and
+    batches): the paired differences of the test metric, their mean, std and two-sided paired t-test p-value."""
+    from scipy import stats
+
+    def by_seed(optimizer: str) -> dict[int, float]:
+        return {
+            r["seed"]: r["test_at_best_val"]
+            for r in results
+            if r["optimizer"] == optimizer and r["framework"] == framework and math.isfinite(r["test_at_best_val"])
+        }
+
+    reference = by_seed("adamnx")
+    out = {}
+    for variant in COMPACT_VARIANTS:
+        values = by_seed(variant)
+        seeds = sorted(set(values) & set(reference))
+        if not seeds:
+            continue
+        diffs = [values[s] - reference[s] for s in seeds]
+        p = float("nan")
+        if len(diffs) >= 2 and np.std(diffs) > 0:
+            p = float(stats.ttest_rel([values[s] for s in seeds], [reference[s] for s in seeds]).pvalue)
+        out[variant] = {"seeds": seeds, "differences": diffs, "mean": float(np.mean(diffs)),
+                        "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan"), "p_paired": p}  # fmt: skip
+    return out
+
+
+def _compact_state_claim(cfg: BenchConfig, summary: dict, results: list[dict]) -> str | None:
+    """bf16 and 8-bit moments against float32 AdamNX: the paired difference and its p-value."""
+    found = compact_state_differences(results)
+    if not found:
+        return None
+    _, label = _metric_scale(summary)
+    scale = 100.0 if summary["metric"] == "accuracy" else 1.0
+    parts = []
+    for variant, d in found.items():
+        verdict = "a difference" if d["p_paired"] < 0.05 else "no detectable difference"
+        spread = f" ± {scale * d['std']:.3g}" if math.isfinite(d["std"]) else ""
+        p = _p(d["p_paired"]) if math.isfinite(d["p_paired"]) else "no test"
+        parts.append(
+            f"{display_name(variant)} − AdamNX = {scale * d['mean']:+.3g}{spread} over seeds {d['seeds']} "
+            f"(paired t-test, {p}: {verdict})"
+        )
+    return (
+        f"**Compact state costs accuracy?** ({label}, the same lr, init and batches as float32 AdamNX, seed by seed) "
+        + "; ".join(parts)
+        + ". With a few seeds only a large effect would show: 'no detectable difference' is not equality."
+    )
 
 
 def _final_dv(results: list[dict], optimizer: str) -> list[float]:
@@ -283,6 +334,7 @@ def claims(cfg: BenchConfig, summary: dict, results: list[dict]) -> list[str]:
         _stability_claim(summary),
         _ablation_claim(summary),
         _flatness_claim(summary),
+        _compact_state_claim(cfg, summary, results),
     ]
     return [f"{i}. {text}" for i, text in enumerate((c for c in found if c), start=1)]
 

@@ -106,8 +106,10 @@ inline c10::BFloat16 round_stochastic(float x, uint32_t random) {
 
 // Elements [begin, end) of one tensor with one set of coefficients: the vectorised loop. kLowWeight picks torch.lerp's
 // formula for the whole range (the walks choose it per range, or per element).
+// Always inlined into its callers: a call keeps the compiler from knowing the walk's pointers do not alias, and the
+// loop then runs unvectorised (4x slower); left to itself, the compiler stops inlining once the file is large.
 template <bool kLowWeight, typename P, typename S, typename M, bool kStochastic>
-void update_loop(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
+__attribute__((always_inline)) inline void update_loop(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
                  S* __restrict__ exp_avg_sq, int64_t begin, int64_t end, const Weights<M> w, const StepScalars<M> s,
                  uint32_t key) {
   constexpr bool kBFloat16State = std::is_same_v<S, c10::BFloat16>;
@@ -496,6 +498,204 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
   return rejected;
 }
 
+// ---- 8-bit moments (adamnx/quantized.py: the format, and the same rules in torch ops) ----
+//
+// m and v are one-byte codes with one float32 scale per block of kQuantBlock elements: m = scale·q·|q|/127²
+// (int8), v = scale·(c/255)⁴ (uint8). A block is decoded, updated (adamnx_update, in float32), its new scales taken
+// (the largest magnitudes), and encoded again, each element rounded stochastically to one of its two neighbouring
+// codes with the probabilities that keep the stored value unbiased (AdamNX's 1 − β̂2_t ≈ 1/t would stall v under
+// round-to-nearest). A block with an inf or NaN moment gets a NaN scale. Threads split the step's blocks: a block
+// is never shared.
+constexpr int64_t kQuantBlock = 256;
+
+// x ≥ 0 relative to its block's scale (r = x / scale in [0, 1]) as a code of `levels` with the power law `kPower`
+// (2: r = (q/levels)², 4: r = (q/levels)⁴), rounded up with probability (r − low value)/(gap) from 16 random bits.
+template <int kPower>
+inline float encode_stochastic(float r, float levels, uint32_t random16) {
+  const float root = kPower == 2 ? std::sqrt(r) : std::sqrt(std::sqrt(r));
+  const float low = std::min(std::floor(root * levels), levels - 1.0f);
+  const float unit = 1.0f / levels;  // a constant: no division per element
+  float lo = low * unit, hi = (low + 1.0f) * unit;
+  lo = lo * lo;
+  hi = hi * hi;
+  if (kPower == 4) {
+    lo = lo * lo;
+    hi = hi * hi;
+  }
+  // up with probability (r − lo)/(hi − lo): random16/2^16 < that, without a division
+  return static_cast<float>(static_cast<int32_t>(random16)) * (hi - lo) < (r - lo) * 65536.0f ? low + 1.0f : low;
+}
+
+// The bits of |x| as an unsigned integer: ordered as the magnitudes are (inf, then NaN, above every finite value),
+// so that a block's largest magnitude is an integer max, which the compiler vectorises (a float max it would not,
+// without -ffast-math).
+inline uint32_t magnitude_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits & 0x7fffffffu;
+}
+
+inline float from_bits(uint32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+template <typename P, bool kStochastic, bool kLowWeight>
+void update_8bit_block(P* __restrict__ param, const P* __restrict__ grad, int8_t* __restrict__ m_codes,
+                       uint8_t* __restrict__ v_codes, float* m_scale, float* v_scale, int64_t begin, int64_t n,
+                       const Weights<float>& w, const StepScalars<float>& s, uint32_t key) {
+  float m[kQuantBlock], v[kQuantBlock];
+  const float m_unit = *m_scale * (1.0f / (127.0f * 127.0f)), v_unit = *v_scale;
+  for (int64_t j = 0; j < n; ++j) {  // decode, update
+    const int64_t i = begin + j;
+    const float q = static_cast<float>(static_cast<int32_t>(m_codes[i]));
+    float c = static_cast<float>(static_cast<int32_t>(v_codes[i])) * (1.0f / 255.0f);
+    c = c * c;
+    float p = static_cast<float>(param[i]), mj = q * std::fabs(q) * m_unit, vj = c * c * v_unit;
+    adamnx_update<float, kLowWeight>(p, mj, vj, static_cast<float>(grad[i]) * s.grad_factor, w, s);
+    if constexpr (kStochastic) {
+      param[i] = round_stochastic(p, mix32(mix32(static_cast<uint32_t>(i) ^ key) ^ 0x9e3779b9u));
+    } else {
+      param[i] = static_cast<P>(p);
+    }
+    m[j] = mj;
+    v[j] = vj;
+  }
+  uint32_t m_max = 0, v_max = 0;  // the new scales, as magnitude bits
+  for (int64_t j = 0; j < n; ++j) {
+    m_max = std::max(m_max, magnitude_bits(m[j]));
+    v_max = std::max(v_max, magnitude_bits(v[j]));
+  }
+  if (m_max >= 0x7f800000u || v_max >= 0x7f800000u) {  // inf or NaN: the block reads as NaN (the torch path's too)
+    *m_scale = *v_scale = std::numeric_limits<float>::quiet_NaN();
+    std::fill(m_codes + begin, m_codes + begin + n, int8_t(0));
+    std::fill(v_codes + begin, v_codes + begin + n, uint8_t(0));
+    return;
+  }
+  const float m_largest = from_bits(m_max), v_largest = from_bits(v_max);
+  const float m_inverse = m_max ? 1.0f / m_largest : 0.0f, v_inverse = v_max ? 1.0f / v_largest : 0.0f;
+  for (int64_t j = 0; j < n; ++j) {  // encode, rounding stochastically
+    const uint32_t random = mix32(static_cast<uint32_t>(begin + j) ^ key);
+    const float rm = std::min(std::fabs(m[j]) * m_inverse, 1.0f), rv = std::min(v[j] * v_inverse, 1.0f);
+    const float qm = encode_stochastic<2>(rm, 127.0f, random & 0xffffu);
+    const float qv = encode_stochastic<4>(rv, 255.0f, random >> 16);
+    m_codes[begin + j] = static_cast<int8_t>(static_cast<int32_t>(std::copysign(qm, m[j])));
+    v_codes[begin + j] = static_cast<uint8_t>(static_cast<int32_t>(qv));
+  }
+  *m_scale = m_largest;
+  *v_scale = v_largest;
+}
+
+struct Step8bit {
+  const std::vector<Tensor>& params;
+  const std::vector<Tensor>& grads;
+  const std::vector<Tensor>& exp_avgs;
+  const std::vector<Tensor>& exp_avg_sqs;
+  const std::vector<Tensor>& m_scales;
+  const std::vector<Tensor>& v_scales;
+  std::vector<int64_t> index;
+  const double* w1s;  // 1 − β1_t per tensor
+  const double* w2s;  // 1 − β̂2_t per tensor
+  double lr, weight_decay, eps, grad_factor;
+  int64_t seed;
+};
+
+template <typename P, bool kStochastic>
+void run_step_8bit(const Step8bit& step) {
+  const StepScalars<float> scalars{static_cast<float>(-step.lr), static_cast<float>(-step.lr * step.weight_decay),
+                                   static_cast<float>(step.eps), static_cast<float>(step.grad_factor)};
+  const int64_t n = static_cast<int64_t>(step.index.size());
+  std::vector<int64_t> offsets(n + 1, 0);  // where each tensor's blocks start among the step's blocks
+  std::vector<Weights<float>> own(n);
+  std::vector<uint32_t> keys(n);
+  const auto seed = static_cast<uint64_t>(step.seed);
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t i = step.index[k];
+    offsets[k + 1] = offsets[k] + (step.params[i].numel() + kQuantBlock - 1) / kQuantBlock;
+    own[k] = weights(static_cast<float>(step.w1s[i]), static_cast<float>(1.0 - step.w2s[i]),
+                     static_cast<float>(step.w2s[i]));
+    keys[k] = mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32) + uint32_t(i)));
+  }
+  constexpr int64_t kGrainBlocks = 64;
+  at::parallel_for(0, offsets[n], kGrainBlocks, [&](int64_t begin, int64_t end) {
+    int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    for (; k < n && offsets[k] < end; ++k) {
+      const int64_t i = step.index[k], numel = step.params[i].numel();
+      P* param = step.params[i].data_ptr<P>();
+      const P* grad = step.grads[i].const_data_ptr<P>();
+      auto* m_codes = step.exp_avgs[i].data_ptr<int8_t>();
+      auto* v_codes = step.exp_avg_sqs[i].data_ptr<uint8_t>();
+      float* m_scales = step.m_scales[i].data_ptr<float>();
+      float* v_scales = step.v_scales[i].data_ptr<float>();
+      const int64_t lo = std::max(begin, offsets[k]) - offsets[k], hi = std::min(end, offsets[k + 1]) - offsets[k];
+      for (int64_t b = lo; b < hi; ++b) {
+        const int64_t first = b * kQuantBlock, count = std::min(kQuantBlock, numel - first);
+        if (own[k].w1 < 0.5f) {
+          update_8bit_block<P, kStochastic, true>(param, grad, m_codes, v_codes, m_scales + b, v_scales + b, first,
+                                                  count, own[k], scalars, keys[k]);
+        } else {
+          update_8bit_block<P, kStochastic, false>(param, grad, m_codes, v_codes, m_scales + b, v_scales + b, first,
+                                                   count, own[k], scalars, keys[k]);
+        }
+      }
+    }
+  });
+}
+
+// One step of params (float32, or bfloat16 with or without stochastic rounding) with 8-bit moments. Returns the
+// indices of the tensors it did NOT update (memory it cannot walk, other dtypes), which the caller updates otherwise.
+std::vector<int64_t> fused_step_8bit_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                                      const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                                      const std::vector<Tensor>& m_scales, const std::vector<Tensor>& v_scales,
+                                      const Tensor& w1s, const Tensor& w2s, double lr, double weight_decay,
+                                      double eps, double grad_factor, bool stochastic_rounding, int64_t seed) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
+                  static_cast<int64_t>(exp_avg_sqs.size()) == n && static_cast<int64_t>(m_scales.size()) == n &&
+                  static_cast<int64_t>(v_scales.size()) == n,
+              "adamnx fused_step_8bit_: the six tensor lists must have the same length");
+  for (const Tensor* w : {&w1s, &w2s}) {
+    TORCH_CHECK(w->scalar_type() == at::kDouble && w->is_contiguous() && w->device().is_cpu() && w->numel() == n,
+                "adamnx fused_step_8bit_: coefficients must be contiguous float64 CPU tensors, one value per tensor");
+  }
+  std::vector<int64_t> rejected;
+  if (n == 0) return rejected;
+  const at::ScalarType param_type = params[0].scalar_type();
+  Step8bit step{params, grads, exp_avgs, exp_avg_sqs, m_scales, v_scales, {}, w1s.const_data_ptr<double>(),
+                w2s.const_data_ptr<double>(), lr, weight_decay, eps, grad_factor, seed};
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
+    const int64_t blocks = (p.numel() + kQuantBlock - 1) / kQuantBlock;
+    bool ok = p.device().is_cpu() && p.scalar_type() == param_type && g.scalar_type() == param_type &&
+              p.is_contiguous() && g.is_contiguous() && g.numel() == p.numel() && m.scalar_type() == at::kChar &&
+              v.scalar_type() == at::kByte && m.is_contiguous() && v.is_contiguous() && m.numel() == p.numel() &&
+              v.numel() == p.numel();
+    for (const Tensor* scale : {&m_scales[i], &v_scales[i]}) {
+      ok = ok && scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->device().is_cpu() &&
+           scale->numel() == blocks;
+    }
+    (ok ? step.index : rejected).push_back(i);
+  }
+  bool handled = true;
+  if (param_type == at::kFloat && !stochastic_rounding) {
+    run_step_8bit<float, false>(step);
+  } else if (param_type == at::kBFloat16) {
+    if (stochastic_rounding) {
+      run_step_8bit<c10::BFloat16, true>(step);
+    } else {
+      run_step_8bit<c10::BFloat16, false>(step);
+    }
+  } else {
+    handled = false;
+  }
+  if (!handled) {
+    rejected.insert(rejected.end(), step.index.begin(), step.index.end());
+    std::sort(rejected.begin(), rejected.end());
+  }
+  return rejected;
+}
+
 // Advance every 0-d step counter by `increment` and write the new counts to `out` (float64, one per counter): one
 // call instead of a torch op per counter (a model has hundreds of tensors, each with its own counter).
 void advance_steps_(const std::vector<Tensor>& steps, double increment, const Tensor& out) {
@@ -524,10 +724,15 @@ TORCH_LIBRARY(adamnx, m) {
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] lags, Tensor w1s, Tensor w2s, Tensor relative_steps, Tensor table, Tensor(e!) broken, "
       "float lr, float weight_decay, float eps, float grad_factor, bool stochastic_rounding, int seed) -> int[]");
+  m.def(
+      "fused_step_8bit_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] exp_avg_absmax, Tensor(e!)[] exp_avg_sq_absmax, Tensor w1s, Tensor w2s, float lr, "
+      "float weight_decay, float eps, float grad_factor, bool stochastic_rounding, int seed) -> int[]");
   m.def("advance_steps_(Tensor(a!)[] steps, float increment, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adamnx, CPU, m) {
   m.impl("fused_step_", &fused_step_);
+  m.impl("fused_step_8bit_", &fused_step_8bit_);
   m.impl("advance_steps_", &advance_steps_);
 }

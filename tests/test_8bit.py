@@ -1,0 +1,412 @@
+"""8-bit state: the format (adamnx.quantized), AdamNX8bit on every implementation that steps it, its checkpoints and
+conversions, the guard, GradScaler, torch.compile, gradient release, and malformed state refused intact."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import adamnx
+from adamnx import AdamNX, AdamNX8bit, backends, quantized
+from adamnx.quantized import BLOCK, dequantize, quantize
+from adamnx.schedule import coefficients
+from helpers import IMPLEMENTATIONS, implementations, without_options
+
+QUANTIZED = implementations(quantized_state=True)
+# The accelerator kernel compiles with TorchInductor (C++ on the CPU, ~30 s): the tests that need it most run it.
+EAGER = [name for name in QUANTIZED if name != "fused-inductor"]
+
+
+def make(impl: str, params, **kwargs) -> AdamNX8bit:
+    """AdamNX8bit running implementation ``impl``'s row (on the CPU too), as helpers.IMPLEMENTATIONS does AdamNX."""
+    row = IMPLEMENTATIONS[impl]
+
+    def step(self, closure=None):
+        with backends.selected(row.backend.name):
+            return AdamNX8bit.step(self, closure)
+
+    cls = type(f"AdamNX8bit_{row.backend.name}", (AdamNX8bit,), {"step": step})
+    return cls(params, **row.kwargs, **kwargs)
+
+
+def _values(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantized.moments_of(state, torch.float64)
+
+
+# --------------------------------------------------------------------------- the format
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["m", "v"])
+def test_quantization_is_unbiased_picks_a_neighbouring_code_and_keeps_each_block_largest(signed):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * BLOCK + 17, generator=g) * torch.logspace(-4, 0, 3 * BLOCK + 17)
+    x[5] = 0.0
+    if not signed:
+        x = x * x
+    draws = []
+    for _ in range(400):
+        codes, scales = quantize(x, signed)
+        assert codes.dtype == (torch.int8 if signed else torch.uint8) and codes.shape == x.shape
+        assert scales.shape == (quantized.blocks_of(x.numel()),)
+        assert not signed or (codes != -128).all()
+        draws.append(dequantize(codes, scales).double())
+    stack = torch.stack(draws)
+    blocks = torch.nn.functional.pad(x.abs().double(), (0, -x.numel() % BLOCK)).view(-1, BLOCK).amax(1)
+    largest = blocks.repeat_interleave(BLOCK)[: x.numel()]
+    # every draw is one of the two codes around the value: within one gap (at most 1.6% of the block's largest)
+    assert ((stack - x.double()).abs() <= 0.0160 * largest).all()
+    # unbiased: the summed error of the mean of 400 draws is within 4 standard errors, for the large values and,
+    # apart, for the small ones (below 1% of their block's largest), whose errors the large ones would hide
+    error, variance = stack.mean(0) - x.double(), stack.var(0) / 400
+    for part in (x.abs() >= 0.01 * largest, x.abs() < 0.01 * largest):
+        assert error[part].sum().abs() <= 4 * variance[part].sum().sqrt()
+    # a block's largest magnitude and zeros are exact
+    assert torch.equal(scales.double(), blocks)
+    assert draws[0][5] == 0
+
+
+def test_a_block_with_inf_or_nan_reads_as_nan_and_the_others_are_untouched():
+    x = torch.ones(2 * BLOCK)
+    x[3] = float("nan")
+    codes, scales = quantize(x, signed=True)
+    values = dequantize(codes, scales)
+    assert values[:BLOCK].isnan().all() and torch.equal(values[BLOCK:], x[BLOCK:])
+
+
+# --------------------------------------------------------------------------- the optimizer, on every implementation
+
+
+def _unit_gaussian_grads(steps: int, change_at: int, n: int = 8 * BLOCK) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(n, generator=g) * (1.0 if t < change_at else 0.1) for t in range(steps)]
+
+
+def _v_means(opt_factory, grads) -> list[float]:
+    p = torch.nn.Parameter(torch.zeros(grads[0].numel()))
+    opt = opt_factory([p])
+    means = []
+    for grad in grads:
+        p.grad = grad.clone()
+        opt.step()
+        means.append(_values(opt.state[p])[1].mean().item())
+    return means
+
+
+def _v_means_rounded_to_nearest(grads, betas=(0.9, 0.99)) -> list[float]:
+    """v kept in the 8-bit format but rounded to the nearest code (noise fixed at the middle): what stochastic rounding
+    replaced."""
+    codes, scales = quantize(torch.zeros(grads[0].numel()), signed=False)
+    means = []
+    for t, g in enumerate(grads, start=1):
+        _, w2 = coefficients(float(t), betas)
+        v = dequantize(codes, scales) * (1.0 - w2) + w2 * g * g
+        codes, scales = quantize(v, signed=False, noise=torch.full(v.shape, 1 << 15, dtype=torch.int32))
+        means.append(dequantize(codes, scales).double().mean().item())
+    return means
+
+
+@pytest.mark.parametrize("impl", QUANTIZED)
+def test_v_tracks_float32_state_where_round_to_nearest_stalls(impl):
+    """AdamNX's 1 − β̂2_t ≈ 1/t: after a few dozen steps a step's change of v is below half the gap between two
+    codes. Rounded stochastically, v's mean tracks float32 state within 2%, before and after the gradients' scale
+    falls tenfold; rounded to the nearest code it drifts upwards (+13% after 1,500 steps) and keeps that bias."""
+    grads = _unit_gaussian_grads(3_000, change_at=1_500)
+    exact = _v_means(lambda ps: AdamNX(ps, foreach=False), grads)
+    compact = _v_means(lambda ps: make(impl, ps), grads)
+    nearest = _v_means_rounded_to_nearest(grads)
+    for t in (1_499, 2_999):
+        assert compact[t] == pytest.approx(exact[t], rel=0.02), t
+        assert nearest[t] > 1.08 * exact[t], t  # the drift stochastic rounding prevents
+
+
+def _regression(opt_factory, steps=300, seed=0):
+    """A noisy linear regression (a 64 × 128 weight, 8,192 elements: quantized) and a bias (kept in float32)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(128, 64)
+    truth = torch.randn(64, 128) / 11
+    g = torch.Generator().manual_seed(seed + 1)
+    opt = opt_factory(model.parameters())
+    for _ in range(steps):
+        x = torch.randn(32, 128, generator=g)
+        loss = torch.nn.functional.mse_loss(model(x), x @ truth.T + 0.1 * torch.randn(32, 64, generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, opt, (model.weight.detach() - truth).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("impl", QUANTIZED)
+def test_8bit_trains_like_float32_adamnx(impl):
+    """The same regression with float32 and 8-bit moments: the weights land within a few percent of each other (of
+    the distance they travelled), the error to the truth within 10%; the bias keeps float32 moments."""
+    start, _, _ = _regression(lambda ps: AdamNX(ps, lr=1e-2, foreach=False), steps=0)
+    exact, _, exact_error = _regression(lambda ps: AdamNX(ps, lr=1e-2, foreach=False))
+    compact, opt, compact_error = _regression(lambda ps: make(impl, ps, lr=1e-2))
+    travelled = (exact.weight - start.weight).norm()
+    assert (compact.weight - exact.weight).norm() / travelled < 0.05
+    assert compact_error == pytest.approx(exact_error, rel=0.10)
+    assert opt.state[compact.weight]["exp_avg"].dtype == torch.int8
+    assert opt.state[compact.bias]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[compact.bias]
+
+
+def test_which_params_are_quantized_and_the_bytes_they_keep():
+    big, small = torch.nn.Parameter(torch.zeros(1 << 20)), torch.nn.Parameter(torch.zeros(100))
+    wide = torch.nn.Parameter(torch.zeros(5000, dtype=torch.float64))
+    opt = AdamNX8bit([big, small, wide], min_8bit_size=4096)
+    for p in (big, small, wide):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    kept = sum(t.numel() * t.element_size() for k, t in opt.state[big].items() if k != "step")
+    assert kept / big.numel() <= 2.1  # measured from the tensors the state holds: 2.03
+    assert opt.state[small]["exp_avg"].dtype == torch.float32 and opt.state[wide]["exp_avg"].dtype == torch.float64
+    assert quantized.state_bytes_per_param(big.numel()) == pytest.approx(kept / big.numel())
+    tiny = AdamNX8bit([small], min_8bit_size=64)
+    small.grad = torch.ones(100)
+    tiny.step()
+    assert tiny.state[small]["exp_avg"].dtype == torch.int8
+
+
+def test_bad_options_are_refused():
+    p = torch.nn.Parameter(torch.zeros(4))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="min_8bit_size"):
+            AdamNX8bit([p], min_8bit_size=bad)
+    with pytest.raises(ValueError, match="differentiable"):
+        AdamNX8bit([p], differentiable=True)
+    opt = AdamNX8bit([p])
+    with pytest.raises(ValueError, match="differentiable"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "differentiable": True})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_row_that_cannot_step_8bit_state_is_refused_at_construction():
+    row = backends.Backend("no-8bit", lambda plan: None, {"fused": False, "foreach": True}, devices=("cpu",))
+    backends.register(row, before="foreach")
+    try:
+        with pytest.raises(ValueError, match="'no-8bit' does not step 8-bit moments"):
+            AdamNX8bit([torch.nn.Parameter(torch.zeros(4))], foreach=True)
+    finally:
+        backends.unregister("no-8bit")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _trained(impl: str, steps: int = 5, **kwargs):
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(64, 100)), torch.nn.Parameter(torch.randn(7))
+    opt = make(impl, [w, b], lr=1e-2, **kwargs)
+    _steps(opt, [w, b], steps, seed=1)
+    return opt, [w, b]
+
+
+def _steps(opt, params, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+@pytest.mark.parametrize("impl", EAGER)
+def test_a_checkpoint_round_trips_bitwise_and_the_run_continues_bitwise(impl):
+    opt, params = _trained(impl)
+    saved = copy.deepcopy(opt.state_dict())
+    saved_params = [p.detach().clone() for p in params]
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    assert set(saved["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"}
+    torch.manual_seed(7)
+    _steps(opt, params, 4, seed=2)
+    restored_params = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    other = make(impl, restored_params, lr=1e-2)
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer))
+    for key, value in other.state_dict()["state"][0].items():
+        assert torch.equal(value, saved["state"][0][key]), key
+    torch.manual_seed(7)
+    _steps(other, restored_params, 4, seed=2)
+    for p, q in zip(params, restored_params):
+        assert torch.equal(p, q)
+    for key, value in opt.state[params[0]].items():
+        assert torch.equal(value, other.state[restored_params[0]][key]), key
+
+
+def test_float_checkpoints_convert_into_8bit_and_back():
+    """AdamNX → AdamNX8bit: each moment within one code of its value (≤ 1.6% of its block's largest); AdamNX8bit →
+    AdamNX: exactly the values the codes hold, in float32."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 100))
+    plain = AdamNX([w], lr=1e-2)
+    _steps(plain, [w], 20, seed=1)
+    m, v = plain.state[w]["exp_avg"].clone(), plain.state[w]["exp_avg_sq"].clone()
+    compact = AdamNX8bit([w], lr=1e-2)
+    compact.load_state_dict(plain.state_dict())
+    state = compact.state[w]
+    assert state["exp_avg"].dtype == torch.int8 and state["step"].item() == 20
+    for value, codes, scales in (
+        (m, state["exp_avg"], state["exp_avg_absmax"]),
+        (v, *(state[k] for k in ("exp_avg_sq", "exp_avg_sq_absmax"))),
+    ):
+        largest = scales.repeat_interleave(BLOCK)[: value.numel()].view(value.shape)
+        assert ((dequantize(codes, scales) - value).abs() <= 0.0160 * largest).all()
+    back = AdamNX([w], lr=1e-2)
+    back.load_state_dict(compact.state_dict())
+    assert back.state[w]["exp_avg"].dtype == torch.float32
+    assert torch.equal(back.state[w]["exp_avg"], dequantize(state["exp_avg"], state["exp_avg_absmax"]))
+    assert torch.equal(back.state[w]["exp_avg_sq"], dequantize(state["exp_avg_sq"], state["exp_avg_sq_absmax"]))
+    _steps(back, [w], 2, seed=3)  # and it trains on
+    assert torch.isfinite(w).all()
+
+
+def _corruptions():
+    def edit(key, fn):
+        return lambda s: s.__setitem__(key, fn(s[key]))
+
+    return {
+        "m as uint8": edit("exp_avg", lambda t: t.to(torch.uint8)),
+        "v as int8": edit("exp_avg_sq", lambda t: t.to(torch.int8)),
+        "codes of another shape": edit("exp_avg", lambda t: t.reshape(-1)),
+        "the code -128": edit("exp_avg", lambda t: torch.full_like(t, -128)),
+        "a scale too few": edit("exp_avg_absmax", lambda t: t[:-1].clone()),
+        "float64 scales": edit("exp_avg_sq_absmax", lambda t: t.double()),
+        "a negative scale": edit("exp_avg_absmax", lambda t: -t),
+        "a NaN scale": edit("exp_avg_sq_absmax", lambda t: torch.full_like(t, float("nan"))),
+        "scales without codes": lambda s: s.__setitem__("exp_avg", s["exp_avg"].float()) or s.pop("exp_avg_sq_absmax"),
+        "a scale missing": lambda s: s.pop("exp_avg_sq_absmax"),
+    }
+
+
+@pytest.mark.parametrize("corruption", list(_corruptions()))
+@pytest.mark.parametrize("target", ["AdamNX8bit", "AdamNX"])
+def test_malformed_8bit_state_is_refused_and_the_optimizer_is_untouched(corruption, target):
+    opt, params = _trained("for-loop")
+    saved = copy.deepcopy(opt.state_dict())
+    _corruptions()[corruption](saved["state"][0])
+    victim = AdamNX8bit(params, lr=1e-2) if target == "AdamNX8bit" else AdamNX(params, lr=1e-2)
+    _steps(victim, params, 1, seed=5)
+    before = copy.deepcopy(victim.state_dict())
+    with pytest.raises(ValueError, match="state of parameter 0"):
+        victim.load_state_dict(saved)
+    after = victim.state_dict()
+    for pid, p_state in before["state"].items():
+        for key, value in p_state.items():
+            assert torch.equal(after["state"][pid][key], value), (pid, key)
+
+
+def test_state_replaced_by_hand_is_refused_before_anything_steps():
+    opt, params = _trained("for-loop")
+    before = [p.detach().clone() for p in params]
+    opt.state[params[0]]["exp_avg_absmax"] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="one scale per block"):
+        _steps(opt, params, 1, seed=9)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_pickle_and_deepcopy_keep_min_8bit_size():
+    p = torch.nn.Parameter(torch.zeros(100))
+    opt = AdamNX8bit([p], min_8bit_size=64)
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other.min_8bit_size == 64
+
+
+# --------------------------------------------------------------------------- the guard, GradScaler, compile, release
+
+
+@pytest.mark.parametrize("impl", QUANTIZED)
+def test_the_guard_starts_late_rows_at_their_own_t_equals_1(impl):
+    """An embedding whose rows first get gradients at different steps: each coordinate's count is what float32
+    AdamNX's is, and a row that starts late gets m = g (within one code), not (1 − β1_t)·g."""
+    torch.manual_seed(0)
+    rows = 64
+    emb = torch.nn.Parameter(torch.randn(rows, 128))
+    ref = torch.nn.Parameter(emb.detach().clone())
+    opt = make(impl, [emb], lr=1e-2, per_coordinate_steps=True)
+    plain = AdamNX([ref], lr=1e-2, per_coordinate_steps=True, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for t in range(12):
+        grad = torch.randn(rows, 128, generator=g)
+        grad[8 * (t + 1) :] = 0  # rows start eight at a time: rows 56–63 at t = 8
+        emb.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        plain.step()
+        state = opt.state[emb]
+        m = dequantize(state["exp_avg"], state["exp_avg_absmax"])
+        largest = state["exp_avg_absmax"].repeat_interleave(BLOCK).view(rows, 128)
+        if t == 7:
+            assert ((m[56:] - grad[56:]).abs() <= 0.0160 * largest[56:]).all()
+    assert torch.equal(opt.coord_steps(emb), plain.coord_steps(ref))
+    assert ((m - plain.state[ref]["exp_avg"]).abs() <= 0.05 * largest).all()
+
+
+@pytest.mark.parametrize("impl", implementations(amp=True, quantized_state=True))
+def test_grad_scaler_unscales_in_the_step_and_skips_inf_steps(impl):
+    torch.manual_seed(0)
+    scaled, plain = torch.nn.Linear(128, 64), torch.nn.Linear(128, 64)
+    plain.load_state_dict(scaled.state_dict())
+    opt, ref = make(impl, scaled.parameters(), lr=1e-2), make(impl, plain.parameters(), lr=1e-2)
+    assert opt._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    x = torch.randn(16, 128)
+    for step in range(6):
+        opt.zero_grad()
+        ref.zero_grad()
+        scaler.scale(scaled(x).pow(2).mean()).backward()
+        plain(x).pow(2).mean().backward()
+        if step == 3:
+            scaled.weight.grad[0, 0] = float("inf")
+            before = copy.deepcopy(opt.state_dict())
+            scaler.step(opt)
+            scaler.update()
+            for key, value in opt.state_dict()["state"][0].items():
+                assert torch.equal(value, before["state"][0][key]), key
+            continue
+        torch.manual_seed(step)
+        scaler.step(opt)
+        scaler.update()
+        torch.manual_seed(step)
+        ref.step()
+    # a power-of-two scale unscales exactly: the same bits as the unscaled run with the same random draws
+    assert torch.allclose(scaled.weight, plain.weight, rtol=0, atol=1e-6)
+    assert opt.state[scaled.weight]["step"].item() == 5
+
+
+def test_compiled_step_trains_like_the_eager_step():
+    _, _, eager_error = _regression(lambda ps: AdamNX8bit(ps, lr=1e-2, foreach=False), steps=40)
+    torch._dynamo.reset()
+
+    def compiled_factory(ps):
+        opt = AdamNX8bit(ps, lr=1e-2, foreach=False)
+        opt.step = torch.compile(opt.step)
+        return opt
+
+    compiled, opt, compiled_error = _regression(compiled_factory, steps=40)
+    assert opt.state[compiled.weight]["exp_avg"].dtype == torch.int8
+    assert compiled_error == pytest.approx(eager_error, rel=0.05)
+
+
+@pytest.mark.parametrize("impl", ["for-loop", "fused"])
+def test_gradient_release_with_8bit_state(impl):
+    """Released gradients with 8-bit moments: the same training as the ordinary loop (within what the random
+    rounding varies), and the released optimizer's state dict loads into an ordinary one."""
+    _, _, plain_error = _regression(lambda ps: make(impl, ps, lr=1e-2), steps=100)
+
+    def released(ps):
+        opt = make(impl, ps, lr=1e-2)
+        adamnx.release_gradients(opt)
+        return opt
+
+    model, opt, released_error = _regression(released, steps=100)
+    assert model.weight.grad is None
+    assert released_error == pytest.approx(plain_error, rel=0.05)
+    other = AdamNX8bit(model.parameters(), lr=1e-2)
+    other.load_state_dict(without_options(opt.state_dict()))
+    assert torch.equal(other.state[model.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+
+
+def test_the_public_name():
+    assert adamnx.AdamNX8bit is AdamNX8bit and "AdamNX8bit" in adamnx.__all__
