@@ -17,6 +17,10 @@ from adamnx.schedule import coefficients
 from helpers import IMPLEMENTATIONS, implementations, without_options
 
 QUANTIZED = implementations(quantized_state=True)
+# The gap between a code and the next one, at most (at the top of a block), relative to the block's largest:
+# 1 − (126/127)⁴ for m, 1 − (254/255)⁴ for v.
+GAP = {True: 0.0313, False: 0.0157}
+SMALLEST_V = (1 / 255) ** 4  # v's smallest non-zero code, relative to its block's largest
 # The accelerator kernel compiles with TorchInductor (C++ on the CPU, ~30 s): the tests that need it most run it.
 EAGER = [name for name in QUANTIZED if name != "fused-inductor"]
 
@@ -57,12 +61,15 @@ def test_quantization_is_unbiased_picks_a_neighbouring_code_and_keeps_each_block
     stack = torch.stack(draws)
     blocks = torch.nn.functional.pad(x.abs().double(), (0, -x.numel() % BLOCK)).view(-1, BLOCK).amax(1)
     largest = blocks.repeat_interleave(BLOCK)[: x.numel()]
-    # every draw is one of the two codes around the value: within one gap (at most 1.6% of the block's largest)
-    assert ((stack - x.double()).abs() <= 0.0160 * largest).all()
+    # every draw is one of the two codes around the value: within one gap of the block's largest
+    assert ((stack - x.double()).abs() <= GAP[signed] * largest).all()
     # unbiased: the summed error of the mean of 400 draws is within 4 standard errors, for the large values and,
-    # apart, for the small ones (below 1% of their block's largest), whose errors the large ones would hide
+    # apart, for the small ones (below 1% of their block's largest), whose errors the large ones would hide; but a
+    # non-zero v below the smallest code is stored as the smallest code, never as 0
     error, variance = stack.mean(0) - x.double(), stack.var(0) / 400
-    for part in (x.abs() >= 0.01 * largest, x.abs() < 0.01 * largest):
+    floored = (x != 0) & (x.abs() < SMALLEST_V * largest) if not signed else torch.zeros_like(x, dtype=torch.bool)
+    assert (stack[:, floored] > 0).all()
+    for part in (x.abs() >= 0.01 * largest, (x.abs() < 0.01 * largest) & ~floored):
         assert error[part].sum().abs() <= 4 * variance[part].sum().sqrt()
     # a block's largest magnitude and zeros are exact
     assert torch.equal(scales.double(), blocks)
@@ -237,8 +244,8 @@ def test_a_checkpoint_round_trips_bitwise_and_the_run_continues_bitwise(impl):
 
 
 def test_float_checkpoints_convert_into_8bit_and_back():
-    """AdamNX → AdamNX8bit: each moment within one code of its value (≤ 1.6% of its block's largest); AdamNX8bit →
-    AdamNX: exactly the values the codes hold, in float32."""
+    """AdamNX → AdamNX8bit: each moment within one code of its value (≤ 3.1% of its block's largest for m, 1.6% for
+    v); AdamNX8bit → AdamNX: exactly the values the codes hold, in float32."""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(64, 100))
     plain = AdamNX([w], lr=1e-2)
@@ -253,7 +260,7 @@ def test_float_checkpoints_convert_into_8bit_and_back():
         (v, *(state[k] for k in ("exp_avg_sq", "exp_avg_sq_absmax"))),
     ):
         largest = scales.repeat_interleave(BLOCK)[: value.numel()].view(value.shape)
-        assert ((dequantize(codes, scales) - value).abs() <= 0.0160 * largest).all()
+        assert ((dequantize(codes, scales) - value).abs() <= GAP[codes.dtype == torch.int8] * largest).all()
     back = AdamNX([w], lr=1e-2)
     back.load_state_dict(compact.state_dict())
     assert back.state[w]["exp_avg"].dtype == torch.float32
@@ -338,9 +345,9 @@ def test_the_guard_starts_late_rows_at_their_own_t_equals_1(impl):
         m = dequantize(state["exp_avg"], state["exp_avg_absmax"])
         largest = state["exp_avg_absmax"].repeat_interleave(BLOCK).view(rows, 128)
         if t == 7:
-            assert ((m[56:] - grad[56:]).abs() <= 0.0160 * largest[56:]).all()
+            assert ((m[56:] - grad[56:]).abs() <= GAP[True] * largest[56:]).all()
     assert torch.equal(opt.coord_steps(emb), plain.coord_steps(ref))
-    assert ((m - plain.state[ref]["exp_avg"]).abs() <= 0.05 * largest).all()
+    assert ((m - plain.state[ref]["exp_avg"]).abs() <= 0.1 * largest).all()  # a few codes of noise
 
 
 @pytest.mark.parametrize("impl", implementations(amp=True, quantized_state=True))
@@ -410,3 +417,101 @@ def test_gradient_release_with_8bit_state(impl):
 
 def test_the_public_name():
     assert adamnx.AdamNX8bit is AdamNX8bit and "AdamNX8bit" in adamnx.__all__
+
+
+# --------------------------------------------------------------------------- found by review
+
+
+def _bias_run(opt_factory, steps=5, compiled=False):
+    """A 1-D param of 5,000 elements (19 whole blocks and a last block of 136) trained a few steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 5000)
+    start = model.bias.detach().clone()
+    opt = opt_factory(model.parameters())
+    step = torch.compile(opt.step) if compiled else opt.step
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(16, 64, generator=g)).pow(2).mean().backward()
+        step()
+    return model.bias.detach(), start, opt.state[model.bias]
+
+
+def test_a_compiled_step_updates_the_last_partial_block_too():
+    """torch.compile(opt.step) of the default path, on a param whose last block is partial: every element moves and
+    the trajectory is the eager one's (TorchInductor miscompiled a padded last block on the CPU: its elements never
+    moved)."""
+    torch._dynamo.reset()
+    eager, start, _ = _bias_run(lambda ps: AdamNX8bit(ps, lr=1e-2, weight_decay=0.0))
+    compiled, _, state = _bias_run(lambda ps: AdamNX8bit(ps, lr=1e-2, weight_decay=0.0), compiled=True)
+    assert state["exp_avg"].dtype == torch.int8
+    assert (compiled != start).all() and (eager != start).all()
+    assert ((compiled - start) - (eager - start)).abs().max() <= 0.1 * (eager - start).abs().max()
+
+
+def test_the_accelerator_kernel_updates_the_last_partial_block_too():
+    loop, start, _ = _bias_run(lambda ps: make("for-loop", ps, lr=1e-2, weight_decay=0.0))
+    inductor, _, state = _bias_run(lambda ps: make("fused-inductor", ps, lr=1e-2, weight_decay=0.0))
+    assert (inductor != start).all() and state["exp_avg_sq"][-136:].ne(0).all()
+    assert ((inductor - start) - (loop - start)).abs().max() <= 0.1 * (loop - start).abs().max()
+
+
+@pytest.mark.parametrize("impl", QUANTIZED)
+@pytest.mark.parametrize("ratio", [1e-2, 1e-4, 1e-6])
+def test_a_tiny_gradient_beside_a_large_one_in_its_block_gets_no_huge_update(impl, ratio):
+    """Each block: one coordinate with gradients of scale 1, the rest `ratio` of that. float32 AdamNX moves each by
+    at most ~1.02 lr; 8-bit moments once let a tiny v round to 0 while m did not (1e-4: 170 lr, 1e-6: 14,000 lr).
+    Now a non-zero v is never 0 and m's codes reach further down than √v's: at most 8 lr, and above 3 lr only where
+    v sits on its lowest, coarsest codes (ratio 1e-4: ~0.2% of the updates, up to ~6 lr)."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.full((16, BLOCK), ratio)
+    scale[:, 0] = 1.0
+    p = torch.nn.Parameter(torch.zeros(16 * BLOCK))
+    opt = make(impl, [p], lr=1.0, weight_decay=0.0)
+    steps, largest, above_3 = 200, 0.0, 0
+    for _ in range(steps):
+        before = p.detach().clone()
+        p.grad = (torch.randn(16, BLOCK, generator=g) * scale).view(-1)
+        opt.step()
+        moved = (p.detach() - before).view(16, BLOCK)[:, 1:].abs()
+        largest, above_3 = max(largest, moved.max().item()), above_3 + int((moved > 3).sum())
+    assert largest <= 8.0
+    assert above_3 <= 0.005 * steps * 16 * (BLOCK - 1)
+
+
+def test_blocks_of_subnormal_values_are_stored_as_zeros_on_both_paths():
+    x = torch.full((300,), 1e-39)
+    x[-44:] = 1.0  # the last block is ordinary
+    for signed in (True, False):
+        codes, scales = quantize(x, signed)
+        values = dequantize(codes, scales)
+        assert torch.isfinite(values).all() and (values[:256] == 0).all() and torch.equal(values[256:], x[256:])
+    p = torch.nn.Parameter(torch.zeros(4096))
+    opt = AdamNX8bit([p], fused=True, lr=1e-3)
+    p.grad = torch.full((4096,), 1e-20)  # v = 1e-40: subnormal
+    opt.step()
+    assert torch.isfinite(p).all() and p.abs().max() <= 1e-3 * 1.01
+
+
+def test_a_param_cast_after_its_state_exists_is_refused_until_the_state_is_converted():
+    opt, params = _trained("for-loop")
+    params[0].data = params[0].data.double()
+    params[0].grad = torch.randn(params[0].shape, dtype=torch.float64)
+    params[1].grad = torch.randn(7)
+    with pytest.raises(RuntimeError, match="keeps no 8-bit moments"):
+        opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.float64 and "exp_avg_absmax" not in opt.state[params[0]]
+    opt.step()
+
+
+def test_codes_loaded_with_other_strides_are_kept_contiguous():
+    opt, params = _trained("fused")
+    saved = copy.deepcopy(opt.state_dict())
+    for key in ("exp_avg", "exp_avg_sq"):
+        codes = saved["state"][0][key]
+        saved["state"][0][key] = codes.t().contiguous().t()  # same values, column-major
+    other = make("fused", [torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
+    other.load_state_dict(saved)
+    state = next(iter(other.state.values()))
+    assert state["exp_avg"].is_contiguous() and torch.equal(state["exp_avg"], opt.state[params[0]]["exp_avg"])

@@ -388,7 +388,10 @@ class AdamNX(torch.optim.Optimizer):
         if self._keeps_8bit(p):
             if quantized.is_quantized_state(saved):
                 keys = ("exp_avg", "exp_avg_sq", *quantized.QUANTIZED_KEYS)
-                return {key: saved[key].detach().to(p.device, copy=True) for key in keys}
+                # contiguous copies, whatever the saved strides: the fused kernel walks them in place
+                return {
+                    key: saved[key].detach().to(p.device).clone(memory_format=torch.contiguous_format) for key in keys
+                }
             m, v = (saved[key].detach().to(p.device, torch.float32) for key in ("exp_avg", "exp_avg_sq"))
             return quantized.quantized_moments(m, v)
         state_dtype = self._state_dtype(p, group)
@@ -520,6 +523,12 @@ class AdamNX(torch.optim.Optimizer):
                 continue
             wanted = p.dtype if state_dtype is None or p.is_complex() else state_dtype
             is_8bit = "exp_avg_absmax" in state
+            if is_8bit and not self._keeps_8bit(p):
+                raise RuntimeError(
+                    f"a parameter is now {p.dtype} with {p.numel()} elements, which keeps no 8-bit moments, but its "
+                    "state holds 8-bit codes: it was cast after the state was created. Call "
+                    "opt.load_state_dict(opt.state_dict()) to convert the state along with it."
+                )
             for key in ("exp_avg", "exp_avg_sq"):
                 moment = state[key]
                 if is_8bit:

@@ -1,21 +1,27 @@
 """The 8-bit state format of :class:`adamnx.AdamNX8bit`: m and v block-quantized, and their update in torch ops.
 
 A moment of a param with n elements is kept as n one-byte codes and one float32 scale per block of :data:`BLOCK`
-consecutive elements (the param's elements in memory order, flattened): 2 + 8/256 ≈ 2.03 bytes per param for both
-moments, against 8 for float32 state. Each block's scale is its largest magnitude, so the largest element of a
-block is exact, and codes map to values by a power law that spends the codes where the small values are:
+consecutive elements (the param's elements flattened in row-major order; the last block may be shorter): 2 + 8/256 ≈
+2.03 bytes per param for both moments, against 8 for float32 state. Each block's scale is its largest magnitude, so
+the largest element of a block is exact, and codes map to values by a power law that spends the codes where the
+small values are:
 
-* m (signed, int8 codes −127…127): ``m = scale · sign(q) · (|q|/127)²`` (resolution 6e-5 of the block's largest);
-* v (unsigned, uint8 codes 0…255): ``v = scale · (c/255)⁴`` (resolution 2.4e-10 of the block's largest v, 1.5e-5 of
+* m (signed, int8 codes −127…127): ``m = scale · sign(q) · (|q|/127)⁴`` (down to 3.8e-9 of the block's largest);
+* v (unsigned, uint8 codes 0…255): ``v = scale · (c/255)⁴`` (down to 2.4e-10 of the block's largest v, 1.5e-5 of
   its largest √v, which is what the update divides by).
 
 Why every code rounds stochastically: AdamNX's weight 1 − β̂2_t ≈ 1/t makes a step's change of v smaller than the
 gap between two codes after a few dozen steps, and rounding to the nearest code would stall v (or, as with bf16,
 let it only rise). A value is rounded to one of its two neighbouring codes with the probabilities that make the
-stored value unbiased: E[stored] = the value. A step computes the update in float32 from the moments it has just
-computed, before they are quantized (the quantization error reaches the param only through later steps).
+stored value unbiased: E[stored] = the value. Two exceptions keep the update bounded: a non-zero v never rounds to
+the code 0 (below the smallest code it is stored as the smallest code: the update of a coordinate whose v is tiny
+beside its block's largest is then smaller than float32's, never a division by ε), and m's codes reach further down
+than √v's, so that a tiny m is not stored as a much larger one. A step computes the update in float32 from the
+moments it has just computed, before they are quantized (the quantization error reaches the param only through
+later steps).
 
-A block with an inf or NaN moment gets a non-finite scale: the whole block then reads as NaN.
+A block with an inf or NaN moment gets a non-finite scale: the whole block then reads as NaN. A block whose largest
+magnitude is below float32's smallest normal number (1.2e-38) is stored as zeros.
 
 Executors call :func:`update_8bit` (torch ops: the for-loop, foreach, capturable, ``torch.compile`` and accelerator
 paths) or the C++ kernel's ``fused_step_8bit_`` (fused, CPU), which follows the same rules.
@@ -63,58 +69,69 @@ def blocks_of(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
-def _padded_blocks(x: Tensor) -> Tensor:
-    """``x`` flattened in memory order, zero-padded to whole blocks, as (blocks, BLOCK)."""
-    flat = x.reshape(-1)
-    pad = blocks_of(flat.numel()) * BLOCK - flat.numel()
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, BLOCK)
+def _per_block(flat: Tensor, values: Tensor, op: Any) -> Tensor:
+    """``op(element, its block's value)`` over a flat tensor: the whole blocks as (blocks, BLOCK) against a column of
+    values, the last, shorter block apart. (No padding: TorchInductor miscompiles the indexing a padded last block
+    needs on the CPU, torch 2.13.)"""
+    n = flat.numel()
+    whole = n - n % BLOCK
+    blocks = whole // BLOCK
+    head = op(flat[:whole].view(-1, BLOCK), values[:blocks].view(-1, 1)).reshape(-1)
+    return torch.cat([head, op(flat[whole:], values[blocks:])])
+
+
+def _block_max(magnitude: Tensor) -> Tensor:
+    """Each block's largest element of a flat non-negative tensor (NaN where a block holds one)."""
+    n = magnitude.numel()
+    whole = n - n % BLOCK
+    head = magnitude[:whole].view(-1, BLOCK).amax(1)
+    tail = magnitude[whole:].amax(0, keepdim=True) if n > whole else magnitude.new_empty(0)
+    return torch.cat([head, tail])
+
+
+def _code_value(q: Tensor, signed: bool) -> Tensor:
+    """The magnitude a code ``q`` ≥ 0 stands for, relative to its block's scale: (q/127)⁴ for m, (q/255)⁴ for v."""
+    r = q * (1.0 / (_SIGNED_LEVELS if signed else _UNSIGNED_LEVELS))
+    r = r * r
+    return r * r
 
 
 def dequantize(codes: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """The moment that int8 (m) or uint8 (v) ``codes`` and their blocks' ``scales`` hold, in ``dtype``, shaped like the
     codes."""
-    q = _padded_blocks(codes).to(dtype)
+    flat = codes.reshape(-1).to(dtype)
     if codes.dtype == torch.int8:
-        value = q * q.abs() * (1.0 / (_SIGNED_LEVELS * _SIGNED_LEVELS))
+        relative = _code_value(flat.abs(), signed=True)
+        relative = torch.where(flat < 0, -relative, relative)
     else:
-        r = q * (1.0 / _UNSIGNED_LEVELS)
-        r = r * r
-        value = r * r
-    value = value * scales.to(dtype).view(-1, 1)
-    return value.reshape(-1)[: codes.numel()].view(codes.shape)
-
-
-def _code_value(q: Tensor, signed: bool) -> Tensor:
-    """The value of code ``q`` (≥ 0) relative to its block's scale: (q/127)² for m, (q/255)⁴ for v."""
-    r = q * (1.0 / (_SIGNED_LEVELS if signed else _UNSIGNED_LEVELS))
-    r = r * r
-    return r if signed else r * r
+        relative = _code_value(flat, signed=False)
+    return _per_block(relative, scales.to(dtype), torch.mul).view(codes.shape)
 
 
 def quantize(x: Tensor, signed: bool, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``x`` (float) as codes (int8 when ``signed``, else uint8, shaped like ``x``) and float32 block scales, each
-    element rounded stochastically to one of its two neighbouring codes so that the stored value is unbiased.
-    ``noise``: int32 values uniform in [0, 2^16), shaped like ``x`` (drawn here when not given)."""
-    blocks = _padded_blocks(x.detach().to(torch.float32))
-    magnitude = blocks.abs()
-    scales = magnitude.amax(dim=1)  # inf or NaN when the block holds one: the block then reads as NaN
-    inverse = torch.where(scales > 0, 1.0 / scales, 0.0).view(-1, 1)
-    r = magnitude * inverse  # in [0, 1] (a rounding above 1 is handled by the clamp of the code below)
+    element rounded stochastically to one of its two neighbouring codes so that the stored value is unbiased (but a
+    non-zero v below the smallest code, which is stored as the smallest code). ``noise``: int32 values uniform in
+    [0, 2^16), shaped like ``x`` (drawn here when not given)."""
+    flat = x.detach().reshape(-1).to(torch.float32)
+    magnitude = flat.abs()
+    scales = _block_max(magnitude)  # inf or NaN when the block holds one: the block then reads as NaN
+    # blocks of zeros, and blocks whose largest is subnormal (1/scale would overflow): codes 0
+    inverse = torch.where(scales >= torch.finfo(torch.float32).tiny, 1.0 / scales, 0.0)
+    r = _per_block(magnitude, inverse, torch.mul)  # in [0, 1] (a rounding above 1 is handled by the clamp below)
     levels = _SIGNED_LEVELS if signed else _UNSIGNED_LEVELS
-    root = r.sqrt() if signed else r.sqrt().sqrt()
-    low = (root * levels).floor_().clamp_(0, levels - 1)
+    low = (r.sqrt().sqrt() * levels).floor_().clamp_(0, levels - 1)
     low_value, high_value = _code_value(low, signed), _code_value(low + 1, signed)
     if noise is None:
-        noise = torch.randint(0, 1 << 16, blocks.shape, dtype=torch.int32, device=blocks.device)
-    else:
-        noise = _padded_blocks(noise)
+        noise = torch.randint(0, 1 << 16, flat.shape, dtype=torch.int32, device=flat.device)
     # up with probability (r − low)/(high − low), i.e. noise/2^16 below it: multiplied out, no division
-    up = noise.to(torch.float32) * (high_value - low_value) < (r - low_value) * 65536.0
+    up = noise.reshape(-1).to(torch.float32) * (high_value - low_value) < (r - low_value) * 65536.0
     q = low.add_(up).nan_to_num_(0.0)
-    codes = torch.where(blocks < 0, -q, q).to(torch.int8) if signed else q.to(torch.uint8)
-    return codes.reshape(-1)[: x.numel()].view(x.shape), scales
+    if signed:
+        codes = torch.where(flat < 0, -q, q).to(torch.int8)
+    else:
+        codes = torch.where((q == 0) & (r > 0), 1.0, q).to(torch.uint8)  # a non-zero v is never 0
+    return codes.view(x.shape), scales
 
 
 def update_8bit(

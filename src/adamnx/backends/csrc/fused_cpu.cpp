@@ -500,28 +500,28 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
 
 // ---- 8-bit moments (adamnx/quantized.py: the format, and the same rules in torch ops) ----
 //
-// m and v are one-byte codes with one float32 scale per block of kQuantBlock elements: m = scale·q·|q|/127²
+// m and v are one-byte codes with one float32 scale per block of kQuantBlock elements: m = scale·sign(q)·(|q|/127)⁴
 // (int8), v = scale·(c/255)⁴ (uint8). A block is decoded, updated (adamnx_update, in float32), its new scales taken
 // (the largest magnitudes), and encoded again, each element rounded stochastically to one of its two neighbouring
 // codes with the probabilities that keep the stored value unbiased (AdamNX's 1 − β̂2_t ≈ 1/t would stall v under
-// round-to-nearest). A block with an inf or NaN moment gets a NaN scale. Threads split the step's blocks: a block
-// is never shared.
+// round-to-nearest), but a non-zero v is never stored as 0 (the update would divide by ε). A block with an inf or
+// NaN moment gets a NaN scale; a block whose largest is subnormal is stored as zeros. Threads split the step's
+// blocks: a block is never shared.
 constexpr int64_t kQuantBlock = 256;
 
-// x ≥ 0 relative to its block's scale (r = x / scale in [0, 1]) as a code of `levels` with the power law `kPower`
-// (2: r = (q/levels)², 4: r = (q/levels)⁴), rounded up with probability (r − low value)/(gap) from 16 random bits.
-template <int kPower>
+// The magnitude a code q ≥ 0 of `levels` stands for, relative to its block's scale: (q/levels)⁴.
+inline float code_value(float q, float unit) {
+  float r = q * unit;
+  r = r * r;
+  return r * r;
+}
+
+// x ≥ 0 relative to its block's scale (r = x / scale in [0, 1]) as a code of `levels`, r = (q/levels)⁴, rounded up
+// with probability (r − low value)/(gap) from 16 random bits (adamnx.quantized.quantize's rule).
 inline float encode_stochastic(float r, float levels, uint32_t random16) {
-  const float root = kPower == 2 ? std::sqrt(r) : std::sqrt(std::sqrt(r));
-  const float low = std::min(std::floor(root * levels), levels - 1.0f);
+  const float low = std::min(std::floor(std::sqrt(std::sqrt(r)) * levels), levels - 1.0f);
   const float unit = 1.0f / levels;  // a constant: no division per element
-  float lo = low * unit, hi = (low + 1.0f) * unit;
-  lo = lo * lo;
-  hi = hi * hi;
-  if (kPower == 4) {
-    lo = lo * lo;
-    hi = hi * hi;
-  }
+  const float lo = code_value(low, unit), hi = code_value(low + 1.0f, unit);
   // up with probability (r − lo)/(hi − lo): random16/2^16 < that, without a division
   return static_cast<float>(static_cast<int32_t>(random16)) * (hi - lo) < (r - lo) * 65536.0f ? low + 1.0f : low;
 }
@@ -546,13 +546,14 @@ void update_8bit_block(P* __restrict__ param, const P* __restrict__ grad, int8_t
                        uint8_t* __restrict__ v_codes, float* m_scale, float* v_scale, int64_t begin, int64_t n,
                        const Weights<float>& w, const StepScalars<float>& s, uint32_t key) {
   float m[kQuantBlock], v[kQuantBlock];
-  const float m_unit = *m_scale * (1.0f / (127.0f * 127.0f)), v_unit = *v_scale;
-  for (int64_t j = 0; j < n; ++j) {  // decode, update
+  const float m_block = *m_scale, v_block = *v_scale;
+  for (int64_t j = 0; j < n; ++j) {  // decode (as adamnx.quantized.dequantize: relative value, then the scale), update
     const int64_t i = begin + j;
     const float q = static_cast<float>(static_cast<int32_t>(m_codes[i]));
-    float c = static_cast<float>(static_cast<int32_t>(v_codes[i])) * (1.0f / 255.0f);
-    c = c * c;
-    float p = static_cast<float>(param[i]), mj = q * std::fabs(q) * m_unit, vj = c * c * v_unit;
+    const float c = static_cast<float>(static_cast<int32_t>(v_codes[i]));
+    float p = static_cast<float>(param[i]);
+    float mj = std::copysign(code_value(std::fabs(q), 1.0f / 127.0f), q) * m_block;
+    float vj = code_value(c, 1.0f / 255.0f) * v_block;
     adamnx_update<float, kLowWeight>(p, mj, vj, static_cast<float>(grad[i]) * s.grad_factor, w, s);
     if constexpr (kStochastic) {
       param[i] = round_stochastic(p, mix32(mix32(static_cast<uint32_t>(i) ^ key) ^ 0x9e3779b9u));
@@ -574,12 +575,16 @@ void update_8bit_block(P* __restrict__ param, const P* __restrict__ grad, int8_t
     return;
   }
   const float m_largest = from_bits(m_max), v_largest = from_bits(v_max);
-  const float m_inverse = m_max ? 1.0f / m_largest : 0.0f, v_inverse = v_max ? 1.0f / v_largest : 0.0f;
+  // blocks of zeros, and blocks whose largest is subnormal (1/scale would overflow): codes 0
+  constexpr float kSmallestNormal = std::numeric_limits<float>::min();
+  const float m_inverse = m_largest >= kSmallestNormal ? 1.0f / m_largest : 0.0f;
+  const float v_inverse = v_largest >= kSmallestNormal ? 1.0f / v_largest : 0.0f;
   for (int64_t j = 0; j < n; ++j) {  // encode, rounding stochastically
     const uint32_t random = mix32(static_cast<uint32_t>(begin + j) ^ key);
     const float rm = std::min(std::fabs(m[j]) * m_inverse, 1.0f), rv = std::min(v[j] * v_inverse, 1.0f);
-    const float qm = encode_stochastic<2>(rm, 127.0f, random & 0xffffu);
-    const float qv = encode_stochastic<4>(rv, 255.0f, random >> 16);
+    const float qm = encode_stochastic(rm, 127.0f, random & 0xffffu);
+    // a non-zero v is never 0 (a max, not a branch: the loop stays vectorised)
+    const float qv = std::max(encode_stochastic(rv, 255.0f, random >> 16), rv > 0.0f ? 1.0f : 0.0f);
     m_codes[begin + j] = static_cast<int8_t>(static_cast<int32_t>(std::copysign(qm, m[j])));
     v_codes[begin + j] = static_cast<uint8_t>(static_cast<int32_t>(qv));
   }
