@@ -10,6 +10,6 @@ peak=${2:-}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$out/device.txt"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fused_amp.py 2>&1 | tee "$out/gpu_tests.log"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fused_amp.py tests/test_8bit.py 2>&1 | tee "$out/gpu_tests.log"
 python3 -m adamnx perf --device cuda --sizes 1e7,1e8,3e8 --shapes large,small --reps 30 --rounds 2 \
     --memory-size 1e8 ${peak:+--peak-gbps "$peak"} --out "$out" 2>&1 | tee "$out/perf.log"

@@ -515,3 +515,33 @@ def test_codes_loaded_with_other_strides_are_kept_contiguous():
     other.load_state_dict(saved)
     state = next(iter(other.state.values()))
     assert state["exp_avg"].is_contiguous() and torch.equal(state["exp_avg"], opt.state[params[0]]["exp_avg"])
+
+
+# --------------------------------------------------------------------------- CUDA (skipped without it)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{"fused": True}, {"foreach": True}, {"capturable": True}])
+def test_cuda_8bit_tracks_float32_and_steps_a_partial_last_block(options):
+    """On CUDA: fused=True compiles update_8bit with Triton; v's mean tracks float32 state, and a 1-D param with a
+    partial last block moves everywhere like the float32 run."""
+    grads = [g.cuda() for g in _unit_gaussian_grads(600, change_at=300, n=5000)]
+    means = {}
+    for name, factory in (
+        ("exact", lambda ps: AdamNX(ps, foreach=False)),
+        ("8bit", lambda ps: AdamNX8bit(ps, **options)),
+    ):
+        p = torch.nn.Parameter(torch.zeros(5000, device="cuda"))
+        opt = factory([p])
+        means[name] = []
+        for grad in grads:
+            p.grad = grad.clone()
+            opt.step()
+            means[name].append(_values(opt.state[p])[1].mean().item())
+    assert opt.state[p]["exp_avg"].dtype == torch.int8
+    for t in (299, 599):
+        assert means["8bit"][t] == pytest.approx(means["exact"][t], rel=0.03), t
+    assert (p.detach() != 0).all()
