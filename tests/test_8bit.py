@@ -545,3 +545,44 @@ def test_cuda_8bit_tracks_float32_and_steps_a_partial_last_block(options):
     for t in (299, 599):
         assert means["8bit"][t] == pytest.approx(means["exact"][t], rel=0.03), t
     assert (p.detach() != 0).all()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_compiled_step_of_a_channels_last_model_with_a_partial_last_block(foreach):
+    """torch.compile(opt.step) on a channels_last conv and a 5,000-element bias: it compiles and trains (the
+    update's working copies kept the param's strides, tracing stopped there and inductor failed to lower the
+    rest, found by review)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 32, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 5000)
+    ).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 8, 8).to(memory_format=torch.channels_last)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = AdamNX8bit(model.parameters(), lr=1e-3, foreach=foreach)
+    step = torch.compile(opt.step)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        step()
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.int8 and model[0].weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    for p, p0 in zip(model.parameters(), start):
+        assert torch.isfinite(p).all() and (p != p0).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("impl", ["for-loop", "fused"])
+def test_an_overflow_of_v_makes_its_block_of_v_nan_and_leaves_m_alone_on_both_paths(impl):
+    """A gradient of 1e20 (g² overflows float32): v's block gets a NaN scale on every path (the kernel and the torch
+    ops follow one rule), m's block stays finite. (float32 state confines it to the element: documented.)"""
+    p = torch.nn.Parameter(torch.zeros(2 * BLOCK))
+    opt = make(impl, [p], lr=1e-3, min_8bit_size=BLOCK)
+    grad = torch.ones(2 * BLOCK)
+    grad[3] = 1e20
+    p.grad = grad
+    opt.step()
+    state = opt.state[p]
+    assert state["exp_avg_sq_absmax"][0].isnan() and state["exp_avg_sq_absmax"][1] == 1.0
+    assert torch.isfinite(state["exp_avg_absmax"]).all()
+    assert (state["exp_avg_sq"][:BLOCK] == 0).all() and (state["exp_avg"][:BLOCK] != -128).all()

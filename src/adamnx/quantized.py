@@ -20,8 +20,10 @@ than √v's, so that a tiny m is not stored as a much larger one. A step compute
 moments it has just computed, before they are quantized (the quantization error reaches the param only through
 later steps).
 
-A block with an inf or NaN moment gets a non-finite scale: the whole block then reads as NaN. A block whose largest
-magnitude is below float32's smallest normal number (1.2e-38) is stored as zeros.
+A block of a moment with an inf or NaN gets a NaN scale: the whole block of that moment then reads as NaN, and the
+next step writes NaN into the block's 256 params (float32 state confines an overflow of v, g² above 3.4e38, to its
+element, whose update becomes 0). A block whose largest magnitude is below float32's smallest normal number (1.2e-38)
+is stored as zeros.
 
 Executors call :func:`update_8bit` (torch ops: the for-loop, foreach, capturable, ``torch.compile`` and accelerator
 paths) or the C++ kernel's ``fused_step_8bit_`` (fused, CPU), which follows the same rules.
@@ -58,7 +60,9 @@ BLOCK = 256
 MIN_SIZE = 4096
 """Params with fewer elements keep float32 moments (biases, norms: their state is a rounding error of the total)."""
 QUANTIZED_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
-"""The state entries that mark a param's moments as 8-bit codes (their blocks' scales)."""
+"""The state entries that mark a param's moments as 8-bit codes (their blocks' scales). The format has no version
+entry: this is its first. A future format must add one (a new key), which this version's loader refuses as unknown:
+an old version then refuses a new checkpoint loudly instead of reading its codes with the wrong map."""
 
 _SIGNED_LEVELS, _UNSIGNED_LEVELS = 127, 255
 _CODE_DTYPES = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
@@ -115,7 +119,9 @@ def quantize(x: Tensor, signed: bool, noise: Tensor | None = None) -> tuple[Tens
     [0, 2^16), shaped like ``x`` (drawn here when not given)."""
     flat = x.detach().reshape(-1).to(torch.float32)
     magnitude = flat.abs()
-    scales = _block_max(magnitude)  # inf or NaN when the block holds one: the block then reads as NaN
+    scales = _block_max(magnitude)
+    # a block holding inf or NaN: a NaN scale (the block then reads as NaN), as the C++ kernel stores it
+    scales = torch.where(torch.isfinite(scales), scales, torch.nan)
     # blocks of zeros, and blocks whose largest is subnormal (1/scale would overflow): codes 0
     inverse = torch.where(scales >= torch.finfo(torch.float32).tiny, 1.0 / scales, 0.0)
     r = _per_block(magnitude, inverse, torch.mul)  # in [0, 1] (a rounding above 1 is handled by the clamp below)
@@ -156,10 +162,13 @@ def update_8bit(
     value leaves everything as it was."""
     from adamnx.update import stochastic_round_to_bf16
 
-    theta = param.to(dtype, copy=True)
+    # contiguous working copies whatever the param's layout (channels_last): the codes and blocks are row-major, and
+    # an update written in place into a strided copy stops torch.compile's tracing (then inductor fails to lower)
+    theta = param.to(dtype, memory_format=torch.contiguous_format, copy=True)
     m = dequantize(exp_avg, exp_avg_absmax, dtype)
     v = dequantize(exp_avg_sq, exp_avg_sq_absmax, dtype)
-    theta, m, v = update(theta, grad.to(dtype), m, v, weights, lr, weight_decay, eps, in_place=True)
+    g = grad.to(dtype, memory_format=torch.contiguous_format)
+    theta, m, v = update(theta, g, m, v, weights, lr, weight_decay, eps, in_place=True)
     bits = torch.randint(-(1 << 31), 1 << 31, m.shape, dtype=torch.int32, device=m.device)
     m_codes, m_scales = quantize(m, signed=True, noise=bits & 0xFFFF)
     v_codes, v_scales = quantize(v, signed=False, noise=(bits >> 16) & 0xFFFF)

@@ -568,13 +568,14 @@ void update_8bit_block(P* __restrict__ param, const P* __restrict__ grad, int8_t
     m_max = std::max(m_max, magnitude_bits(m[j]));
     v_max = std::max(v_max, magnitude_bits(v[j]));
   }
-  if (m_max >= 0x7f800000u || v_max >= 0x7f800000u) {  // inf or NaN: the block reads as NaN (the torch path's too)
-    *m_scale = *v_scale = std::numeric_limits<float>::quiet_NaN();
-    std::fill(m_codes + begin, m_codes + begin + n, int8_t(0));
-    std::fill(v_codes + begin, v_codes + begin + n, uint8_t(0));
-    return;
-  }
-  const float m_largest = from_bits(m_max), v_largest = from_bits(v_max);
+  // A moment's block holding inf or NaN: a NaN scale and codes 0 (the block of that moment reads as NaN), as
+  // adamnx.quantized.quantize stores it; the other moment is stored as usual.
+  constexpr uint32_t kNonFinite = 0x7f800000u;
+  const bool m_finite = m_max < kNonFinite, v_finite = v_max < kNonFinite;
+  const float m_largest = m_finite ? from_bits(m_max) : 0.0f, v_largest = v_finite ? from_bits(v_max) : 0.0f;
+  // a non-finite block's values are encoded as zeros: codes 0, never a conversion of NaN to an integer
+  if (!m_finite) std::fill(m, m + n, 0.0f);
+  if (!v_finite) std::fill(v, v + n, 0.0f);
   // blocks of zeros, and blocks whose largest is subnormal (1/scale would overflow): codes 0
   constexpr float kSmallestNormal = std::numeric_limits<float>::min();
   const float m_inverse = m_largest >= kSmallestNormal ? 1.0f / m_largest : 0.0f;
@@ -588,8 +589,8 @@ void update_8bit_block(P* __restrict__ param, const P* __restrict__ grad, int8_t
     m_codes[begin + j] = static_cast<int8_t>(static_cast<int32_t>(std::copysign(qm, m[j])));
     v_codes[begin + j] = static_cast<uint8_t>(static_cast<int32_t>(qv));
   }
-  *m_scale = m_largest;
-  *v_scale = v_largest;
+  *m_scale = m_finite ? m_largest : std::numeric_limits<float>::quiet_NaN();
+  *v_scale = v_finite ? v_largest : std::numeric_limits<float>::quiet_NaN();
 }
 
 struct Step8bit {
