@@ -53,8 +53,7 @@ class AdamNX8bit(AdamNX):
     ) -> None:
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 1:
             raise ValueError(f"min_8bit_size must be a positive int, got {min_8bit_size!r}")
-        if options.get("differentiable"):
-            raise ValueError("AdamNX8bit does not support differentiable=True: its 8-bit codes have no gradient")
+        # (the options each group may not have, differentiable=True among them, are refused in add_param_group)
         self.min_8bit_size = min_8bit_size
         super().__init__(params, lr, betas, eps, weight_decay, **options)
 

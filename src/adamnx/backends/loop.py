@@ -49,11 +49,8 @@ def execute(plan: StepPlan) -> None:
 def _pieces(plan: StepPlan, bucket: Bucket, i: int, tensors: list[Tensor]) -> list[tuple[list[Tensor], Weights]]:
     """The tensor, or pieces of it, with its weights in the form the plan gives them (scalars, per row, per element)."""
     guard = bucket.guard
-    if plan.on_device:
-        step = bucket.steps[i] if guard is None else guard.device_counts(i, bucket.steps[i]).clamp_min(1)
-        weights = device_coefficients(step, bucket.betas, bucket.math_dtype)
-    elif guard is None or guard.layouts[i] == TENSOR:
-        weights = bucket.scalar_coefficients(i)
+    if plan.on_device or guard is None or guard.layouts[i] == TENSOR:
+        weights = _whole_weights(plan, bucket, i)
     elif guard.layouts[i] == ROW and not (bucket.wider or plan.differentiable):
         return in_row_pieces(tensors, bucket.row_coefficients(i))  # small temporaries (g·w2 per row)
     elif plan.differentiable:
@@ -74,16 +71,7 @@ def execute_8bit(plan: StepPlan, bucket: Bucket, indices: Iterable[int], lr: Any
     hp = plan.hp
     sign = -grad_factor if hp.maximize else grad_factor
     for i in indices:
-        guard = bucket.guard
-        if plan.on_device:
-            step = bucket.steps[i] if guard is None else guard.device_counts(i, bucket.steps[i]).clamp_min(1)
-            weights = device_coefficients(step, bucket.betas, bucket.math_dtype)
-        elif guard is None or guard.layouts[i] == TENSOR:
-            weights = bucket.scalar_coefficients(i)
-        elif guard.layouts[i] == ROW:
-            weights = bucket.row_coefficients(i)
-        else:
-            weights = bucket.element_coefficients(i)
+        weights = _whole_weights(plan, bucket, i)
         grad = bucket.grads[i] if sign == 1.0 else bucket.grads[i].to(bucket.math_dtype) * sign
         tensors = [bucket.params[i], grad, bucket.exp_avgs[i], bucket.exp_avg_sqs[i], *bucket.scales[i]]
         for (p, g, m, v, m_scales, v_scales), piece_weights in _block_pieces(tensors, weights, plan.on_device):
@@ -91,6 +79,18 @@ def execute_8bit(plan: StepPlan, bucket: Bucket, indices: Iterable[int], lr: Any
                 p, g, m, v, m_scales, v_scales, piece_weights, lr, hp.weight_decay, hp.eps,
                 dtype=bucket.math_dtype, stochastic=bucket.stochastic,
             )  # fmt: skip
+
+
+def _whole_weights(plan: StepPlan, bucket: Bucket, i: int) -> Weights:
+    """Tensor ``i``'s weights for the whole tensor, in the plan's form: from its step (or counts) on the device, else
+    scalars, one set per row, or one per element."""
+    guard = bucket.guard
+    if plan.on_device:
+        step = bucket.steps[i] if guard is None else guard.device_counts(i, bucket.steps[i]).clamp_min(1)
+        return device_coefficients(step, bucket.betas, bucket.math_dtype)
+    if guard is None or guard.layouts[i] == TENSOR:
+        return bucket.scalar_coefficients(i)
+    return bucket.row_coefficients(i) if guard.layouts[i] == ROW else bucket.element_coefficients(i)
 
 
 def _block_pieces(tensors: list[Tensor], weights: Weights, on_device: bool) -> list[tuple[list[Tensor], Weights]]:
