@@ -268,11 +268,170 @@ def ddp_8bit(rank, world, out):
     _save_params(model.module, out, rank, {"ranks_agree": all(torch.equal(g, gathered[0]) for g in gathered)})
 
 
+def make_8bit_model() -> nn.Module:
+    """float32 layers whose weights AdamNX8bit quantizes (min_8bit_size=256): 64×64 (two shards of 2,048 elements,
+    whole blocks), 50×64 (shards of 1,600: each ends in a partial block) and 2×64 (float state)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 50), nn.Tanh(), nn.Linear(50, 2))
+
+
+def batch_8bit(step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2000 + step)
+    x, y = torch.randn(GLOBAL_BATCH, 64, generator=g), torch.randn(GLOBAL_BATCH, 2, generator=g)
+    per = GLOBAL_BATCH // world
+    return x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+
+
+def train_8bit(model, opt, steps: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
+    """Every step seeds the random numbers the 8-bit rounding draws (the same on every rank and after a restart)."""
+    for step in range(start, start + steps):
+        x, y = batch_8bit(step, rank, world)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        torch.manual_seed(100 + step)
+        opt.step()
+
+
+def _fsdp_8bit(**opt_kwargs):
+    from torch.distributed.fsdp import fully_shard
+
+    from adamnx import AdamNX8bit
+
+    model = make_8bit_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, AdamNX8bit(model.parameters(), lr=LR, min_8bit_size=256, **opt_kwargs)
+
+
+def _8bit_layout(model, opt) -> dict:
+    """What the state of the two quantized weights looks like on this rank."""
+    out = {}
+    for name, layer in (("first", model[0]), ("second", model[2])):
+        state = opt.state[layer.weight]
+        out[name] = {
+            "codes": [type(state["exp_avg"]).__name__, list(state["exp_avg"].shape), str(state["exp_avg"].dtype)],
+            "scales": [type(state["exp_avg_absmax"]).__name__, list(state["exp_avg_absmax"].shape)],
+            "local_scales": list(state["exp_avg_absmax"].to_local().shape),
+        }
+    return out
+
+
+def fsdp2_8bit(rank, world, out, **opt_kwargs):
+    """AdamNX8bit on FSDP2's shards: each rank's blocks are its own."""
+    model, opt = _fsdp_8bit(**opt_kwargs)
+    train_8bit(model, opt, STEPS, rank=rank, world=world)
+    _save_params(model, out, rank, _8bit_layout(model, opt))
+
+
+def fsdp2_8bit_fused(rank, world, out):
+    fsdp2_8bit(rank, world, out, fused=True)
+
+
+def fsdp2_8bit_foreach(rank, world, out):
+    fsdp2_8bit(rank, world, out, foreach=True)
+
+
+def fsdp2_8bit_guarded(rank, world, out):
+    """With the late-activation guard: a DTensor's lags are per element, so the kernel hands it to the torch ops."""
+    fsdp2_8bit(rank, world, out, fused=True, per_coordinate_steps=True)
+
+
+def dcp_save_8bit(rank, world, out):
+    """Half the training, a distributed checkpoint; and, apart, the whole training uninterrupted (params.pt)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt = _fsdp_8bit(fused=True)
+    train_8bit(model, opt, STEPS // 2, rank=rank, world=world)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "ckpt"))
+    train_8bit(model, opt, STEPS - STEPS // 2, start=STEPS // 2, rank=rank, world=world)
+    _save_params(model, out, rank)
+    if rank == 0:
+        (out / "params.pt").rename(out / "uninterrupted.pt")
+
+
+def dcp_load_8bit(rank, world, out):
+    """New processes load the checkpoint and finish the training: the uninterrupted run's params, bitwise. With
+    another number of processes the load is refused (the blocks are another sharding's) and the state untouched."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt = _fsdp_8bit(fused=True)
+    model_sd, optim_sd = get_state_dict(model, opt)  # the fake step creates the state
+    before = {k: v.to_local().clone() for s in opt.state.values() for k, v in s.items() if k != "step"}
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=str(out / "ckpt"))
+    except (Exception, CheckpointException) as exc:  # another world size (CheckpointException is a BaseException)
+        after = {k: v.to_local() for s in opt.state.values() for k, v in s.items() if k != "step"}
+        untouched = all(torch.equal(before[k], after[k]) for k in before)
+        _save_params(model, out, rank, {"refused": f"{type(exc).__name__}: {exc}", "untouched": untouched})
+        return
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    steps = sorted({int(s["step"]) for s in opt.state.values()})
+    train_8bit(model, opt, STEPS - STEPS // 2, start=STEPS // 2, rank=rank, world=world)
+    _save_params(model, out, rank, {"steps_after_load": steps, **_8bit_layout(model, opt)})
+
+
+def fsdp2_8bit_conversions_and_refusals(rank, world, out):
+    """On FSDP2's shards: an AdamNX state dict loads into AdamNX8bit (quantized shard by shard) and back (exact); what
+    does not fit is refused with the optimizer untouched."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from adamnx import AdamNX, AdamNX8bit, quantized
+
+    model, opt8 = _fsdp_8bit(fused=True)
+    opt32 = AdamNX(model.parameters(), lr=LR)
+    train_8bit(model, opt32, 3, rank=rank, world=world)
+    weight = model[0].weight
+    found: dict = {}
+    opt8.load_state_dict(opt32.state_dict())  # float32 → 8-bit
+    state = opt8.state[weight]
+    m32 = opt32.state[weight]["exp_avg"].to_local()
+    m8, v8 = (t.to_local() for t in quantized.moments_of(state))
+    scale = state["exp_avg_absmax"].to_local()
+    found["to_8bit"] = [type(state["exp_avg"]).__name__, list(state["exp_avg_absmax"].shape)]
+    found["within_one_code"] = bool(((m8 - m32).abs() <= 4 / 127 * scale.max() + 1e-12).all())
+    back = AdamNX(model.parameters(), lr=LR)
+    back.load_state_dict(opt8.state_dict())  # 8-bit → float32: the dequantized values, exactly
+    found["back_exact"] = bool(torch.equal(back.state[weight]["exp_avg_sq"].to_local(), v8))
+    found["back_type"] = type(back.state[weight]["exp_avg"]).__name__
+    # refused, nothing changed: 8-bit state of an unsharded model (other blocks)
+    before = {k: v.to_local().clone() for k, v in opt8.state[weight].items() if k != "step"}
+    plain_model = make_8bit_model()
+    plain = AdamNX8bit(plain_model.parameters(), lr=LR, min_8bit_size=256)
+    train_8bit(plain_model, plain, 1)
+    try:
+        opt8.load_state_dict(plain.state_dict())
+        found["plain_refused"] = None
+    except ValueError as exc:
+        found["plain_refused"] = str(exc)
+    found["untouched"] = all(torch.equal(before[k], v.to_local()) for k, v in opt8.state[weight].items() if k != "step")
+    # a DTensor sharded along dim 1 (tensor parallel's column shards): refused at construction
+    column = torch.nn.Parameter(distribute_tensor(torch.randn(64, 64), weight.device_mesh, [Shard(1)]))
+    try:
+        AdamNX8bit([column], min_8bit_size=256)
+        found["columns_refused"] = None
+    except ValueError as exc:
+        found["columns_refused"] = str(exc)
+    _save_params(model, out, rank, found)
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
         ddp,
         ddp_8bit,
+        fsdp2_8bit_fused,
+        fsdp2_8bit_foreach,
+        fsdp2_8bit_guarded,
+        dcp_save_8bit,
+        dcp_load_8bit,
+        fsdp2_8bit_conversions_and_refusals,
         ddp_gradient_release,
         fsdp2,
         fsdp2_fused,

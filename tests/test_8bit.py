@@ -226,7 +226,13 @@ def test_a_checkpoint_round_trips_bitwise_and_the_run_continues_bitwise(impl):
     saved_params = [p.detach().clone() for p in params]
     buffer = io.BytesIO()
     torch.save(saved, buffer)
-    assert set(saved["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"}
+    assert set(saved["state"][0]) == {
+        "step",
+        "exp_avg_codes",
+        "exp_avg_sq_codes",
+        "exp_avg_absmax",
+        "exp_avg_sq_absmax",
+    }
     torch.manual_seed(7)
     _steps(opt, params, 4, seed=2)
     restored_params = [torch.nn.Parameter(p.clone()) for p in saved_params]
@@ -270,20 +276,75 @@ def test_float_checkpoints_convert_into_8bit_and_back():
     assert torch.isfinite(w).all()
 
 
+def test_state_dicts_of_the_first_8bit_version_still_load():
+    """The first version saved the codes under exp_avg/exp_avg_sq (as the state keeps them): they load into
+    AdamNX8bit (the same state, bitwise) and into AdamNX (dequantized)."""
+    opt, params = _trained("for-loop")
+    saved = copy.deepcopy(opt.state_dict())
+    legacy = {
+        **saved,
+        "state": {pid: {{"exp_avg_codes": "exp_avg", "exp_avg_sq_codes": "exp_avg_sq"}.get(k, k): v
+                        for k, v in p_state.items()} for pid, p_state in saved["state"].items()},
+    }  # fmt: skip
+    assert legacy["state"][0]["exp_avg"].dtype == torch.int8
+    other = AdamNX8bit([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
+    other.load_state_dict(legacy)
+    for key, value in other.state_dict()["state"][0].items():
+        assert torch.equal(value, saved["state"][0][key]), key
+    back = AdamNX([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
+    back.load_state_dict(legacy)
+    state = opt.state[params[0]]
+    assert torch.equal(back.state_dict()["state"][0]["exp_avg"], dequantize(state["exp_avg"], state["exp_avg_absmax"]))
+
+
+@pytest.mark.parametrize("direction", ["8bit into float32", "float32 into 8bit"])
+def test_a_distributed_checkpoint_of_the_other_optimizer_is_refused_never_loaded_as_numbers(tmp_path, direction):
+    """torch.distributed.checkpoint fills the loading optimizer's state dict by key and casts what it finds: were the
+    codes saved as exp_avg, an AdamNX would load int8 codes as its moments (-96.0, 127.0, ...) without a word. The
+    codes' own names make the checkpoint miss the keys the other optimizer asks for, which DCP refuses."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    def make_opt(cls, model):
+        return cls(model.parameters(), lr=1e-2, **({"min_8bit_size": 256} if cls is AdamNX8bit else {}))
+
+    saving, loading = (AdamNX8bit, AdamNX) if direction == "8bit into float32" else (AdamNX, AdamNX8bit)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    source = make_opt(saving, model)
+    for _ in range(3):
+        model(torch.randn(8, 64)).square().sum().backward()
+        source.step()
+        source.zero_grad()
+    _, optim_sd = get_state_dict(model, source)
+    dcp.save({"optim": optim_sd}, checkpoint_id=str(tmp_path), no_dist=True)
+    target_model = torch.nn.Linear(64, 64)
+    target = make_opt(loading, target_model)
+    _, target_sd = get_state_dict(target_model, target)  # creates the state (torch's fake step)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(BaseException, match="Missing key"):  # (DCP raises a CheckpointException, a BaseException)
+        dcp.load({"optim": target_sd}, checkpoint_id=str(tmp_path), no_dist=True)
+    for key, value in target.state_dict()["state"][0].items():
+        assert torch.equal(value, before["state"][0][key]), key
+
+
 def _corruptions():
     def edit(key, fn):
         return lambda s: s.__setitem__(key, fn(s[key]))
 
     return {
-        "m as uint8": edit("exp_avg", lambda t: t.to(torch.uint8)),
-        "v as int8": edit("exp_avg_sq", lambda t: t.to(torch.int8)),
-        "codes of another shape": edit("exp_avg", lambda t: t.reshape(-1)),
-        "the code -128": edit("exp_avg", lambda t: torch.full_like(t, -128)),
+        "m as uint8": edit("exp_avg_codes", lambda t: t.to(torch.uint8)),
+        "v as int8": edit("exp_avg_sq_codes", lambda t: t.to(torch.int8)),
+        "codes of another shape": edit("exp_avg_codes", lambda t: t.reshape(-1)),
+        "the code -128": edit("exp_avg_codes", lambda t: torch.full_like(t, -128)),
         "a scale too few": edit("exp_avg_absmax", lambda t: t[:-1].clone()),
         "float64 scales": edit("exp_avg_sq_absmax", lambda t: t.double()),
         "a negative scale": edit("exp_avg_absmax", lambda t: -t),
         "a NaN scale": edit("exp_avg_sq_absmax", lambda t: torch.full_like(t, float("nan"))),
-        "scales without codes": lambda s: s.__setitem__("exp_avg", s["exp_avg"].float()) or s.pop("exp_avg_sq_absmax"),
+        "scales without codes": lambda s: (
+            s.__setitem__("exp_avg_codes", s["exp_avg_codes"].float()) or s.pop("exp_avg_sq_absmax")
+        ),
+        "codes under both names": lambda s: s.__setitem__("exp_avg", s["exp_avg_codes"].clone()),
         "a scale missing": lambda s: s.pop("exp_avg_sq_absmax"),
     }
 
@@ -508,7 +569,7 @@ def test_a_param_cast_after_its_state_exists_is_refused_until_the_state_is_conve
 def test_codes_loaded_with_other_strides_are_kept_contiguous():
     opt, params = _trained("fused")
     saved = copy.deepcopy(opt.state_dict())
-    for key in ("exp_avg", "exp_avg_sq"):
+    for key in ("exp_avg_codes", "exp_avg_sq_codes"):
         codes = saved["state"][0][key]
         saved["state"][0][key] = codes.t().contiguous().t()  # same values, column-major
     other = make("fused", [torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)

@@ -49,6 +49,72 @@ def test_ddp_with_8bit_state_matches_single_process(tmp_path):
         assert _rel(p, q.detach()) <= 1e-3
 
 
+def _8bit_reference(**opt_kwargs) -> list[torch.Tensor]:
+    """One process, full batches, the same seeds: AdamNX8bit's blocks over whole tensors."""
+    from adamnx import AdamNX8bit
+
+    model = dist_worker.make_8bit_model()
+    opt = AdamNX8bit(model.parameters(), lr=dist_worker.LR, min_8bit_size=256, **opt_kwargs)
+    dist_worker.train_8bit(model, opt, dist_worker.STEPS)
+    return [p.detach() for p in model.parameters()]
+
+
+_8BIT_RUNS = {"fused": {"fused": True}, "foreach": {"foreach": True},
+              "guarded": {"fused": True, "per_coordinate_steps": True}}  # fmt: skip
+
+
+@pytest.mark.parametrize("run", sorted(_8BIT_RUNS))
+def test_fsdp2_with_8bit_state_keeps_blocks_per_shard_and_matches_one_process(tmp_path, run):
+    """AdamNX8bit on FSDP2 (2 processes): codes are DTensors placed like the params, scales one row per shard (a
+    block never straddles two ranks). The run is as close to float32 AdamNX as one process's 8-bit run is (~2% of
+    how far the weights moved, measured as norms), and as close to that run: its blocks and random numbers differ
+    (the 50-row weight's shards each end in a partial block), so the 8-bit rounding's noise differs."""
+    from adamnx import AdamNX
+
+    torchrun(f"fsdp2_8bit_{run}", tmp_path)
+    layout = json.loads((tmp_path / "extra.json").read_text())
+    assert layout["first"] == {"codes": ["DTensor", [64, 64], "torch.int8"], "scales": ["DTensor", [2, 8]],
+                               "local_scales": [1, 8]}  # fmt: skip
+    assert layout["second"]["scales"] == ["DTensor", [2, 7]]  # 25 rows of 64: 6.25 blocks per shard
+    params = torch.load(tmp_path / "params.pt", weights_only=True)
+    one_process = _8bit_reference(**_8BIT_RUNS[run])
+    model = dist_worker.make_8bit_model()
+    guard = _8BIT_RUNS[run].get("per_coordinate_steps", False)
+    float32 = AdamNX(model.parameters(), lr=dist_worker.LR, per_coordinate_steps=guard)
+    dist_worker.train_8bit(model, float32, dist_worker.STEPS)
+    start = dist_worker.make_8bit_model().parameters()
+    for p, q, f, p0 in zip(params, one_process, model.parameters(), start):
+        moved = (f - p0).norm()
+        assert torch.isfinite(p).all()
+        assert (p - f).norm() <= 0.05 * moved and (q - f).norm() <= 0.05 * moved
+        assert (p - q).norm() <= 0.05 * moved
+
+
+def test_distributed_checkpoint_of_8bit_state_continues_bitwise_and_refuses_another_sharding(tmp_path):
+    torchrun("dcp_save_8bit", tmp_path)
+    torchrun("dcp_load_8bit", tmp_path)  # new processes: the restart
+    probe = json.loads((tmp_path / "extra.json").read_text())
+    assert probe["steps_after_load"] == [dist_worker.STEPS // 2]
+    assert probe["first"]["scales"] == ["DTensor", [2, 8]]
+    for p, q in zip(torch.load(tmp_path / "params.pt", weights_only=True),
+                    torch.load(tmp_path / "uninterrupted.pt", weights_only=True)):  # fmt: skip
+        assert torch.equal(p, q)
+    # one process: its one shard has other blocks (scales 1 × 16 against 2 × 8): DCP refuses, nothing is changed
+    torchrun("dcp_load_8bit", tmp_path, nproc=1)
+    probe = json.loads((tmp_path / "extra.json").read_text())
+    assert "Size mismatch" in probe["refused"] and "exp_avg_absmax" in probe["refused"]
+    assert probe["untouched"]
+
+
+def test_fsdp2_8bit_state_converts_from_and_to_float_and_refuses_what_does_not_fit(tmp_path):
+    torchrun("fsdp2_8bit_conversions_and_refusals", tmp_path)
+    found = json.loads((tmp_path / "extra.json").read_text())
+    assert found["to_8bit"] == ["DTensor", [2, 8]] and found["within_one_code"]
+    assert found["back_exact"] and found["back_type"] == "DTensor"
+    assert "plain tensor but the parameter is a DTensor" in found["plain_refused"] and found["untouched"]
+    assert "sharded along dim 0" in found["columns_refused"]
+
+
 def test_gradient_release_is_refused_under_ddp_and_changes_nothing(tmp_path):
     torchrun("ddp_gradient_release", tmp_path)
     assert "DDP" in json.loads((tmp_path / "extra.json").read_text())["refusal"]

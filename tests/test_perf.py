@@ -67,3 +67,31 @@ def test_first_step_probe_reports_time_and_memory(tmp_path):
     result = perf.probe("adamnx-fused", "large", 10_000, "cpu", cache_dir=str(tmp_path))
     assert result["first_step_s"] > 0 and "extra_bytes" in result
     assert any((tmp_path / "adamnx").glob("fused_cpu-*.so"))  # the cold probe built the kernel in its own cache
+
+
+def test_compact_state_candidates_keep_what_they_say_and_are_paired_with_fused_adamw():
+    """#23's speed table from `adamnx perf`: 8-bit and bf16 state against torch's fused AdamW with float32 state,
+    AdamNX's foreach with bf16 params against AdamW's foreach with bf16 params."""
+    import torch
+
+    builders = perf._candidates()
+    params = perf._make_params([(64, 64)], torch.device("cpu"))
+    opt = builders["adamnx-8bit-fused"](params)
+    opt.step()
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.int8
+    for name in ("adamnx-bf16-fused", "adamnx-bf16-foreach", "adamw-bf16-foreach"):
+        opt = builders[name](perf._make_params([(8, 8)], torch.device("cpu")))
+        assert all(p.dtype == p.grad.dtype == torch.bfloat16 for p in opt.param_groups[0]["params"])
+    assert perf.twin_of("adamnx-8bit-fused") == perf.twin_of("adamnx-bf16state-fused") == "adamw-fused"
+    assert perf.twin_of("adamnx-bf16-foreach") == "adamw-bf16-foreach"
+    rows = [
+        {"shape": "large", "params": 20_000_000, "candidate": name, "median_ms": ms,
+         "paired_ratio_to_adamw_same_impl": paired, "round_ratios_to_adamw_same_impl": rounds}
+        for name, ms, paired, rounds in (
+            ("adamnx-8bit-fused", 20.0, 2.1, [2.1]), ("adamw-fused", 10.0, None, None),
+            ("adamnx-bf16-foreach", 18.0, 0.9, [0.9]), ("adamw-bf16-foreach", 20.0, None, None),
+        )
+    ]  # fmt: skip
+    table = "\n".join(perf._target_lines(rows))
+    assert "| adamnx-8bit-fused | ≤ 0.75 | 2.00 | 2.10 | 2.10–2.10 | NOT met |" in table
+    assert "| adamnx-bf16-foreach | ≤ 1.00 | 0.90 | 0.90 | 0.90–0.90 | met |" in table

@@ -246,8 +246,8 @@ def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], targ
         )
     step = _check_step(p_state["step"], where)
     if quantized.is_quantized_state(p_state):
-        quantized.check_quantized_state(p_state, _local(param), where)
-        m, v = quantized.moments_of(p_state)  # as the values they hold, in the dtype they will be loaded in
+        quantized.check_quantized_state(p_state, param, where)
+        m, v = map(_local, quantized.moments_of(p_state))  # as the values they hold, in the dtype they're loaded in
         _check_values(m, target, nonnegative=False, where=f"{where}: 8-bit 'exp_avg'")
         _check_values(v, target, nonnegative=True, where=f"{where}: 8-bit 'exp_avg_sq'")
         if "coord_step" in p_state:

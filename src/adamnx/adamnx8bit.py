@@ -18,10 +18,11 @@ class AdamNX8bit(AdamNX):
     """:class:`adamnx.AdamNX` with m and v kept as 8-bit codes: about 2.03 bytes of state per param instead of 8.
 
     The same algorithm, constructor and API as :class:`adamnx.AdamNX` (param groups, the late-activation guard,
-    GradScaler, ``torch.compile``, ``state_dict``); only the moments' storage differs (:mod:`adamnx.quantized`): blocks
-    of 256 elements with one float32 scale each, a signed power-law code for m and an unsigned one for v, every code
-    rounded stochastically so that the stored moments are unbiased (AdamNX's 1 − β̂2_t ≈ 1/t would make v stall under
-    round-to-nearest). The update is computed in float32 from the moments before they are quantized.
+    GradScaler, ``torch.compile``, ``state_dict``, DDP, FSDP2 and distributed checkpoints); only the moments' storage
+    differs (:mod:`adamnx.quantized`): blocks of 256 elements with one float32 scale each, a signed power-law code for
+    m and an unsigned one for v, every code rounded stochastically so that the stored moments are unbiased (AdamNX's
+    1 − β̂2_t ≈ 1/t would make v stall under round-to-nearest). The update is computed in float32 from the moments
+    before they are quantized. FSDP2's shards each have their own blocks (a block never straddles two ranks).
 
     Params with fewer than ``min_8bit_size`` elements (biases, norms) and float64 or complex params keep ordinary
     moments in ``state_dtype`` (default: the param's dtype), as bitsandbytes and torchao do.
@@ -63,11 +64,9 @@ class AdamNX8bit(AdamNX):
             raise ValueError("AdamNX8bit does not support differentiable=True: its 8-bit codes have no gradient")
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        if any(type(p).__name__ == "DTensor" for p in params):
-            raise ValueError(
-                "AdamNX8bit does not step DTensor params (FSDP2, tensor parallel) yet: its quantization blocks would "
-                "have to follow the shards. Use AdamNX (state_dtype=torch.bfloat16 halves the state)"
-            )
+        for p in params:
+            if isinstance(p, Tensor) and self._keeps_8bit(p):
+                quantized.shard_layout(p)  # a DTensor sharded otherwise than FSDP2's rows is refused here
         param_group = {**param_group, "params": params}
         rows = backends.rows_for(merged.get("fused"), merged.get("foreach"))
         unsupported = [row.name for row in rows if not row.quantized_state]

@@ -237,16 +237,18 @@ class AdamNX(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state as torch.optim saves it, with each coordinate's count as ``coord_step`` (int32, shaped
-        like the param's real view) where ``per_coordinate_steps`` keeps lags: the format every version saves."""
+        like the param's real view) where ``per_coordinate_steps`` keeps lags: the format every version saves; 8-bit
+        codes under ``exp_avg_codes`` and ``exp_avg_sq_codes`` (:data:`adamnx.quantized.SAVED_CODE_KEYS`)."""
 
-        def with_counts(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:  # before user hooks
+        def saved_form(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:  # before user hooks
             saved = state_dict["state"]
             for pid, p_state in saved.items():
                 if "coord_lag" in p_state:  # a new dict: torch's packs the optimizer's own state dicts
                     kept = {key: value for key, value in p_state.items() if key != "coord_lag"}
-                    saved[pid] = {**kept, "coord_step": self._counts(p_state)}
+                    p_state = {**kept, "coord_step": self._counts(p_state)}
+                saved[pid] = quantized.saved_form(p_state)
 
-        handle = self.register_state_dict_post_hook(with_counts, prepend=True)
+        handle = self.register_state_dict_post_hook(saved_form, prepend=True)
         try:
             saved = super().state_dict()
         finally:
@@ -296,9 +298,11 @@ class AdamNX(torch.optim.Optimizer):
         loaded: dict[str, Any] = {}
         before = self.state, self.param_groups
 
-        def check(optimizer: torch.optim.Optimizer, hooked: dict[str, Any]) -> None:  # after user pre-hooks
+        def check(optimizer: torch.optim.Optimizer, hooked: dict[str, Any]) -> dict[str, Any]:  # after user pre-hooks
+            hooked = quantized.live_state_dict(hooked)  # 8-bit codes under the names the state keeps
             check_state_dict(hooked, self.param_groups, self._keeps_8bit)
             loaded["state_dict"] = hooked
+            return hooked
 
         def restore(optimizer: torch.optim.Optimizer) -> None:  # before user post-hooks, which may change it again
             loaded["differences"] = self._keep_options(before[1], loaded["state_dict"]["param_groups"])
@@ -549,10 +553,10 @@ class AdamNX(torch.optim.Optimizer):
             if is_8bit:
                 for key in quantized.QUANTIZED_KEYS:
                     scales = state.get(key)
-                    blocks = quantized.blocks_of(p.numel())
-                    if not isinstance(scales, Tensor) or scales.shape != (blocks,) or scales.dtype != torch.float32:
+                    shape = quantized.scales_shape(p)
+                    if not isinstance(scales, Tensor) or scales.shape != shape or scales.dtype != torch.float32:
                         raise RuntimeError(
-                            f"a parameter's 8-bit optimizer state '{key}' must be float32 of shape ({blocks},), one "
+                            f"a parameter's 8-bit optimizer state '{key}' must be float32 of shape {shape}, one "
                             "scale per block of its elements: it was replaced by hand. del opt.state[param] restarts "
                             "that parameter's state at its next step."
                         )

@@ -25,32 +25,51 @@ next step writes NaN into the block's 256 params (float32 state confines an over
 element, whose update becomes 0). A block whose largest magnitude is below float32's smallest normal number (1.2e-38)
 is stored as zeros.
 
+Sharded params (FSDP2's DTensors, sharded along dim 0 and replicated otherwise): each rank's local shard has its own
+blocks, counted from the shard's first element, so that a block never straddles two ranks. The codes are DTensors
+placed like the param; the scales are a DTensor of shape (shards, blocks of the largest shard), one row per shard
+(the rows of shorter shards end in unused zeros), placed like the param too. Distributed checkpoints then save and load
+every rank's blocks as they are, and a checkpoint of one sharding cannot be read into another (its scales' shape
+differs; DCP refuses it).
+
 Executors call :func:`update_8bit` (torch ops: the for-loop, foreach, capturable, ``torch.compile`` and accelerator
-paths) or the C++ kernel's ``fused_step_8bit_`` (fused, CPU), which follows the same rules.
+paths) or the C++ kernel's ``fused_step_8bit_`` (fused, CPU), which follows the same rules, on plain tensors (a
+DTensor's local parts: :func:`local_tensors`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import Tensor
 
 from adamnx.update import Weights, update
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
 __all__ = [
     "BLOCK",
     "MIN_SIZE",
     "QUANTIZED_KEYS",
+    "SAVED_CODE_KEYS",
     "blocks_of",
     "check_quantized_state",
     "dequantize",
+    "is_dtensor",
     "is_quantized_state",
+    "live_state_dict",
+    "local_part",
+    "local_tensors",
     "moments_of",
     "new_state",
     "quantize",
     "quantized_moments",
+    "saved_form",
+    "scales_shape",
+    "shard_layout",
     "state_bytes_per_param",
     "update_8bit",
 ]
@@ -64,6 +83,13 @@ QUANTIZED_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
 entry: this is its first. A future format must add one (a new key), which this version's loader refuses as unknown:
 an old version then refuses a new checkpoint loudly instead of reading its codes with the wrong map."""
 
+SAVED_CODE_KEYS = {"exp_avg": "exp_avg_codes", "exp_avg_sq": "exp_avg_sq_codes"}
+"""The names a state dict gives the codes (the optimizer keeps them as ``exp_avg`` and ``exp_avg_sq``). Not
+``exp_avg``: loaders that fill a state dict by key and cast what they find (torch.distributed.checkpoint) would
+otherwise load int8 codes into a float32 AdamNX's moments as numbers, silently; with other names a checkpoint of the
+other optimizer is missing keys, which they refuse. State dicts of the first 8-bit version (codes under ``exp_avg``)
+still load."""
+
 _SIGNED_LEVELS, _UNSIGNED_LEVELS = 127, 255
 _CODE_DTYPES = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
 
@@ -71,6 +97,89 @@ _CODE_DTYPES = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
 def blocks_of(numel: int) -> int:
     """The number of blocks (scales) of a tensor of ``numel`` elements."""
     return -(-numel // BLOCK)
+
+
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
+    """Whether ``t`` is a DTensor (torch.distributed.tensor), without importing it."""
+    return type(t).__name__ == "DTensor"
+
+
+def local_part(t: Any) -> Any:
+    """This rank's part of a DTensor (a view of its storage); anything else itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_layout(param: Tensor) -> tuple[int, int] | None:
+    """The shape of the scales of a DTensor param, (shards, blocks of the largest shard); None for a plain tensor.
+
+    The shards are those of dim 0 (FSDP2's, as torch.chunk cuts them: ⌈rows/shards⌉ rows each, the last ones shorter
+    or empty); other mesh dimensions must replicate the param. Raises ValueError for other placements (a shard of
+    another dim, strided or partial placements): their local parts are not runs of whole rows."""
+    if not is_dtensor(param):
+        return None
+    from torch.distributed.tensor import Shard
+
+    placements = param.placements
+    sharded = [i for i, placement in enumerate(placements) if not placement.is_replicate()]
+    if len(sharded) > 1 or any(placements[i] != Shard(0) or type(placements[i]) is not Shard for i in sharded):
+        raise ValueError(
+            f"AdamNX8bit steps DTensor params sharded along dim 0 and replicated otherwise (FSDP2, HSDP), not "
+            f"{tuple(placements)}: its quantization blocks follow each rank's rows. Use AdamNX for these params "
+            "(state_dtype=torch.bfloat16 halves their state)"
+        )
+    shards = param.device_mesh.size(sharded[0]) if sharded else 1
+    rows = param.shape[0] if param.dim() else 1
+    rows_per_shard = -(-rows // shards)
+    return shards, blocks_of(rows_per_shard * (param.numel() // rows if rows else 0))
+
+
+def scales_shape(param: Tensor) -> tuple[int, ...]:
+    """The shape of each moment's scales for ``param``: one per block, or one row per shard (:func:`shard_layout`)."""
+    layout = shard_layout(param)
+    return (blocks_of(param.numel()),) if layout is None else layout
+
+
+def _local_scales(scales: Tensor, local_numel: int) -> Tensor:
+    """The scales of this rank's blocks: its row of a sharded param's scales, as many as its shard has blocks (a
+    contiguous view: writes go to the DTensor)."""
+    return scales.to_local().reshape(-1)[: blocks_of(local_numel)] if is_dtensor(scales) else scales
+
+
+def local_tensors(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_absmax: Tensor, exp_avg_sq_absmax: Tensor
+) -> list[Tensor]:
+    """A param with 8-bit moments as the plain tensors an executor updates: themselves, or for a DTensor param this
+    rank's shard, its gradient, its codes and the scales of its blocks (views: the update writes into the DTensors)."""
+    if not is_dtensor(param):
+        return [param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax]
+    local = param.to_local()
+    n = local.numel()
+    return [
+        local, local_part(grad), local_part(exp_avg), local_part(exp_avg_sq),
+        _local_scales(exp_avg_absmax, n), _local_scales(exp_avg_sq_absmax, n),
+    ]  # fmt: skip
+
+
+def _like(local: Tensor, like: DTensor) -> Tensor:
+    """``local`` (this rank's part) as a DTensor placed like ``like`` (codes or moments of a sharded param)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
+
+
+def _sharded_scales(local: Tensor, param: DTensor) -> Tensor:
+    """This rank's block scales as its row of a sharded param's scales (:func:`shard_layout`)."""
+    from torch.distributed.tensor import DTensor
+
+    layout = shard_layout(param)
+    assert layout is not None
+    row = local.new_zeros(1, layout[1])
+    row[0, : local.numel()] = local
+    return DTensor.from_local(
+        row, param.device_mesh, param.placements, run_check=False, shape=torch.Size(layout), stride=(layout[1], 1)
+    )
 
 
 def _per_block(flat: Tensor, values: Tensor, op: Any) -> Tensor:
@@ -191,8 +300,40 @@ def is_quantized_state(p_state: Any) -> bool:
     return hasattr(p_state, "get") and any(key in p_state for key in QUANTIZED_KEYS)
 
 
+def saved_form(p_state: dict[str, Any]) -> dict[str, Any]:
+    """A param's state as a state dict saves it: 8-bit codes under :data:`SAVED_CODE_KEYS` (a new dict)."""
+    if not is_quantized_state(p_state):
+        return p_state
+    return {SAVED_CODE_KEYS.get(key, key): value for key, value in p_state.items()}
+
+
+def live_state_dict(state_dict: Any) -> Any:
+    """A state dict with each param's 8-bit codes under the names the optimizer keeps them by (``exp_avg``,
+    ``exp_avg_sq``): a new dict where any were renamed, else ``state_dict`` itself (malformed ones too: the checks
+    that follow name what is wrong). Refuses (ValueError) a param state holding codes under both names."""
+    state = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(state, dict):
+        return state_dict
+    renamed = {}
+    for pid, p_state in state.items():
+        if not isinstance(p_state, dict) or not any(key in p_state for key in SAVED_CODE_KEYS.values()):
+            continue
+        both = [key for key in (*SAVED_CODE_KEYS, *SAVED_CODE_KEYS.values()) if key in p_state]
+        if any(key in p_state for key in SAVED_CODE_KEYS):
+            raise ValueError(f"state of parameter {pid} holds both {both}: which are its moments is ambiguous")
+        live = {saved: key for key, saved in SAVED_CODE_KEYS.items()}
+        renamed[pid] = {live.get(key, key): value for key, value in p_state.items()}
+    return {**state_dict, "state": {**state, **renamed}} if renamed else state_dict
+
+
 def new_state(param: Tensor) -> dict[str, Tensor]:
-    """Zero 8-bit moments for ``param`` (codes 0 are the value 0)."""
+    """Zero 8-bit moments for ``param`` (codes 0 are the value 0); DTensors placed like it for a DTensor param."""
+    if is_dtensor(param):
+        local = local_part(param)
+        codes = {key: _like(torch.zeros(local.shape, dtype=dtype, device=local.device), param)
+                 for key, dtype in _CODE_DTYPES.items()}  # fmt: skip
+        zeros = torch.zeros(blocks_of(local.numel()), dtype=torch.float32, device=local.device)
+        return {**codes, **{key: _sharded_scales(zeros, param) for key in QUANTIZED_KEYS}}
     n = blocks_of(param.numel())
     return {
         "exp_avg": torch.zeros(param.shape, dtype=torch.int8, device=param.device),
@@ -204,12 +345,19 @@ def new_state(param: Tensor) -> dict[str, Tensor]:
 
 def check_quantized_state(p_state: Any, param: Tensor, where: str) -> None:
     """Refuse (ValueError naming the field) 8-bit moments that do not fit ``param``: codes of another shape or dtype,
-    the code −128 (no value), scales of another length or dtype, negative or non-finite scales."""
+    the code −128 (no value), scales of another shape or dtype, negative or non-finite scales; for a DTensor param,
+    codes and scales that are not DTensors placed like it (and plain ones for a plain param)."""
     missing = [key for key in ("exp_avg", "exp_avg_sq", *QUANTIZED_KEYS) if key not in p_state]
     if missing:
         raise ValueError(f"{where} holds 8-bit moments but is missing {missing}")
     if param.is_complex() or not param.is_floating_point():
         raise ValueError(f"{where} holds 8-bit moments, which only real floating-point params have")
+    try:
+        expected = scales_shape(param)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    for key in (*_CODE_DTYPES, *QUANTIZED_KEYS):
+        _check_placed_like(p_state[key], param, f"{where}: 8-bit '{key}'")
     for key, dtype in _CODE_DTYPES.items():
         codes = p_state[key]
         if not isinstance(codes, Tensor) or codes.dtype != dtype or codes.shape != param.shape:
@@ -217,41 +365,67 @@ def check_quantized_state(p_state: Any, param: Tensor, where: str) -> None:
             raise ValueError(f"{where}: 8-bit '{key}' must be {dtype} codes shaped {tuple(param.shape)}, got {got}")
         if codes.layout != torch.strided or codes.device.type == "meta":
             raise ValueError(f"{where}: 8-bit '{key}' must be a dense tensor with values")
-        if dtype == torch.int8 and bool((codes == -128).any()):
+        if dtype == torch.int8 and bool((local_part(codes) == -128).any()):
             raise ValueError(f"{where}: 8-bit '{key}' holds the code -128, which no value has (codes are -127..127)")
     for key in QUANTIZED_KEYS:
         scales = p_state[key]
-        expected = blocks_of(param.numel())
-        if not isinstance(scales, Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (expected,):
+        if not isinstance(scales, Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != expected:
             got = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, Tensor) else type(scales).__name__
-            raise ValueError(
-                f"{where}: '{key}' must be float32 of shape ({expected},), one scale per {BLOCK} elements, got {got}"
-            )
+            per = f"one scale per {BLOCK} elements" if len(expected) == 1 else f"one row of {BLOCK}-element blocks' "
+            per += "" if len(expected) == 1 else "scales per shard"
+            raise ValueError(f"{where}: '{key}' must be float32 of shape {expected}, {per}, got {got}")
         if scales.layout != torch.strided or scales.device.type == "meta":
             raise ValueError(f"{where}: '{key}' must be a dense tensor with values")
-        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+        local = local_part(scales)
+        if not bool(torch.isfinite(local).all()) or bool((local < 0).any()):
             raise ValueError(f"{where}: '{key}' holds negative, inf or NaN scales")
 
 
-def moments_of(p_state: Any, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """A param's moments as values (dequantized when they are 8-bit) in ``dtype``."""
-    if is_quantized_state(p_state):
-        return (
-            dequantize(p_state["exp_avg"], p_state["exp_avg_absmax"], dtype),
-            dequantize(p_state["exp_avg_sq"], p_state["exp_avg_sq_absmax"], dtype),
+def _check_placed_like(value: Any, param: Tensor, where: str) -> None:
+    """A sharded param's 8-bit state must be DTensors on its mesh with its placements, a plain param's plain tensors:
+    the blocks of one sharding are not those of another."""
+    if not isinstance(value, Tensor):
+        return  # refused with the field's own message
+    if is_dtensor(param) and not is_dtensor(value):
+        raise ValueError(
+            f"{where} is a plain tensor but the parameter is a DTensor (FSDP2): 8-bit state saved without sharding "
+            "has other blocks. Load it into AdamNX8bit before sharding, or save through torch.distributed.checkpoint"
         )
-    return p_state["exp_avg"].to(dtype), p_state["exp_avg_sq"].to(dtype)
+    if is_dtensor(value) and not is_dtensor(param):
+        raise ValueError(f"{where} is a DTensor but the parameter is a plain tensor: its blocks are a sharding's")
+    if not (is_dtensor(param) and is_dtensor(value)):
+        return
+    if value.device_mesh != param.device_mesh or tuple(value.placements) != tuple(param.placements):
+        raise ValueError(
+            f"{where} is placed {tuple(value.placements)} on {value.device_mesh}, the parameter "
+            f"{tuple(param.placements)} on {param.device_mesh}"
+        )
+
+
+def moments_of(p_state: Any, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """A param's moments as values (dequantized when they are 8-bit) in ``dtype`` (DTensors for sharded state)."""
+    if not is_quantized_state(p_state):
+        return p_state["exp_avg"].to(dtype), p_state["exp_avg_sq"].to(dtype)
+    moments = []
+    for key, scale_key in zip(_CODE_DTYPES, QUANTIZED_KEYS):
+        codes = p_state[key]
+        local = local_part(codes)
+        value = dequantize(local, _local_scales(p_state[scale_key], local.numel()), dtype)
+        moments.append(_like(value, codes) if is_dtensor(codes) else value)
+    return moments[0], moments[1]
 
 
 def quantized_moments(exp_avg: Tensor, exp_avg_sq: Tensor, seed: int = 0) -> dict[str, Tensor]:
     """Moments given as values, quantized (a conversion: rounded stochastically with a generator seeded by ``seed``,
-    so a conversion is reproducible)."""
-    generator = torch.Generator(device=exp_avg.device).manual_seed(seed)
-    bits = torch.randint(
-        -(1 << 31), 1 << 31, exp_avg.shape, dtype=torch.int32, device=exp_avg.device, generator=generator
-    )
-    m_codes, m_scales = quantize(exp_avg, signed=True, noise=bits & 0xFFFF)
-    v_codes, v_scales = quantize(exp_avg_sq, signed=False, noise=(bits >> 16) & 0xFFFF)
+    so a conversion is reproducible). DTensor moments (a sharded param's) are quantized shard by shard."""
+    m, v = local_part(exp_avg), local_part(exp_avg_sq)
+    generator = torch.Generator(device=m.device).manual_seed(seed)
+    bits = torch.randint(-(1 << 31), 1 << 31, m.shape, dtype=torch.int32, device=m.device, generator=generator)
+    m_codes, m_scales = quantize(m, signed=True, noise=bits & 0xFFFF)
+    v_codes, v_scales = quantize(v, signed=False, noise=(bits >> 16) & 0xFFFF)
+    if is_dtensor(exp_avg):
+        m_codes, v_codes = _like(m_codes, exp_avg), _like(v_codes, exp_avg)
+        m_scales, v_scales = _sharded_scales(m_scales, exp_avg), _sharded_scales(v_scales, exp_avg)
     return {"exp_avg": m_codes, "exp_avg_sq": v_codes, "exp_avg_absmax": m_scales, "exp_avg_sq_absmax": v_scales}
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adamnx import quantized
 from adamnx._table import host_coefficients
 from adamnx.backends import _cpu_extension, loop
 from adamnx.guard import TENSOR
@@ -73,12 +74,16 @@ def _step_8bit_bucket(ops: Any, plan: StepPlan, b: int, bucket: Bucket, lr: floa
     for k, i in enumerate(scalar):
         weights = bucket.scalar_coefficients(i)
         w1s[k], w2s[k] = float(weights.one_minus_beta1_t), float(weights.one_minus_beta2_hat)
-    lists = [bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs]
-    lists = [[_local(lst[i]) for i in scalar] for lst in lists]
-    scales = [[_local(bucket.scales[i][k]) for i in scalar] for k in (0, 1)]
+    parts = [
+        quantized.local_tensors(
+            bucket.params[i], bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], *bucket.scales[i]
+        )
+        for i in scalar
+    ]  # fmt: skip  (a DTensor param's local parts: blocks are per shard)
+    lists = [[part[k] for part in parts] for k in range(6)]
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
     left = ops.fused_step_8bit_(
-        *lists, *scales, w1s, w2s, lr, plan.hp.weight_decay, plan.hp.eps, grad_factor, bucket.stochastic, seed
+        *lists, w1s, w2s, lr, plan.hp.weight_decay, plan.hp.eps, grad_factor, bucket.stochastic, seed
     )  # fmt: skip
     others = sorted({*(scalar[k] for k in left), *(i for i in range(len(bucket.params)) if i not in set(scalar))})
     if others:

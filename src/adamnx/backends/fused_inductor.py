@@ -23,9 +23,11 @@ import torch
 from torch import Tensor
 
 from adamnx import guard as guard_module
+from adamnx import quantized
 from adamnx._table import count_coefficients
+from adamnx.backends import loop
 from adamnx.backends._pieces import dense_1d_views
-from adamnx.plan import Bucket, StepPlan, device_coefficients
+from adamnx.plan import Bucket, StepPlan
 from adamnx.quantized import update_8bit
 from adamnx.schedule import coefficients
 from adamnx.update import Weights, moments_in_state_dtype, stochastic_round_to_bf16, update
@@ -227,12 +229,13 @@ def _step_8bit_bucket(plan: StepPlan, b: int, bucket: Bucket) -> None:
     coeffs = [c.to(dtype) for c in (w1s, 1 - w2s, w2s)]
     eager: Any = _kernel_8bit  # (called with unpacked argument tuples)
     for i, param in enumerate(bucket.params):
-        tensors = (param, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], *bucket.scales[i])
+        # (a DTensor param's local parts: blocks are per shard)
+        tensors = quantized.local_tensors(param, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i],
+                                          *bucket.scales[i])  # fmt: skip
         if guard is None:
             weights: tuple[Tensor, ...] = tuple(c[i] for c in coeffs)
-        elif plan.on_device:
-            counts = guard.device_counts(i, bucket.steps[i]).clamp_min(1)
-            weights = tuple(w.to(dtype) for w in device_coefficients(counts, bucket.betas, dtype))
+        elif plan.on_device or quantized.is_dtensor(param):
+            weights = tuple(loop.local_weights(plan, bucket, i))
         else:
             weights = tuple(bucket.element_coefficients(i))
         key = (device.type, param.dtype, scalars[-1] is not None, bucket.stochastic, guard is not None)

@@ -13,12 +13,12 @@ from typing import Any
 from torch import Tensor
 
 from adamnx.backends._pieces import host_moment_noise, in_pieces, in_row_pieces, piece_size
-from adamnx.guard import ROW, TENSOR
+from adamnx.guard import ROW, TENSOR, counts_on_device
 from adamnx.plan import Bucket, StepPlan, device_coefficients
-from adamnx.quantized import BLOCK, update_8bit
+from adamnx.quantized import BLOCK, is_dtensor, local_part, local_tensors, update_8bit
 from adamnx.update import Weights, update, update_copies
 
-__all__ = ["execute", "execute_8bit"]
+__all__ = ["execute", "execute_8bit", "local_weights"]
 
 
 def execute(plan: StepPlan) -> None:
@@ -71,9 +71,12 @@ def execute_8bit(plan: StepPlan, bucket: Bucket, indices: Iterable[int], lr: Any
     hp = plan.hp
     sign = -grad_factor if hp.maximize else grad_factor
     for i in indices:
-        weights = _whole_weights(plan, bucket, i)
-        grad = bucket.grads[i] if sign == 1.0 else bucket.grads[i].to(bucket.math_dtype) * sign
-        tensors = [bucket.params[i], grad, bucket.exp_avgs[i], bucket.exp_avg_sqs[i], *bucket.scales[i]]
+        weights = local_weights(plan, bucket, i)
+        # (a DTensor param's local parts: blocks are per shard)
+        tensors = local_tensors(bucket.params[i], bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i],
+                                *bucket.scales[i])  # fmt: skip
+        if sign != 1.0:
+            tensors[1] = tensors[1].to(bucket.math_dtype) * sign
         for (p, g, m, v, m_scales, v_scales), piece_weights in _block_pieces(tensors, weights, plan.on_device):
             update_8bit(
                 p, g, m, v, m_scales, v_scales, piece_weights, lr, hp.weight_decay, hp.eps,
@@ -91,6 +94,20 @@ def _whole_weights(plan: StepPlan, bucket: Bucket, i: int) -> Weights:
     if guard is None or guard.layouts[i] == TENSOR:
         return bucket.scalar_coefficients(i)
     return bucket.row_coefficients(i) if guard.layouts[i] == ROW else bucket.element_coefficients(i)
+
+
+def local_weights(plan: StepPlan, bucket: Bucket, i: int) -> Weights:
+    """Tensor ``i``'s weights for the whole tensor, as :func:`_whole_weights` gives them, or for a DTensor param (its
+    lags are per element) for this rank's shard: computed from its local lags, since the 8-bit executors update local
+    parts (:func:`adamnx.quantized.local_tensors`)."""
+    guard = bucket.guard
+    if guard is None or not is_dtensor(guard.lags[i]):
+        return _whole_weights(plan, bucket, i)
+    lag = local_part(guard.lags[i])
+    if plan.on_device:
+        counts = counts_on_device(lag, local_part(bucket.steps[i])).clamp_min(1)
+        return device_coefficients(counts, bucket.betas, bucket.math_dtype)
+    return guard.coefficients_of(i, lag)
 
 
 def _block_pieces(tensors: list[Tensor], weights: Weights, on_device: bool) -> list[tuple[list[Tensor], Weights]]:

@@ -35,7 +35,8 @@ def perf_arguments(parser: argparse.ArgumentParser) -> None:
         "--candidates",
         default="all",
         help="comma-separated subset of: adamnx-<implementation> and adamnx-<implementation>-guard for each "
-        "implementation (fused, foreach, forloop), adamw-fused, adamw-foreach, adamw-forloop, authors-loop",
+        "implementation (fused, foreach, forloop), adamw-fused, adamw-foreach, adamw-forloop, authors-loop; compact "
+        "state: adamnx-8bit-fused, adamnx-bf16state-fused, adamnx-bf16-fused, adamnx-bf16-foreach, adamw-bf16-foreach",
     )
     parser.add_argument("--memory-size", type=float, default=1e7, help="params for the memory probe (0: skip)")
     parser.add_argument("--no-compile-probe", action="store_true", help="skip the cold/warm compile timing")
