@@ -554,6 +554,49 @@ def test_blocks_of_subnormal_values_are_stored_as_zeros_on_both_paths():
     assert torch.isfinite(p).all() and p.abs().max() <= 1e-3 * 1.01
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["m", "v"])
+def test_the_kernels_vectorised_encoder_gives_the_scalar_ones_codes_bit_for_bit(signed):
+    """The fused CPU kernel's encoders, the vectorised one (where built with AVX2: no exact roots, see
+    encode_stochastic8) and the scalar one, with the same random bits, where a low code is decided: 0, subnormals, 1,
+    the floats around every code's value (the exact roots' steps lie within 7 ulps of them), random values; each with
+    the noise at both ends and at random. Both agree with quantize away from the steps: torch's float32 sqrt is not
+    always correctly rounded (torch 2.13 on AVX2: one ulp off now and then), which moves quantize's steps by an ulp or
+    two; the kernel's roots are IEEE's."""
+    from adamnx.backends import _cpu_extension
+
+    ops = _cpu_extension.load()
+    levels = 127 if signed else 255
+    value = torch.arange(1, levels + 1, dtype=torch.float32) * (1.0 / levels)  # the kernel's code_value, step by step
+    value = value * value
+    value = value * value
+    around = (value.view(torch.int32)[:, None] + torch.arange(-40, 41, dtype=torch.int32)).flatten().view(torch.float32)
+    special = torch.tensor([0.0, 1e-45, 1e-40, 1.1754942e-38, 1.1754944e-38, 1e-30, 0.99999994, 1.0])
+    g = torch.Generator().manual_seed(0)
+    spread = torch.rand(20_000, generator=g)
+    r = torch.cat([special, around.clamp(0.0, 1.0), spread, spread**4, spread**16])
+    r = torch.cat([r, r, r])
+    noise = torch.randint(0, 1 << 16, r.shape, dtype=torch.int32, generator=g)
+    noise[: len(r) // 3] = 0
+    noise[len(r) // 3 : 2 * len(r) // 3] = (1 << 16) - 1
+    x = r * (torch.randint(0, 2, r.shape, generator=g) * 2 - 1) if signed else r
+
+    def blocks(t: torch.Tensor, first: float) -> torch.Tensor:  # each block starts with `first`: its scale is 1
+        rows = torch.nn.functional.pad(t, (0, -len(t) % (BLOCK - 1))).view(-1, BLOCK - 1)
+        return torch.cat([torch.full((len(rows), 1), first, dtype=t.dtype), rows], 1).flatten()
+
+    x, noise = blocks(x, 1.0), blocks(noise, 0)
+    scalar, vectorised = torch.empty_like(x), torch.empty_like(x)
+    ops.encode_8bit_(x, noise, signed, False, scalar)
+    ops.encode_8bit_(x, noise, signed, True, vectorised)
+    assert torch.equal(vectorised.view(torch.int32), scalar.view(torch.int32))  # bitwise: -0.0 too
+    expected, scales = quantize(x, signed, noise=noise)
+    assert (scales == 1.0).all()
+    bits = x.abs().view(torch.int32)
+    near_a_step = ((bits[:, None] - value.view(torch.int32)).abs() <= 64).any(1)
+    assert torch.equal(scalar[~near_a_step], expected[~near_a_step].to(torch.float32))
+    assert (scalar[near_a_step] - expected[near_a_step]).abs().max() <= 1
+
+
 def test_a_param_cast_after_its_state_exists_is_refused_until_the_state_is_converted():
     opt, params = _trained("for-loop")
     params[0].data = params[0].data.double()

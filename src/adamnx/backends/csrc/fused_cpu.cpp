@@ -29,6 +29,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -509,23 +513,6 @@ std::vector<int64_t> fused_step_(const std::vector<Tensor>& params, const std::v
 // blocks: a block is never shared.
 constexpr int64_t kQuantBlock = 256;
 
-// The magnitude a code q ≥ 0 of `levels` stands for, relative to its block's scale: (q/levels)⁴.
-inline float code_value(float q, float unit) {
-  float r = q * unit;
-  r = r * r;
-  return r * r;
-}
-
-// x ≥ 0 relative to its block's scale (r = x / scale in [0, 1]) as a code of `levels`, r = (q/levels)⁴, rounded up
-// with probability (r − low value)/(gap) from 16 random bits (adamnx.quantized.quantize's rule).
-inline float encode_stochastic(float r, float levels, uint32_t random16) {
-  const float low = std::min(std::floor(std::sqrt(std::sqrt(r)) * levels), levels - 1.0f);
-  const float unit = 1.0f / levels;  // a constant: no division per element
-  const float lo = code_value(low, unit), hi = code_value(low + 1.0f, unit);
-  // up with probability (r − lo)/(hi − lo): random16/2^16 < that, without a division
-  return static_cast<float>(static_cast<int32_t>(random16)) * (hi - lo) < (r - lo) * 65536.0f ? low + 1.0f : low;
-}
-
 // The bits of |x| as an unsigned integer: ordered as the magnitudes are (inf, then NaN, above every finite value),
 // so that a block's largest magnitude is an integer max, which the compiler vectorises (a float max it would not,
 // without -ffast-math).
@@ -540,6 +527,105 @@ inline float from_bits(uint32_t bits) {
   std::memcpy(&x, &bits, sizeof(x));
   return x;
 }
+
+// The magnitude a code q ≥ 0 of `levels` stands for, relative to its block's scale: (q/levels)⁴.
+inline float code_value(float q, float unit) {
+  float r = q * unit;
+  r = r * r;
+  return r * r;
+}
+
+// The low code of x ≥ 0 relative to its block's scale (r = x / scale in [0, 1]): floor(r^(1/4)·levels), at most
+// levels − 1, with IEEE square roots (adamnx.quantized.quantize's formula; torch's float32 sqrt is now and then an
+// ulp off, which moves quantize's steps by an ulp or two). Both encoders find this code; this is what defines it.
+inline float low_code(float r, float levels) {
+  return std::min(std::floor(std::sqrt(std::sqrt(r)) * levels), levels - 1.0f);
+}
+
+// The code of r in [0, 1] with `levels`: its low code, rounded up with probability (r − low value)/(gap) from 16
+// random bits (adamnx.quantized.quantize's rule). The scalar encoder (the tail of a block, and builds without AVX2).
+inline float encode_stochastic(float r, float levels, uint32_t random16) {
+  const float low = low_code(r, levels);
+  const float unit = 1.0f / levels;  // a constant: no division per element
+  const float lo = code_value(low, unit), hi = code_value(low + 1.0f, unit);
+  // up with probability (r − lo)/(hi − lo): random16/2^16 < that, without a division
+  return static_cast<float>(static_cast<int32_t>(random16)) * (hi - lo) < (r - lo) * 65536.0f ? low + 1.0f : low;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 code_value8(__m256 q, __m256 unit) {  // code_value, eight at a time (the same three multiplies)
+  __m256 r = _mm256_mul_ps(q, unit);
+  r = _mm256_mul_ps(r, r);
+  return _mm256_mul_ps(r, r);
+}
+
+// encode_stochastic for eight r at once, with the same codes (random16: the 16 random bits as floats). Four exact
+// square roots per element were most of the encoding; here the low code comes without them:
+// - rsqrt(rsqrt(r)) estimates r^(1/4) (the instruction's relative error is at most 1.5·2^-12, so the estimate's is
+//   under 2^-10.8; r = 0 gives rsqrt(inf) = 0); lowered by 2^-9, its code `guess` is the low code or the one below.
+// - Which of the two: r ≥ the value of code guess + 1. low_code's steps (where a chain of rounded roots crosses an
+//   integer) lie within 7 ulps of the code values, on either side, not on them (checked for every float in [0, 1]);
+//   an r within kAmbiguous ulps of that value takes low_code itself (rare: the window is 33 ulps wide).
+// Any estimate within 2^-9.1 gives the same codes: no instruction set changes a result.
+constexpr int32_t kAmbiguous = 16;
+
+inline __m256 encode_stochastic8(__m256 r, float levels, __m256 random16) {
+  const __m256 one = _mm256_set1_ps(1.0f), unit = _mm256_set1_ps(1.0f / levels);
+  const __m256 root = _mm256_rsqrt_ps(_mm256_rsqrt_ps(r));
+  const __m256 guess = _mm256_floor_ps(_mm256_mul_ps(root, _mm256_set1_ps(levels * (1.0f - 0x1p-9f))));
+  const __m256 next = code_value8(_mm256_add_ps(guess, one), unit);
+  const __m256 below_top = _mm256_cmp_ps(guess, _mm256_set1_ps(levels - 1.0f), _CMP_LT_OQ);  // else low = the top
+  const __m256 up = _mm256_and_ps(_mm256_cmp_ps(r, next, _CMP_GE_OQ), below_top);
+  __m256 low = _mm256_add_ps(guess, _mm256_and_ps(up, one));
+  // r and next are ≥ 0: their distance in ulps is the difference of their bits
+  const __m256i distance = _mm256_abs_epi32(_mm256_sub_epi32(_mm256_castps_si256(r), _mm256_castps_si256(next)));
+  const __m256 ambiguous = _mm256_andnot_ps(
+      _mm256_castsi256_ps(_mm256_cmpgt_epi32(distance, _mm256_set1_epi32(kAmbiguous))), below_top);
+  if (_mm256_movemask_ps(ambiguous) != 0) {
+    alignas(32) float rs[8], lows[8];
+    _mm256_store_ps(rs, r);
+    for (int k = 0; k < 8; ++k) lows[k] = low_code(rs[k], levels);
+    low = _mm256_load_ps(lows);
+  }
+  const __m256 lo = code_value8(low, unit), hi = code_value8(_mm256_add_ps(low, one), unit);
+  // up with probability (r − lo)/(hi − lo), as encode_stochastic
+  const __m256 round_up = _mm256_cmp_ps(_mm256_mul_ps(random16, _mm256_sub_ps(hi, lo)),
+                                        _mm256_mul_ps(_mm256_sub_ps(r, lo), _mm256_set1_ps(65536.0f)), _CMP_LT_OQ);
+  return _mm256_add_ps(low, _mm256_and_ps(round_up, one));
+}
+
+inline __m256i mix32_8(__m256i h) {  // mix32, eight at a time
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0x85ebca6bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0xc2b2ae35u)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// Elements [j, j + 8) of a block: m and v (the block's values) as codes, with the scalar loop's random bits.
+inline void encode8(const float* m, const float* v, int8_t* m_codes, uint8_t* v_codes, __m256 m_inverse,
+                    __m256 v_inverse, uint32_t index, uint32_t key) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i random = mix32_8(_mm256_xor_si256(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(index)),
+                                                                    lanes),
+                                                   _mm256_set1_epi32(static_cast<int32_t>(key))));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 mj = _mm256_loadu_ps(m), vj = _mm256_loadu_ps(v);
+  const __m256 rm = _mm256_min_ps(_mm256_mul_ps(_mm256_andnot_ps(sign, mj), m_inverse), one);
+  const __m256 rv = _mm256_min_ps(_mm256_mul_ps(vj, v_inverse), one);
+  const __m256 qm = encode_stochastic8(rm, 127.0f, _mm256_cvtepi32_ps(_mm256_and_si256(random, _mm256_set1_epi32(0xffff))));
+  const __m256 qv = _mm256_max_ps(encode_stochastic8(rv, 255.0f, _mm256_cvtepi32_ps(_mm256_srli_epi32(random, 16))),
+                                  _mm256_and_ps(_mm256_cmp_ps(rv, _mm256_setzero_ps(), _CMP_GT_OQ), one));
+  // m's code takes m's sign (copysign); the codes fit their bytes, so the saturating packs only narrow
+  const __m256i m32 = _mm256_cvttps_epi32(_mm256_or_ps(qm, _mm256_and_ps(mj, sign)));
+  const __m256i v32 = _mm256_cvttps_epi32(qv);
+  const __m128i m16 = _mm_packs_epi32(_mm256_castsi256_si128(m32), _mm256_extracti128_si256(m32, 1));
+  const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v32), _mm256_extracti128_si256(v32, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(m_codes), _mm_packs_epi16(m16, m16));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(v_codes), _mm_packus_epi16(v16, v16));
+}
+#endif
 
 template <typename P, bool kStochastic, bool kLowWeight>
 void update_8bit_block(P* __restrict__ param, const P* __restrict__ grad, int8_t* __restrict__ m_codes,
@@ -580,12 +666,18 @@ void update_8bit_block(P* __restrict__ param, const P* __restrict__ grad, int8_t
   constexpr float kSmallestNormal = std::numeric_limits<float>::min();
   const float m_inverse = m_largest >= kSmallestNormal ? 1.0f / m_largest : 0.0f;
   const float v_inverse = v_largest >= kSmallestNormal ? 1.0f / v_largest : 0.0f;
-  for (int64_t j = 0; j < n; ++j) {  // encode, rounding stochastically
+  int64_t j = 0;  // encode, rounding stochastically: eight at a time, then the rest
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; j + 8 <= n; j += 8) {
+    encode8(m + j, v + j, m_codes + begin + j, v_codes + begin + j, _mm256_set1_ps(m_inverse),
+            _mm256_set1_ps(v_inverse), static_cast<uint32_t>(begin + j), key);
+  }
+#endif
+  for (; j < n; ++j) {
     const uint32_t random = mix32(static_cast<uint32_t>(begin + j) ^ key);
     const float rm = std::min(std::fabs(m[j]) * m_inverse, 1.0f), rv = std::min(v[j] * v_inverse, 1.0f);
     const float qm = encode_stochastic(rm, 127.0f, random & 0xffffu);
-    // a non-zero v is never 0 (a max, not a branch: the loop stays vectorised)
-    const float qv = std::max(encode_stochastic(rv, 255.0f, random >> 16), rv > 0.0f ? 1.0f : 0.0f);
+    const float qv = std::max(encode_stochastic(rv, 255.0f, random >> 16), rv > 0.0f ? 1.0f : 0.0f);  // never 0
     m_codes[begin + j] = static_cast<int8_t>(static_cast<int32_t>(std::copysign(qm, m[j])));
     v_codes[begin + j] = static_cast<uint8_t>(static_cast<int32_t>(qv));
   }
@@ -702,6 +794,40 @@ std::vector<int64_t> fused_step_8bit_(const std::vector<Tensor>& params, const s
   return rejected;
 }
 
+// The encoders alone, for the tests: x (float32, |x| ≤ 1: relative to a block scale of 1) as codes written to out
+// (float32, the kernel's rules: m's signed, v's never 0 for a non-zero x) with 16 random bits each (noise: int32 in
+// [0, 2^16)), by the vector encoder (eight at a time, where built with AVX2) or the scalar one.
+void encode_8bit_(const Tensor& x, const Tensor& noise, bool is_signed, bool vectorised, const Tensor& out) {
+  for (const Tensor* t : {&x, &noise, &out}) {
+    TORCH_CHECK(t->is_contiguous() && t->device().is_cpu() && t->numel() == x.numel(),
+                "adamnx encode_8bit_: contiguous CPU tensors of one size");
+  }
+  TORCH_CHECK(x.scalar_type() == at::kFloat && noise.scalar_type() == at::kInt && out.scalar_type() == at::kFloat,
+              "adamnx encode_8bit_: x and out float32, noise int32");
+  const float* r = x.const_data_ptr<float>();
+  const int32_t* random = noise.const_data_ptr<int32_t>();
+  float* q = out.mutable_data_ptr<float>();
+  const float levels = is_signed ? 127.0f : 255.0f;
+  const int64_t n = x.numel();
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; vectorised && j + 8 <= n; j += 8) {
+    const __m256 xj = _mm256_loadu_ps(r + j), sign = _mm256_set1_ps(-0.0f);
+    const __m256 rj = _mm256_min_ps(_mm256_andnot_ps(sign, xj), _mm256_set1_ps(1.0f));
+    const __m256 code = encode_stochastic8(
+        rj, levels,
+        _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(random + j))));
+    const __m256 nonzero = _mm256_and_ps(_mm256_cmp_ps(rj, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_set1_ps(1.0f));
+    _mm256_storeu_ps(q + j, is_signed ? _mm256_or_ps(code, _mm256_and_ps(xj, sign)) : _mm256_max_ps(code, nonzero));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float rj = std::min(std::fabs(r[j]), 1.0f);
+    const float code = encode_stochastic(rj, levels, static_cast<uint32_t>(random[j]));
+    q[j] = is_signed ? std::copysign(code, r[j]) : std::max(code, rj > 0.0f ? 1.0f : 0.0f);
+  }
+}
+
 // Advance every 0-d step counter by `increment` and write the new counts to `out` (float64, one per counter): one
 // call instead of a torch op per counter (a model has hundreds of tensors, each with its own counter).
 void advance_steps_(const std::vector<Tensor>& steps, double increment, const Tensor& out) {
@@ -734,11 +860,13 @@ TORCH_LIBRARY(adamnx, m) {
       "fused_step_8bit_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] exp_avg_absmax, Tensor(e!)[] exp_avg_sq_absmax, Tensor w1s, Tensor w2s, float lr, "
       "float weight_decay, float eps, float grad_factor, bool stochastic_rounding, int seed) -> int[]");
+  m.def("encode_8bit_(Tensor x, Tensor noise, bool is_signed, bool vectorised, Tensor(a!) out) -> ()");
   m.def("advance_steps_(Tensor(a!)[] steps, float increment, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adamnx, CPU, m) {
   m.impl("fused_step_", &fused_step_);
   m.impl("fused_step_8bit_", &fused_step_8bit_);
+  m.impl("encode_8bit_", &encode_8bit_);
   m.impl("advance_steps_", &advance_steps_);
 }
