@@ -127,7 +127,8 @@ __attribute__((always_inline)) inline void update_loop(P* __restrict__ param, co
       param[i] = static_cast<P>(p);
     }
     if constexpr (kBFloat16State) {  // bf16 moments round stochastically: AdamNX's 1 − β̂2_t ≈ 1/t (see round_moment)
-      const uint32_t moments_random = mix32(random ^ 0x9e3779b9u);
+      // m takes the low 16 bits, v the high: one hash serves both unless the param took the low bits (a second one)
+      const uint32_t moments_random = kStochastic ? mix32(random ^ 0x9e3779b9u) : random;
       exp_avg[i] = round_stochastic(static_cast<float>(m), moments_random);
       exp_avg_sq[i] = round_stochastic(static_cast<float>(v), moments_random >> 16);
     } else {
