@@ -129,6 +129,17 @@ def fsdp2_fused(rank, world, out):
     _save_params(model, out, rank, {"param_types": param_types})
 
 
+def fsdp2_guard(rank, world, out):
+    """The late-activation guard on FSDP2's shards (lags per element, DTensors) with foreach and the for-loop: their
+    weights are computed from each rank's lags and placed like them (they failed on mixing DTensor and Tensor)."""
+    for options in ({"foreach": True}, {"foreach": False}):
+        model, opt = _fsdp_model_and_opt(per_coordinate_steps=True, **options)
+        _train(model, opt, rank, world, STEPS)
+        _save_params(model, out, rank)
+        if rank == 0:
+            (out / "params.pt").rename(out / f"params-foreach-{options['foreach']}.pt")
+
+
 def zero(rank, world, out):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
@@ -435,6 +446,7 @@ SCENARIOS = {
         ddp_gradient_release,
         fsdp2,
         fsdp2_fused,
+        fsdp2_guard,
         zero,
         dcp_save,
         dcp_load,

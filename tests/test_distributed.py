@@ -134,6 +134,15 @@ def test_fsdp2_with_fused_step_matches(tmp_path):
     assert json.loads((tmp_path / "extra.json").read_text())["param_types"] == ["DTensor"]
 
 
+def test_fsdp2_with_the_guard_on_dtensors_matches(tmp_path):
+    torchrun("fsdp2_guard", tmp_path)
+    reference = dist_worker.reference_run(per_coordinate_steps=True)
+    for foreach in (True, False):
+        params = torch.load(tmp_path / f"params-foreach-{foreach}.pt", weights_only=True)
+        for p, q in zip(params, reference):
+            assert _rel(p, q) <= 1e-5
+
+
 def test_zero_redundancy_optimizer_matches(tmp_path):
     torchrun("zero", tmp_path)
     _assert_matches_reference(tmp_path, 1e-6)

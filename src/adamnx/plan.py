@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from adamnx import guard
+from adamnx._dtensor import is_dtensor, local_part, placed_like
 from adamnx._table import coordinate_table, count_coefficients, host_coefficients
 from adamnx.guard import ELEMENT, NOT_STARTED, TENSOR
 from adamnx.schedule import coefficients
@@ -120,6 +121,8 @@ class GuardPlan:
         """(1 − β1_t, β̂2_t, 1 − β̂2_t) of the counts of tensor ``i`` (or of ``lag``, a view of its lags), shaped like
         the lags, in the math dtype: gathered from the table, or evaluated per element when there is none."""
         lag = self.lags[i] if lag is None else lag
+        if is_dtensor(lag):  # FSDP2 (lags per element): this rank's counts, their weights placed like the lags
+            return Weights(*(placed_like(w, lag) for w in self.coefficients_of(i, local_part(lag))))
         table = self.table()
         # count = relative step − lag, clamped into the table (row 0: not started; the last row: every longer count)
         last = guard.MAX_COUNT if table is None else table.shape[1] - 1

@@ -40,11 +40,12 @@ DTensor's local parts: :func:`local_tensors`).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from adamnx._dtensor import is_dtensor, local_part, placed_like
 from adamnx.update import Weights, update
 
 if TYPE_CHECKING:
@@ -58,10 +59,8 @@ __all__ = [
     "blocks_of",
     "check_quantized_state",
     "dequantize",
-    "is_dtensor",
     "is_quantized_state",
     "live_state_dict",
-    "local_part",
     "local_tensors",
     "moments_of",
     "new_state",
@@ -97,16 +96,6 @@ _CODE_DTYPES = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
 def blocks_of(numel: int) -> int:
     """The number of blocks (scales) of a tensor of ``numel`` elements."""
     return -(-numel // BLOCK)
-
-
-def is_dtensor(t: Any) -> TypeGuard[DTensor]:
-    """Whether ``t`` is a DTensor (torch.distributed.tensor), without importing it."""
-    return type(t).__name__ == "DTensor"
-
-
-def local_part(t: Any) -> Any:
-    """This rank's part of a DTensor (a view of its storage); anything else itself."""
-    return t.to_local() if is_dtensor(t) else t
 
 
 def shard_layout(param: Tensor) -> tuple[int, int] | None:
@@ -158,15 +147,6 @@ def local_tensors(
         local, local_part(grad), local_part(exp_avg), local_part(exp_avg_sq),
         _local_scales(exp_avg_absmax, n), _local_scales(exp_avg_sq_absmax, n),
     ]  # fmt: skip
-
-
-def _like(local: Tensor, like: DTensor) -> Tensor:
-    """``local`` (this rank's part) as a DTensor placed like ``like`` (codes or moments of a sharded param)."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
-    )
 
 
 def _sharded_scales(local: Tensor, param: DTensor) -> Tensor:
@@ -330,7 +310,7 @@ def new_state(param: Tensor) -> dict[str, Tensor]:
     """Zero 8-bit moments for ``param`` (codes 0 are the value 0); DTensors placed like it for a DTensor param."""
     if is_dtensor(param):
         local = local_part(param)
-        codes = {key: _like(torch.zeros(local.shape, dtype=dtype, device=local.device), param)
+        codes = {key: placed_like(torch.zeros(local.shape, dtype=dtype, device=local.device), param)
                  for key, dtype in _CODE_DTYPES.items()}  # fmt: skip
         zeros = torch.zeros(blocks_of(local.numel()), dtype=torch.float32, device=local.device)
         return {**codes, **{key: _sharded_scales(zeros, param) for key in QUANTIZED_KEYS}}
@@ -411,7 +391,7 @@ def moments_of(p_state: Any, dtype: torch.dtype = torch.float32) -> tuple[Tensor
         codes = p_state[key]
         local = local_part(codes)
         value = dequantize(local, _local_scales(p_state[scale_key], local.numel()), dtype)
-        moments.append(_like(value, codes) if is_dtensor(codes) else value)
+        moments.append(placed_like(value, codes) if is_dtensor(codes) else value)
     return moments[0], moments[1]
 
 
@@ -424,7 +404,7 @@ def quantized_moments(exp_avg: Tensor, exp_avg_sq: Tensor, seed: int = 0) -> dic
     m_codes, m_scales = quantize(m, signed=True, noise=bits & 0xFFFF)
     v_codes, v_scales = quantize(v, signed=False, noise=(bits >> 16) & 0xFFFF)
     if is_dtensor(exp_avg):
-        m_codes, v_codes = _like(m_codes, exp_avg), _like(v_codes, exp_avg)
+        m_codes, v_codes = placed_like(m_codes, exp_avg), placed_like(v_codes, exp_avg)
         m_scales, v_scales = _sharded_scales(m_scales, exp_avg), _sharded_scales(v_scales, exp_avg)
     return {"exp_avg": m_codes, "exp_avg_sq": v_codes, "exp_avg_absmax": m_scales, "exp_avg_sq_absmax": v_scales}
 

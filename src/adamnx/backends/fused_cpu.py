@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from adamnx import quantized
+from adamnx._dtensor import local_part
 from adamnx._table import host_coefficients
 from adamnx.backends import _cpu_extension, loop
 from adamnx.guard import TENSOR
@@ -94,18 +95,14 @@ def _step_8bit_bucket(ops: Any, plan: StepPlan, b: int, bucket: Bucket, lr: floa
             plan.handed_back += [(b, i) for i in others if guard.layouts[i] != TENSOR]
 
 
-def _local(t: Any) -> Any:
-    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2's shards: the update is elementwise
-
-
 def _step_bucket(ops: Any, plan: StepPlan, b: int, bucket: Bucket, lr: float, grad_factor: float) -> None:
     assert bucket.step_values is not None
     hp, guard = plan.hp, bucket.guard
     tensors = [bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs]
     lags = [] if guard is None else list(guard.lags)
     if type(bucket.params[0]).__name__ == "DTensor":  # FSDP2's shards: the update is elementwise, on local shards
-        tensors = [[_local(t) for t in lst] for lst in tensors]
-        lags = [_local(lag) for lag in lags]
+        tensors = [[local_part(t) for t in lst] for lst in tensors]
+        lags = [local_part(lag) for lag in lags]
     tensors = [list(lst) for lst in tensors]  # the kernel may get contiguous copies in place of some
     steps = bucket.step_values
     if all(s == steps[0] for s in steps):  # the usual case: one count for the bucket, one pair of coefficients

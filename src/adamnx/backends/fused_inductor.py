@@ -24,6 +24,7 @@ from torch import Tensor
 
 from adamnx import guard as guard_module
 from adamnx import quantized
+from adamnx._dtensor import is_dtensor
 from adamnx._table import count_coefficients
 from adamnx.backends import loop
 from adamnx.backends._pieces import dense_1d_views
@@ -234,7 +235,7 @@ def _step_8bit_bucket(plan: StepPlan, b: int, bucket: Bucket) -> None:
                                           *bucket.scales[i])  # fmt: skip
         if guard is None:
             weights: tuple[Tensor, ...] = tuple(c[i] for c in coeffs)
-        elif plan.on_device or quantized.is_dtensor(param):
+        elif plan.on_device or is_dtensor(param):
             weights = tuple(loop.local_weights(plan, bucket, i))
         else:
             weights = tuple(bucket.element_coefficients(i))

@@ -12,10 +12,11 @@ from typing import Any
 
 from torch import Tensor
 
+from adamnx._dtensor import is_dtensor, local_part
 from adamnx.backends._pieces import host_moment_noise, in_pieces, in_row_pieces, piece_size
 from adamnx.guard import ROW, TENSOR, counts_on_device
 from adamnx.plan import Bucket, StepPlan, device_coefficients
-from adamnx.quantized import BLOCK, is_dtensor, local_part, local_tensors, update_8bit
+from adamnx.quantized import BLOCK, local_tensors, update_8bit
 from adamnx.update import Weights, update, update_copies
 
 __all__ = ["execute", "execute_8bit", "local_weights"]
