@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from adamnx import quantized
+from adamnx._dtensor import local_part
 from adamnx.backends import FLOATING_DTYPES, rows_for
 from adamnx.guard import MAX_COUNT
 
@@ -225,11 +226,6 @@ def _check_saved_group(index: int, saved: Any, group: dict[str, Any]) -> None:
         raise ValueError(f"{where} holds the parameters {list(saved_names)}, the optimizer's group {list(names)}")
 
 
-def _local(t: Tensor) -> Tensor:
-    """This rank's shard of a DTensor (checks are elementwise), the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], target: torch.dtype) -> None:
     """One parameter's saved state; ``target``: the dtype its moments will be loaded in (and must be finite in).
 
@@ -247,7 +243,7 @@ def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], targ
     step = _check_step(p_state["step"], where)
     if quantized.is_quantized_state(p_state):
         quantized.check_quantized_state(p_state, param, where)
-        m, v = map(_local, quantized.moments_of(p_state))  # as the values they hold, in the dtype they're loaded in
+        m, v = map(local_part, quantized.moments_of(p_state))  # as the values they hold, in the dtype they're loaded in
         _check_values(m, target, nonnegative=False, where=f"{where}: 8-bit 'exp_avg'")
         _check_values(v, target, nonnegative=True, where=f"{where}: 8-bit 'exp_avg_sq'")
         if "coord_step" in p_state:
@@ -263,7 +259,7 @@ def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], targ
         if value.is_complex() != param.is_complex() or value.dtype not in _MOMENT_DTYPES:
             raise ValueError(f"{where}: '{key}' is {value.dtype}, the parameter {param.dtype}")
         _check_dense(value, where, key)
-        _check_values(_local(value), target, nonnegative=key == "exp_avg_sq", where=f"{where}: '{key}'")
+        _check_values(local_part(value), target, nonnegative=key == "exp_avg_sq", where=f"{where}: '{key}'")
     if "coord_step" in p_state:
         _check_coord_step(p_state["coord_step"], param, step, where)
 
@@ -299,7 +295,7 @@ def _wider_hint(original: Tensor, target: torch.dtype) -> str:
 
 def _check_dense(value: Tensor, where: str, key: str) -> None:
     """A tensor that holds its values in ordinary memory (not sparse, nested or meta), of a dtype with arithmetic."""
-    local = _local(value)
+    local = local_part(value)
     if local.layout != torch.strided or local.is_nested or local.device.type == "meta" or local.dtype in _FLOAT8:
         raise ValueError(
             f"{where}: '{key}' must be a dense tensor with values, got {local.layout} {local.dtype} on {local.device}"
@@ -314,7 +310,7 @@ def _check_step(step: Any, where: str) -> float:
             raise ValueError(
                 f"{where}: 'step' must be a number or a 0-d real tensor, got {step.dtype} {tuple(step.shape)}"
             )
-        value = float(_local(step).item())
+        value = float(local_part(step).item())
     elif isinstance(step, numbers.Integral) and not isinstance(step, bool):
         if not 0 <= int(step) <= MAX_STEP:  # exactly: float(2**53 + 1) would round into range
             raise ValueError(f"{where}: 'step' must be a whole number in [0, 2^53], got {step}")
@@ -336,7 +332,7 @@ def _check_coord_step(counts: Any, param: Tensor, step: float, where: str) -> No
     _check_dense(counts, where, "coord_step")
     if counts.is_complex() or counts.dtype == torch.bool:
         raise ValueError(f"{where}: 'coord_step' must hold integer counts, got {counts.dtype}")
-    local = _local(counts)
+    local = local_part(counts)
     if local.numel() == 0:
         return
     if local.is_floating_point() and not bool((torch.isfinite(local) & (local == local.round())).all()):

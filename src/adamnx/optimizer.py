@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from adamnx import backends, guard, quantized
+from adamnx._dtensor import local_part
 from adamnx._validation import (
     KEPT_ON_LOAD,
     MAX_COORD_STEP,
@@ -604,7 +605,7 @@ class AdamNX(torch.optim.Optimizer):
             return False
         grad = p.grad
         assert grad is not None  # only params with a gradient are stepped
-        local = grad.to_local() if hasattr(grad, "to_local") else grad  # a DTensor: this rank's shard
+        local = local_part(grad)  # a DTensor: this rank's shard
         return not bool(local.any())
 
     @staticmethod
