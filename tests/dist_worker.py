@@ -272,8 +272,8 @@ def ddp_8bit(rank, world, out):
 
     model = DistributedDataParallel(make_model().float())
     opt = run_8bit(model, (rank, world))
-    assert opt.state[model.module[2].weight]["exp_avg"].dtype == torch.int8
-    codes = opt.state[model.module[2].weight]["exp_avg_sq"].clone()
+    assert opt.state[model.module[2].weight]["exp_avg_codes"].dtype == torch.int8
+    codes = opt.state[model.module[2].weight]["exp_avg_sq_codes"].clone()
     gathered = [torch.empty_like(codes) for _ in range(world)]
     dist.all_gather(gathered, codes)
     _save_params(model.module, out, rank, {"ranks_agree": all(torch.equal(g, gathered[0]) for g in gathered)})
@@ -322,7 +322,11 @@ def _8bit_layout(model, opt) -> dict:
     for name, layer in (("first", model[0]), ("second", model[2])):
         state = opt.state[layer.weight]
         out[name] = {
-            "codes": [type(state["exp_avg"]).__name__, list(state["exp_avg"].shape), str(state["exp_avg"].dtype)],
+            "codes": [
+                type(state["exp_avg_codes"]).__name__,
+                list(state["exp_avg_codes"].shape),
+                str(state["exp_avg_codes"].dtype),
+            ],
             "scales": [type(state["exp_avg_absmax"]).__name__, list(state["exp_avg_absmax"].shape)],
             "local_scales": list(state["exp_avg_absmax"].to_local().shape),
         }
@@ -405,7 +409,7 @@ def fsdp2_8bit_conversions_and_refusals(rank, world, out):
     m32 = opt32.state[weight]["exp_avg"].to_local()
     m8, v8 = (t.to_local() for t in quantized.moments_of(state))
     scale = state["exp_avg_absmax"].to_local()
-    found["to_8bit"] = [type(state["exp_avg"]).__name__, list(state["exp_avg_absmax"].shape)]
+    found["to_8bit"] = [type(state["exp_avg_codes"]).__name__, list(state["exp_avg_absmax"].shape)]
     found["within_one_code"] = bool(((m8 - m32).abs() <= 4 / 127 * scale.max() + 1e-12).all())
     back = AdamNX(model.parameters(), lr=LR)
     back.load_state_dict(opt8.state_dict())  # 8-bit → float32: the dequantized values, exactly

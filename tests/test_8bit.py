@@ -156,7 +156,7 @@ def test_8bit_trains_like_float32_adamnx(impl):
     travelled = (exact.weight - start.weight).norm()
     assert (compact.weight - exact.weight).norm() / travelled < 0.05
     assert compact_error == pytest.approx(exact_error, rel=0.10)
-    assert opt.state[compact.weight]["exp_avg"].dtype == torch.int8
+    assert opt.state[compact.weight]["exp_avg_codes"].dtype == torch.int8
     assert opt.state[compact.bias]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[compact.bias]
 
 
@@ -174,7 +174,7 @@ def test_which_params_are_quantized_and_the_bytes_they_keep():
     tiny = AdamNX8bit([small], min_8bit_size=64)
     small.grad = torch.ones(100)
     tiny.step()
-    assert tiny.state[small]["exp_avg"].dtype == torch.int8
+    assert tiny.state[small]["exp_avg_codes"].dtype == torch.int8
 
 
 def test_bad_options_are_refused():
@@ -260,24 +260,24 @@ def test_float_checkpoints_convert_into_8bit_and_back():
     compact = AdamNX8bit([w], lr=1e-2)
     compact.load_state_dict(plain.state_dict())
     state = compact.state[w]
-    assert state["exp_avg"].dtype == torch.int8 and state["step"].item() == 20
+    assert state["exp_avg_codes"].dtype == torch.int8 and state["step"].item() == 20
     for value, codes, scales in (
-        (m, state["exp_avg"], state["exp_avg_absmax"]),
-        (v, *(state[k] for k in ("exp_avg_sq", "exp_avg_sq_absmax"))),
+        (m, state["exp_avg_codes"], state["exp_avg_absmax"]),
+        (v, *(state[k] for k in ("exp_avg_sq_codes", "exp_avg_sq_absmax"))),
     ):
         largest = scales.repeat_interleave(BLOCK)[: value.numel()].view(value.shape)
         assert ((dequantize(codes, scales) - value).abs() <= GAP[codes.dtype == torch.int8] * largest).all()
     back = AdamNX([w], lr=1e-2)
     back.load_state_dict(compact.state_dict())
     assert back.state[w]["exp_avg"].dtype == torch.float32
-    assert torch.equal(back.state[w]["exp_avg"], dequantize(state["exp_avg"], state["exp_avg_absmax"]))
-    assert torch.equal(back.state[w]["exp_avg_sq"], dequantize(state["exp_avg_sq"], state["exp_avg_sq_absmax"]))
+    assert torch.equal(back.state[w]["exp_avg"], dequantize(state["exp_avg_codes"], state["exp_avg_absmax"]))
+    assert torch.equal(back.state[w]["exp_avg_sq"], dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]))
     _steps(back, [w], 2, seed=3)  # and it trains on
     assert torch.isfinite(w).all()
 
 
 def test_state_dicts_of_the_first_8bit_version_still_load():
-    """The first version saved the codes under exp_avg/exp_avg_sq (as the state keeps them): they load into
+    """The first version saved the codes under exp_avg/exp_avg_sq (then the state's names too): they load into
     AdamNX8bit (the same state, bitwise) and into AdamNX (dequantized)."""
     opt, params = _trained("for-loop")
     saved = copy.deepcopy(opt.state_dict())
@@ -294,7 +294,9 @@ def test_state_dicts_of_the_first_8bit_version_still_load():
     back = AdamNX([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
     back.load_state_dict(legacy)
     state = opt.state[params[0]]
-    assert torch.equal(back.state_dict()["state"][0]["exp_avg"], dequantize(state["exp_avg"], state["exp_avg_absmax"]))
+    assert torch.equal(
+        back.state_dict()["state"][0]["exp_avg"], dequantize(state["exp_avg_codes"], state["exp_avg_absmax"])
+    )
 
 
 @pytest.mark.parametrize("direction", ["8bit into float32", "float32 into 8bit"])
@@ -403,7 +405,7 @@ def test_the_guard_starts_late_rows_at_their_own_t_equals_1(impl):
         opt.step()
         plain.step()
         state = opt.state[emb]
-        m = dequantize(state["exp_avg"], state["exp_avg_absmax"])
+        m = dequantize(state["exp_avg_codes"], state["exp_avg_absmax"])
         largest = state["exp_avg_absmax"].repeat_interleave(BLOCK).view(rows, 128)
         if t == 7:
             assert ((m[56:] - grad[56:]).abs() <= GAP[True] * largest[56:]).all()
@@ -453,7 +455,7 @@ def test_compiled_step_trains_like_the_eager_step():
         return opt
 
     compiled, opt, compiled_error = _regression(compiled_factory, steps=40)
-    assert opt.state[compiled.weight]["exp_avg"].dtype == torch.int8
+    assert opt.state[compiled.weight]["exp_avg_codes"].dtype == torch.int8
     assert compiled_error == pytest.approx(eager_error, rel=0.05)
 
 
@@ -473,7 +475,7 @@ def test_gradient_release_with_8bit_state(impl):
     assert released_error == pytest.approx(plain_error, rel=0.05)
     other = AdamNX8bit(model.parameters(), lr=1e-2)
     other.load_state_dict(without_options(opt.state_dict()))
-    assert torch.equal(other.state[model.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+    assert torch.equal(other.state[model.weight]["exp_avg_codes"], opt.state[model.weight]["exp_avg_codes"])
 
 
 def test_the_public_name():
@@ -505,7 +507,7 @@ def test_a_compiled_step_updates_the_last_partial_block_too():
     torch._dynamo.reset()
     eager, start, _ = _bias_run(lambda ps: AdamNX8bit(ps, lr=1e-2, weight_decay=0.0))
     compiled, _, state = _bias_run(lambda ps: AdamNX8bit(ps, lr=1e-2, weight_decay=0.0), compiled=True)
-    assert state["exp_avg"].dtype == torch.int8
+    assert state["exp_avg_codes"].dtype == torch.int8
     assert (compiled != start).all() and (eager != start).all()
     assert ((compiled - start) - (eager - start)).abs().max() <= 0.1 * (eager - start).abs().max()
 
@@ -513,7 +515,7 @@ def test_a_compiled_step_updates_the_last_partial_block_too():
 def test_the_accelerator_kernel_updates_the_last_partial_block_too():
     loop, start, _ = _bias_run(lambda ps: make("for-loop", ps, lr=1e-2, weight_decay=0.0))
     inductor, _, state = _bias_run(lambda ps: make("fused-inductor", ps, lr=1e-2, weight_decay=0.0))
-    assert (inductor != start).all() and state["exp_avg_sq"][-136:].ne(0).all()
+    assert (inductor != start).all() and state["exp_avg_sq_codes"][-136:].ne(0).all()
     assert ((inductor - start) - (loop - start)).abs().max() <= 0.1 * (loop - start).abs().max()
 
 
@@ -618,7 +620,9 @@ def test_codes_loaded_with_other_strides_are_kept_contiguous():
     other = make("fused", [torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
     other.load_state_dict(saved)
     state = next(iter(other.state.values()))
-    assert state["exp_avg"].is_contiguous() and torch.equal(state["exp_avg"], opt.state[params[0]]["exp_avg"])
+    assert state["exp_avg_codes"].is_contiguous() and torch.equal(
+        state["exp_avg_codes"], opt.state[params[0]]["exp_avg_codes"]
+    )
 
 
 # --------------------------------------------------------------------------- CUDA (skipped without it)
@@ -645,7 +649,7 @@ def test_cuda_8bit_tracks_float32_and_steps_a_partial_last_block(options):
             p.grad = grad.clone()
             opt.step()
             means[name].append(_values(opt.state[p])[1].mean().item())
-    assert opt.state[p]["exp_avg"].dtype == torch.int8
+    assert opt.state[p]["exp_avg_codes"].dtype == torch.int8
     for t in (299, 599):
         assert means["8bit"][t] == pytest.approx(means["exact"][t], rel=0.03), t
     assert (p.detach() != 0).all()
@@ -669,7 +673,7 @@ def test_a_compiled_step_of_a_channels_last_model_with_a_partial_last_block(fore
         opt.zero_grad()
         model(x).pow(2).mean().backward()
         step()
-    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.int8 and model[0].weight.is_contiguous(
+    assert opt.state[model[0].weight]["exp_avg_codes"].dtype == torch.int8 and model[0].weight.is_contiguous(
         memory_format=torch.channels_last
     )
     for p, p0 in zip(model.parameters(), start):
@@ -689,4 +693,29 @@ def test_an_overflow_of_v_makes_its_block_of_v_nan_and_leaves_m_alone_on_both_pa
     state = opt.state[p]
     assert state["exp_avg_sq_absmax"][0].isnan() and state["exp_avg_sq_absmax"][1] == 1.0
     assert torch.isfinite(state["exp_avg_absmax"]).all()
-    assert (state["exp_avg_sq"][:BLOCK] == 0).all() and (state["exp_avg"][:BLOCK] != -128).all()
+    assert (state["exp_avg_sq_codes"][:BLOCK] == 0).all() and (state["exp_avg_codes"][:BLOCK] != -128).all()
+
+
+def test_a_flattened_distributed_state_dict_round_trips():
+    """torch.distributed.checkpoint's flatten_optimizer_state_dict=True (torchtitan's) rebuilds each param's state from
+    the live state's key names: the state and its state dicts name the codes alike (exp_avg_codes), or the codes
+    came back as {} and the load was refused."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 80)
+    opt = AdamNX8bit(model.parameters(), lr=1e-2, fused=True)
+    model(torch.randn(16, 64)).square().mean().backward()
+    opt.step()
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt, options=options))
+    assert "state.weight.exp_avg_codes" in saved
+    other_model = torch.nn.Linear(64, 80)
+    other = AdamNX8bit(other_model.parameters(), lr=1e-2, fused=True)
+    set_optimizer_state_dict(other_model, other, saved, options=options)
+    for key, value in opt.state[model.weight].items():
+        assert torch.equal(other.state[other_model.weight][key], value), key

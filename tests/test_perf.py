@@ -78,7 +78,7 @@ def test_compact_state_candidates_keep_what_they_say_and_are_paired_with_fused_a
     params = perf._make_params([(64, 64)], torch.device("cpu"))
     opt = builders["adamnx-8bit-fused"](params)
     opt.step()
-    assert opt.state[params[0]]["exp_avg"].dtype == torch.int8
+    assert opt.state[params[0]]["exp_avg_codes"].dtype == torch.int8
     for name in ("adamnx-bf16-fused", "adamnx-bf16-foreach", "adamw-bf16-foreach"):
         opt = builders[name](perf._make_params([(8, 8)], torch.device("cpu")))
         assert all(p.dtype == p.grad.dtype == torch.bfloat16 for p in opt.param_groups[0]["params"])

@@ -231,17 +231,24 @@ def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], targ
 
     Moments that share memory are accepted: the load copies them, so they never alias afterwards."""
     where = f"state of parameter {pid}"
-    missing = [key for key in STATE_KEYS if key not in p_state]
+    eight_bit = quantized.is_quantized_state(p_state)
+    required = ("step", *quantized.CODE_KEYS) if eight_bit else STATE_KEYS
+    missing = [key for key in required if key not in p_state]
     if missing:
-        raise ValueError(f"{where} is missing {missing}")
-    unknown = [key for key in p_state if key not in STATE_KEYS + OPTIONAL_STATE_KEYS + quantized.QUANTIZED_KEYS]
+        raise ValueError(f"{where} is missing {missing}" + (" (8-bit state: codes beside its scales)" * eight_bit))
+    known = STATE_KEYS + OPTIONAL_STATE_KEYS + quantized.CODE_KEYS + quantized.QUANTIZED_KEYS
+    unknown = [key for key in p_state if key not in known]
     if unknown:
         raise ValueError(
             f"{where} has unknown entries {unknown} (AdamNX keeps {list(STATE_KEYS)} and 'coord_step'; 8-bit "
-            f"moments also {list(quantized.QUANTIZED_KEYS)})"
+            f"moments {list(quantized.CODE_KEYS + quantized.QUANTIZED_KEYS)})"
         )
+    if not eight_bit and any(key in p_state for key in quantized.CODE_KEYS):
+        raise ValueError(f"{where} holds 8-bit codes {list(quantized.CODE_KEYS)} without their scales")
+    if eight_bit and any(key in p_state for key in ("exp_avg", "exp_avg_sq")):
+        raise ValueError(f"{where} holds 8-bit codes and float moments ('exp_avg', 'exp_avg_sq') at once")
     step = _check_step(p_state["step"], where)
-    if quantized.is_quantized_state(p_state):
+    if eight_bit:
         quantized.check_quantized_state(p_state, param, where)
         m, v = map(local_part, quantized.moments_of(p_state))  # as the values they hold, in the dtype they're loaded in
         _check_values(m, target, nonnegative=False, where=f"{where}: 8-bit 'exp_avg'")

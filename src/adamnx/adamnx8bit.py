@@ -27,7 +27,7 @@ class AdamNX8bit(AdamNX):
     Params with fewer than ``min_8bit_size`` elements (biases, norms) and float64 or complex params keep ordinary
     moments in ``state_dtype`` (default: the param's dtype), as bitsandbytes and torchao do.
 
-    Checkpoints: ``state_dict()`` saves the codes (``exp_avg`` int8, ``exp_avg_sq`` uint8) and their scales
+    The state holds the codes (``exp_avg_codes`` int8, ``exp_avg_sq_codes`` uint8) and their scales
     (``exp_avg_absmax``, ``exp_avg_sq_absmax``); they round-trip bitwise. An :class:`adamnx.AdamNX` checkpoint loads
     into ``AdamNX8bit`` (its moments quantized: each element within one code of its value, unbiased), and an
     ``AdamNX8bit`` checkpoint into :class:`adamnx.AdamNX` (dequantized exactly, in float32). ``fused=True`` on the CPU

@@ -238,18 +238,16 @@ class AdamNX(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state as torch.optim saves it, with each coordinate's count as ``coord_step`` (int32, shaped
-        like the param's real view) where ``per_coordinate_steps`` keeps lags: the format every version saves; 8-bit
-        codes under ``exp_avg_codes`` and ``exp_avg_sq_codes`` (:data:`adamnx.quantized.SAVED_CODE_KEYS`)."""
+        like the param's real view) where ``per_coordinate_steps`` keeps lags: the format every version saves."""
 
-        def saved_form(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:  # before user hooks
+        def with_counts(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:  # before user hooks
             saved = state_dict["state"]
             for pid, p_state in saved.items():
                 if "coord_lag" in p_state:  # a new dict: torch's packs the optimizer's own state dicts
                     kept = {key: value for key, value in p_state.items() if key != "coord_lag"}
-                    p_state = {**kept, "coord_step": self._counts(p_state)}
-                saved[pid] = quantized.saved_form(p_state)
+                    saved[pid] = {**kept, "coord_step": self._counts(p_state)}
 
-        handle = self.register_state_dict_post_hook(saved_form, prepend=True)
+        handle = self.register_state_dict_post_hook(with_counts, prepend=True)
         try:
             saved = super().state_dict()
         finally:
@@ -263,7 +261,7 @@ class AdamNX(torch.optim.Optimizer):
         return self._counts(p_state) if "coord_lag" in p_state else None
 
     def _counts(self, p_state: dict[str, Any]) -> Tensor:
-        like = p_state["exp_avg_sq"]
+        like = p_state["exp_avg_sq_codes" if "exp_avg_sq_codes" in p_state else "exp_avg_sq"]
         like = torch.view_as_real(like) if like.is_complex() else like
         return guard.counts(p_state["coord_lag"], float(p_state["step"]), like)
 
@@ -300,7 +298,7 @@ class AdamNX(torch.optim.Optimizer):
         before = self.state, self.param_groups
 
         def check(optimizer: torch.optim.Optimizer, hooked: dict[str, Any]) -> dict[str, Any]:  # after user pre-hooks
-            hooked = quantized.live_state_dict(hooked)  # 8-bit codes under the names the state keeps
+            hooked = quantized.upgraded_state_dict(hooked)  # the first 8-bit version's codes under today's names
             check_state_dict(hooked, self.param_groups, self._keeps_8bit)
             loaded["state_dict"] = hooked
             return hooked
@@ -378,7 +376,7 @@ class AdamNX(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 state["step"] = self._exact_step(saved["step"], p, group)
-                for key in ("exp_avg", "exp_avg_sq", *quantized.QUANTIZED_KEYS):
+                for key in ("exp_avg", "exp_avg_sq", *quantized.CODE_KEYS, *quantized.QUANTIZED_KEYS):
                     state.pop(key, None)
                 state.update(self._loaded_moments(saved, p, group))
                 state.pop("coord_step", None)
@@ -392,7 +390,7 @@ class AdamNX(torch.optim.Optimizer):
         caller's), exact when the formats agree; 8-bit codes dequantized, or float moments quantized, otherwise."""
         if self._keeps_8bit(p):
             if quantized.is_quantized_state(saved):
-                keys = ("exp_avg", "exp_avg_sq", *quantized.QUANTIZED_KEYS)
+                keys = (*quantized.CODE_KEYS, *quantized.QUANTIZED_KEYS)
                 # contiguous copies, whatever the saved strides: the fused kernel walks them in place
                 return {
                     key: saved[key].detach().to(p.device).clone(memory_format=torch.contiguous_format) for key in keys
@@ -450,11 +448,11 @@ class AdamNX(torch.optim.Optimizer):
             has_complex |= torch.is_complex(p)
             params.append(p)
             grads.append(_gradient(p))
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            is_8bit = "exp_avg_absmax" in state
+            exp_avgs.append(state["exp_avg_codes" if is_8bit else "exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq_codes" if is_8bit else "exp_avg_sq"])
             state_steps.append(state["step"])
             if scales is not None:
-                is_8bit = "exp_avg_absmax" in state
                 scales.append((state["exp_avg_absmax"], state["exp_avg_sq_absmax"]) if is_8bit else None)
         return has_complex
 
@@ -534,10 +532,10 @@ class AdamNX(torch.optim.Optimizer):
                     "state holds 8-bit codes: it was cast after the state was created. Call "
                     "opt.load_state_dict(opt.state_dict()) to convert the state along with it."
                 )
-            for key in ("exp_avg", "exp_avg_sq"):
-                moment = state[key]
+            for key in quantized.CODE_KEYS if is_8bit else ("exp_avg", "exp_avg_sq"):
+                moment = state.get(key)
                 if is_8bit:
-                    wanted = torch.int8 if key == "exp_avg" else torch.uint8
+                    wanted = torch.int8 if key == "exp_avg_codes" else torch.uint8
                 if not isinstance(moment, Tensor) or moment.shape != p.shape:
                     shape = tuple(moment.shape) if isinstance(moment, Tensor) else type(moment).__name__
                     raise RuntimeError(
@@ -619,7 +617,8 @@ class AdamNX(torch.optim.Optimizer):
         for p in params:
             state = self.state[p]
             if "coord_lag" not in state and state["step"] > 0:
-                v = torch.view_as_real(state["exp_avg_sq"]) if p.is_complex() else state["exp_avg_sq"]
+                v = state["exp_avg_sq_codes" if "exp_avg_sq_codes" in state else "exp_avg_sq"]  # codes: 0 is v = 0
+                v = torch.view_as_real(v) if p.is_complex() else v
                 step = float(state["step"])
                 counts = torch.where(v > 0, min(int(step), MAX_COORD_STEP), 0).to(torch.int32)
                 state["coord_lag"] = guard.lags_from_counts(counts, step, _real(p))

@@ -53,24 +53,23 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCK",
+    "CODE_KEYS",
     "MIN_SIZE",
     "QUANTIZED_KEYS",
-    "SAVED_CODE_KEYS",
     "blocks_of",
     "check_quantized_state",
     "dequantize",
     "is_quantized_state",
-    "live_state_dict",
     "local_tensors",
     "moments_of",
     "new_state",
     "quantize",
     "quantized_moments",
-    "saved_form",
     "scales_shape",
     "shard_layout",
     "state_bytes_per_param",
     "update_8bit",
+    "upgraded_state_dict",
 ]
 
 BLOCK = 256
@@ -82,15 +81,16 @@ QUANTIZED_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
 entry: this is its first. A future format must add one (a new key), which this version's loader refuses as unknown:
 an old version then refuses a new checkpoint loudly instead of reading its codes with the wrong map."""
 
-SAVED_CODE_KEYS = {"exp_avg": "exp_avg_codes", "exp_avg_sq": "exp_avg_sq_codes"}
-"""The names a state dict gives the codes (the optimizer keeps them as ``exp_avg`` and ``exp_avg_sq``). Not
-``exp_avg``: loaders that fill a state dict by key and cast what they find (torch.distributed.checkpoint) would
-otherwise load int8 codes into a float32 AdamNX's moments as numbers, silently; with other names a checkpoint of the
-other optimizer is missing keys, which they refuse. State dicts of the first 8-bit version (codes under ``exp_avg``)
-still load."""
+CODE_KEYS = ("exp_avg_codes", "exp_avg_sq_codes")
+"""The state entries holding m's int8 codes and v's uint8 codes (in the optimizer's state and in its state dicts).
+Not ``exp_avg``/``exp_avg_sq``: loaders that fill a state dict by key and cast what they find
+(torch.distributed.checkpoint) would otherwise load int8 codes into a float32 AdamNX's moments as numbers, silently;
+with their own names a checkpoint of the other optimizer misses keys, which they refuse. State dicts of the first
+8-bit version (codes under ``exp_avg``/``exp_avg_sq``) still load: :func:`upgraded_state_dict`."""
+_FIRST_VERSION_KEYS = {"exp_avg": "exp_avg_codes", "exp_avg_sq": "exp_avg_sq_codes"}
 
 _SIGNED_LEVELS, _UNSIGNED_LEVELS = 127, 255
-_CODE_DTYPES = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
+_CODE_DTYPES = {"exp_avg_codes": torch.int8, "exp_avg_sq_codes": torch.uint8}
 
 
 def blocks_of(numel: int) -> int:
@@ -280,29 +280,23 @@ def is_quantized_state(p_state: Any) -> bool:
     return hasattr(p_state, "get") and any(key in p_state for key in QUANTIZED_KEYS)
 
 
-def saved_form(p_state: dict[str, Any]) -> dict[str, Any]:
-    """A param's state as a state dict saves it: 8-bit codes under :data:`SAVED_CODE_KEYS` (a new dict)."""
-    if not is_quantized_state(p_state):
-        return p_state
-    return {SAVED_CODE_KEYS.get(key, key): value for key, value in p_state.items()}
-
-
-def live_state_dict(state_dict: Any) -> Any:
-    """A state dict with each param's 8-bit codes under the names the optimizer keeps them by (``exp_avg``,
-    ``exp_avg_sq``): a new dict where any were renamed, else ``state_dict`` itself (malformed ones too: the checks
-    that follow name what is wrong). Refuses (ValueError) a param state holding codes under both names."""
+def upgraded_state_dict(state_dict: Any) -> Any:
+    """A state dict with the codes of the first 8-bit version (under ``exp_avg``/``exp_avg_sq``, beside the scales)
+    renamed to :data:`CODE_KEYS`: a new dict where any were, else ``state_dict`` itself (malformed ones too: the
+    checks that follow name what is wrong). Refuses (ValueError) a param state holding codes under both names."""
     state = state_dict.get("state") if isinstance(state_dict, dict) else None
     if not isinstance(state, dict):
         return state_dict
     renamed = {}
     for pid, p_state in state.items():
-        if not isinstance(p_state, dict) or not any(key in p_state for key in SAVED_CODE_KEYS.values()):
+        if not is_quantized_state(p_state) or not any(key in p_state for key in _FIRST_VERSION_KEYS):
             continue
-        both = [key for key in (*SAVED_CODE_KEYS, *SAVED_CODE_KEYS.values()) if key in p_state]
-        if any(key in p_state for key in SAVED_CODE_KEYS):
-            raise ValueError(f"state of parameter {pid} holds both {both}: which are its moments is ambiguous")
-        live = {saved: key for key, saved in SAVED_CODE_KEYS.items()}
-        renamed[pid] = {live.get(key, key): value for key, value in p_state.items()}
+        if any(key in p_state for key in CODE_KEYS):
+            both = [key for key in (*_FIRST_VERSION_KEYS, *CODE_KEYS) if key in p_state]
+            raise ValueError(
+                f"state of parameter {pid} holds 8-bit scales with both {both}: which are its codes is ambiguous"
+            )
+        renamed[pid] = {_FIRST_VERSION_KEYS.get(key, key): value for key, value in p_state.items()}
     return {**state_dict, "state": {**state, **renamed}} if renamed else state_dict
 
 
@@ -316,8 +310,8 @@ def new_state(param: Tensor) -> dict[str, Tensor]:
         return {**codes, **{key: _sharded_scales(zeros, param) for key in QUANTIZED_KEYS}}
     n = blocks_of(param.numel())
     return {
-        "exp_avg": torch.zeros(param.shape, dtype=torch.int8, device=param.device),
-        "exp_avg_sq": torch.zeros(param.shape, dtype=torch.uint8, device=param.device),
+        "exp_avg_codes": torch.zeros(param.shape, dtype=torch.int8, device=param.device),
+        "exp_avg_sq_codes": torch.zeros(param.shape, dtype=torch.uint8, device=param.device),
         "exp_avg_absmax": torch.zeros(n, dtype=torch.float32, device=param.device),
         "exp_avg_sq_absmax": torch.zeros(n, dtype=torch.float32, device=param.device),
     }
@@ -327,7 +321,7 @@ def check_quantized_state(p_state: Any, param: Tensor, where: str) -> None:
     """Refuse (ValueError naming the field) 8-bit moments that do not fit ``param``: codes of another shape or dtype,
     the code −128 (no value), scales of another shape or dtype, negative or non-finite scales; for a DTensor param,
     codes and scales that are not DTensors placed like it (and plain ones for a plain param)."""
-    missing = [key for key in ("exp_avg", "exp_avg_sq", *QUANTIZED_KEYS) if key not in p_state]
+    missing = [key for key in (*CODE_KEYS, *QUANTIZED_KEYS) if key not in p_state]
     if missing:
         raise ValueError(f"{where} holds 8-bit moments but is missing {missing}")
     if param.is_complex() or not param.is_floating_point():
@@ -406,7 +400,12 @@ def quantized_moments(exp_avg: Tensor, exp_avg_sq: Tensor, seed: int = 0) -> dic
     if is_dtensor(exp_avg):
         m_codes, v_codes = placed_like(m_codes, exp_avg), placed_like(v_codes, exp_avg)
         m_scales, v_scales = _sharded_scales(m_scales, exp_avg), _sharded_scales(v_scales, exp_avg)
-    return {"exp_avg": m_codes, "exp_avg_sq": v_codes, "exp_avg_absmax": m_scales, "exp_avg_sq_absmax": v_scales}
+    return {
+        "exp_avg_codes": m_codes,
+        "exp_avg_sq_codes": v_codes,
+        "exp_avg_absmax": m_scales,
+        "exp_avg_sq_absmax": v_scales,
+    }
 
 
 def state_bytes_per_param(numel: int) -> float:
