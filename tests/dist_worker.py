@@ -436,11 +436,46 @@ def fsdp2_8bit_conversions_and_refusals(rank, world, out):
     _save_params(model, out, rank, found)
 
 
+def ddp_own_seeds(rank, world, out):
+    """Every rank seeds torch's generator its own way before each step (as for dropout): the stochastic roundings
+    (8-bit codes; bf16 params with stochastic_rounding) still agree across the replicas, since they draw from a
+    generator seeded by the step itself."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from adamnx import AdamNX, AdamNX8bit
+
+    agree = {}
+    for name, dtype, make in (
+        ("8bit-fused", torch.float32, lambda ps: AdamNX8bit(ps, lr=LR, min_8bit_size=64, fused=True)),
+        ("8bit-foreach", torch.float32, lambda ps: AdamNX8bit(ps, lr=LR, min_8bit_size=64, foreach=True)),
+        ("bf16-sr", torch.bfloat16, lambda ps: AdamNX(ps, lr=LR, stochastic_rounding=True, foreach=True)),
+    ):
+        model = DistributedDataParallel(make_model().to(dtype))
+        opt = make(model.parameters())
+        for step in range(4):
+            x, y = local_batch(step, rank, world)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype)).backward()
+            torch.manual_seed(1000 * rank + step)  # each rank its own stream
+            opt.step()
+        tensors = [p.detach() for p in model.parameters()]
+        tensors += [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        same = True
+        for t in tensors:
+            gathered = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(gathered, t.contiguous())
+            same = same and all(torch.equal(g, gathered[0]) for g in gathered)
+        agree[name] = same
+    if rank == 0:
+        (out / "extra.json").write_text(json.dumps(agree))
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
         ddp,
         ddp_8bit,
+        ddp_own_seeds,
         fsdp2_8bit_fused,
         fsdp2_8bit_foreach,
         fsdp2_8bit_guarded,

@@ -115,6 +115,15 @@ def test_fsdp2_8bit_state_converts_from_and_to_float_and_refuses_what_does_not_f
     assert "sharded along dim 0" in found["columns_refused"]
 
 
+def test_replicas_round_alike_whatever_each_rank_seeds(tmp_path):
+    torchrun("ddp_own_seeds", tmp_path)
+    assert json.loads((tmp_path / "extra.json").read_text()) == {
+        "8bit-fused": True,
+        "8bit-foreach": True,
+        "bf16-sr": True,
+    }
+
+
 def test_gradient_release_is_refused_under_ddp_and_changes_nothing(tmp_path):
     torchrun("ddp_gradient_release", tmp_path)
     assert "DDP" in json.loads((tmp_path / "extra.json").read_text())["refusal"]

@@ -14,6 +14,9 @@ SAME_MACHINE = RECORDED["machine"] == machine()
 # On a machine that rounds differently (another torch, other vector instructions: the coefficients' exp/expm1 differ in
 # their last bit now and then), the sums agree to a few float32 ulps; low-precision runs to a few bf16 ulps.
 TOLERANCE = {"bf16": 2e-2, "f16": 2e-2}
+# Params rounded stochastically whose random numbers changed on purpose: another draw of the rounding noise, which
+# moves the sum of a small bf16 tensor by a few percent.
+NEW_NOISE_TOLERANCE = 5e-2
 
 # Runs whose bits changed on purpose in the redesign: held to the recorded sums instead (within TOLERANCE, or 1e-5).
 CHANGED_ON_PURPOSE = {
@@ -26,6 +29,8 @@ CHANGED_ON_PURPOSE = {
         ("bf16", "bf16-sr", "bf16-guard-sr"),
         "bf16 moments round stochastically (round-to-nearest biased v upwards: +31% after 1,000 steps)",
     ),
+    "bf16-f32state-sr": "stochastic rounding draws from a generator seeded by the step itself, not from torch's "
+    "global one (DDP replicas drifted apart under per-rank seeds)",
 }
 
 CASES = [
@@ -52,6 +57,8 @@ def test_the_final_state_is_what_it_was_before_the_redesign(impl, scenario):
         assert not changed, f"bits changed in {changed}"
         return
     rtol = TOLERANCE.get(scenario.split("-")[0], 1e-5)
+    if changed_on_purpose and scenario.endswith("-sr"):
+        rtol = NEW_NOISE_TOLERANCE
     for name, (_, total, magnitude) in expected.items():
         assert actual[name][1] == pytest.approx(total, rel=rtol, abs=rtol * magnitude), name
         assert actual[name][2] == pytest.approx(magnitude, rel=rtol), name

@@ -7,6 +7,9 @@ fused). Every executor takes its coefficients from :func:`adamnx.schedule.coeffi
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,7 +17,7 @@ from torch import Tensor
 
 from adamnx import backends, guard
 from adamnx.backends import Backend
-from adamnx.plan import Hyperparameters, finish, plan_step
+from adamnx.plan import Hyperparameters, StepPlan, finish, plan_step
 from adamnx.schedule import check_betas
 from adamnx.update import stochastic_round_to_bf16
 
@@ -140,8 +143,37 @@ def _run(
     plan = plan_step(params, grads, exp_avgs, exp_avg_sqs, state_steps, hp, backend, **kwargs)
     if plan is None:
         return
-    backend.execute(plan)
+    with _rounding_noise(plan):
+        backend.execute(plan)
     finish(plan)
+
+
+def _rounding_noise(plan: StepPlan) -> contextlib.AbstractContextManager[Any]:
+    """Where the step rounds stochastically (8-bit codes, bf16 moments, ``stochastic_rounding``) with its counters on
+    the host: torch's generators (the CPU's, and the CUDA devices' the step draws on) seeded from the step itself (each
+    bucket's count, size and first tensor's shape), and restored afterwards. Replicas of a param (DDP, HSDP) then draw
+    the same numbers whatever each rank's generator holds (per-rank seeds for dropout made their codes drift apart),
+    a restarted run draws what the uninterrupted one did, and stepping leaves the user's random stream where it was.
+    On the device (capturable, torch.compile) the device's generator is used as it is."""
+    rounds = any(b.stochastic or b.scales is not None or b.exp_avgs[0].dtype == torch.bfloat16 for b in plan.buckets)
+    if plan.on_device or not rounds or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    key = [
+        (int(b.step_values[0]) if b.step_values else 0, len(b.params), tuple(b.params[0].shape), str(b.params[0].dtype))
+        for b in plan.buckets
+    ]
+    seed = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
+    cuda = sorted({b.device.index or 0 for b in plan.buckets if b.device.type == "cuda"})
+    return _seeded(seed, cuda)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, cuda_devices: list[int]) -> Iterator[None]:
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda_devices:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 # An executor that is not traced (a C++ kernel) runs as it is under torch.compile(opt.step), outside the graph, with

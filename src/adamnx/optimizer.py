@@ -115,7 +115,10 @@ class AdamNX(torch.optim.Optimizer):
             ``torch.bfloat16`` halves float32 params' state. bf16 moments always round stochastically (unbiased):
             AdamNX's weight 1 − β̂2_t ≈ 1/t would make round-to-nearest bias v upwards.
         stochastic_rounding: round bf16 params' updates stochastically (unbiased), so that updates smaller
-            than half a bf16 ulp are not lost; computes the update in float32. Ignored for other dtypes.
+            than half a bf16 ulp are not lost; computes the update in float32. Ignored for other dtypes. (Every
+            stochastic rounding draws from torch's generators seeded by the step itself, restored afterwards: data-
+            parallel replicas round alike, and torch's random stream is left as it was; capturable and compiled
+            steps draw from the device's generator as it is.)
         skip_nonfinite: skip the step of a param group whose gradients contain inf/NaN, leaving params,
             moments and step counts untouched; counts skips in ``param_group["skipped_steps"]``. Costs one
             host sync per group and step. Default off, like torch: no hidden checks in the hot path.
