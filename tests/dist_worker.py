@@ -28,36 +28,40 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2)).double()
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+LATE_STEPS = 3  # late=True: input features 0 and 1 are zero for the first 3 steps, so those weight columns start late
+
+
+def batch(step: int, late: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64), torch.randn(
-        GLOBAL_BATCH, 2, generator=g, dtype=torch.float64
-    )
+    x = torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64)
+    if late and step < LATE_STEPS:
+        x[:, :2] = 0
+    return x, torch.randn(GLOBAL_BATCH, 2, generator=g, dtype=torch.float64)
 
 
-def local_batch(step: int, rank: int, world: int):
-    x, y = batch(step)
+def local_batch(step: int, rank: int, world: int, late: bool = False):
+    x, y = batch(step, late)
     per = GLOBAL_BATCH // world
     return x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
 
 
-def reference_run(steps: int = STEPS, **opt_kwargs) -> list[torch.Tensor]:
+def reference_run(steps: int = STEPS, late: bool = False, **opt_kwargs) -> list[torch.Tensor]:
     """One process, full global batches: what every distributed run must reproduce."""
     from adamnx import AdamNX
 
     model = make_model()
     opt = AdamNX(model.parameters(), lr=LR, **opt_kwargs)
     for step in range(steps):
-        x, y = batch(step)
+        x, y = batch(step, late)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _train(model, opt, rank, world, steps, start=0):
+def _train(model, opt, rank, world, steps, start=0, late=False):
     for step in range(start, start + steps):
-        x, y = local_batch(step, rank, world)
+        x, y = local_batch(step, rank, world, late)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
@@ -165,25 +169,27 @@ def _fsdp_model_and_opt(**opt_kwargs):
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    return model, AdamNX(model.parameters(), lr=LR, **(opt_kwargs or {"foreach": True}))
+    opt_kwargs = {"lr": LR, **(opt_kwargs or {"foreach": True})}
+    return model, AdamNX(model.parameters(), **opt_kwargs)
 
 
-def dcp_save(rank, world, out):
-    """First half of training, then a distributed checkpoint; a new set of processes continues (dcp_load)."""
+def dcp_save(rank, world, out, guard=False):
+    """First half of training, then a distributed checkpoint; a new set of processes continues (dcp_load). With
+    guard: per_coordinate_steps, and weight columns that start late (their counts must survive the restart)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model, opt = _fsdp_model_and_opt()
-    _train(model, opt, rank, world, STEPS // 2)
+    model, opt = _fsdp_model_and_opt(**({"foreach": True, "per_coordinate_steps": True} if guard else {}))
+    _train(model, opt, rank, world, STEPS // 2, late=guard)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "ckpt"))
 
 
-def dcp_load(rank, world, out):
+def dcp_load(rank, world, out, guard=False):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model, opt = _fsdp_model_and_opt()
+    model, opt = _fsdp_model_and_opt(**({"foreach": True, "per_coordinate_steps": True} if guard else {}))
     # get_state_dict on a fresh optimizer runs torch's zero-gradient, lr = 0 "fake" step to create the state
     model_sd, optim_sd = get_state_dict(model, opt)
     probe = {
@@ -196,8 +202,20 @@ def dcp_load(rank, world, out):
     dcp.load(state, checkpoint_id=str(out / "ckpt"))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     probe["steps_after_load"] = sorted({int(s["step"]) for s in opt.state.values()})
-    _train(model, opt, rank, world, STEPS - STEPS // 2, start=STEPS // 2)
+    if guard:
+        counts = opt.coord_steps(model[0].weight)
+        probe["first_layer_counts"] = sorted({int(c) for c in _full(counts).unique()})
+        probe["counts_type"] = type(counts).__name__
+    _train(model, opt, rank, world, STEPS - STEPS // 2, start=STEPS // 2, late=guard)
     _save_params(model, out, rank, probe)
+
+
+def dcp_save_guard(rank, world, out):
+    dcp_save(rank, world, out, guard=True)
+
+
+def dcp_load_guard(rank, world, out):
+    dcp_load(rank, world, out, guard=True)
 
 
 def fresh_dcp_probe(rank, world, out):
@@ -436,6 +454,55 @@ def fsdp2_8bit_conversions_and_refusals(rank, world, out):
     _save_params(model, out, rank, found)
 
 
+def fsdp2_float_state_placement_and_first_step(rank, world, out):
+    """Float AdamNX on FSDP2: a plain (unsharded) state dict is refused by load_state_dict, untouched (it was accepted
+    and the next step failed on mixed Tensor and DTensor); the route the message gives (set_optimizer_state_dict with
+    full_state_dict=True) loads it. A real first step with lr = 0 counts on a rank whose shard has a zero gradient."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from adamnx import AdamNX
+
+    found: dict = {}
+    plain_model = make_model()
+    plain = AdamNX(plain_model.parameters(), lr=LR, per_coordinate_steps=True)
+    _train(plain_model, plain, 0, 1, 2, late=True)
+    model, opt = _fsdp_model_and_opt(per_coordinate_steps=True, foreach=True)
+    _train(model, opt, rank, world, 2, late=True)
+    before = {k: _full(v).clone() for k, v in opt.state[model[0].weight].items()}
+    try:
+        opt.load_state_dict(plain.state_dict())
+        found["plain_refused"] = None
+    except ValueError as exc:
+        found["plain_refused"] = str(exc)
+    found["untouched"] = all(torch.equal(_full(v), before[k]) for k, v in opt.state[model[0].weight].items())
+    full = get_optimizer_state_dict(plain_model, plain, options=StateDictOptions(full_state_dict=True))
+    model, opt = _fsdp_model_and_opt(per_coordinate_steps=True, foreach=True)
+    set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
+    found["full_loaded"] = all(
+        torch.equal(_full(opt.state[p][key]), plain.state[q][key])
+        for p, q in zip(model.parameters(), plain_model.parameters())
+        for key in ("exp_avg", "exp_avg_sq")
+    ) and all(
+        torch.equal(_full(opt.coord_steps(p)), plain.coord_steps(q))
+        for p, q in zip(model.parameters(), plain_model.parameters())
+    )
+    # a warm-up from lr = 0: rank 1's shard of the first weight has a zero gradient in the first step
+    model, opt = _fsdp_model_and_opt(lr=0.0)
+    x, y = local_batch(0, rank, world)
+    nn.functional.mse_loss(model(x), y).backward()
+    if rank == 1:
+        model[0].weight.grad.to_local().zero_()
+    opt.step()
+    steps = [None] * world
+    dist.all_gather_object(steps, int(opt.state[model[0].weight]["step"]))
+    found["first_steps"] = steps
+    _save_params(model, out, rank, found)
+
+
 def ddp_own_seeds(rank, world, out):
     """Every rank seeds torch's generator its own way before each step (as for dropout): the stochastic roundings
     (8-bit codes; bf16 params with stochastic_rounding) still agree across the replicas, since they draw from a
@@ -481,6 +548,9 @@ SCENARIOS = {
         fsdp2_8bit_guarded,
         dcp_save_8bit,
         dcp_load_8bit,
+        dcp_save_guard,
+        fsdp2_float_state_placement_and_first_step,
+        dcp_load_guard,
         fsdp2_8bit_conversions_and_refusals,
         ddp_gradient_release,
         fsdp2,

@@ -115,6 +115,15 @@ def test_fsdp2_8bit_state_converts_from_and_to_float_and_refuses_what_does_not_f
     assert "sharded along dim 0" in found["columns_refused"]
 
 
+def test_fsdp2_float_state_must_be_sharded_and_a_first_step_counts_on_every_rank(tmp_path):
+    torchrun("fsdp2_float_state_placement_and_first_step", tmp_path)
+    found = json.loads((tmp_path / "extra.json").read_text())
+    assert "plain tensor but the parameter is a DTensor" in found["plain_refused"] and found["untouched"]
+    assert "full_state_dict=True" in found["plain_refused"]
+    assert found["full_loaded"]
+    assert found["first_steps"] == [1, 1]
+
+
 def test_replicas_round_alike_whatever_each_rank_seeds(tmp_path):
     torchrun("ddp_own_seeds", tmp_path)
     assert json.loads((tmp_path / "extra.json").read_text()) == {
@@ -166,6 +175,18 @@ def test_distributed_checkpoint_restart_continues_exactly(tmp_path):
     assert probe["params_unchanged"]  # the fake step did not move the parameters
     assert probe["steps_after_fake_step"] == [0]  # ... nor count as a step
     assert probe["steps_after_load"] == [dist_worker.STEPS // 2]
+
+
+def test_distributed_checkpoint_restart_with_the_guard_keeps_every_coordinates_count(tmp_path):
+    """FSDP2, per_coordinate_steps, weight columns that start at step 4: the counts are DTensors through DCP (its
+    template, from the fake step, names them), and the run continues as one process's."""
+    torchrun("dcp_save_guard", tmp_path)
+    torchrun("dcp_load_guard", tmp_path)
+    probe = json.loads((tmp_path / "extra.json").read_text())
+    assert probe["first_layer_counts"] == [1, dist_worker.STEPS // 2] and probe["counts_type"] == "DTensor"
+    params = torch.load(tmp_path / "params.pt", weights_only=True)
+    for p, q in zip(params, dist_worker.reference_run(late=True, per_coordinate_steps=True)):
+        assert _rel(p, q) <= 1e-5
 
 
 def test_fake_state_init_step_does_not_shift_the_schedule(tmp_path):

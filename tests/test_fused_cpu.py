@@ -108,6 +108,32 @@ def test_stochastic_rounding_is_seeded_by_the_step_and_picks_neighbours():
     assert a.mean().item() == pytest.approx(1.0 + 2.0**-10, abs=2e-5)  # unbiased
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+@pytest.mark.parametrize("released", [False, True], ids=["two-groups", "released"])
+def test_params_alike_in_two_groups_or_stepped_alone_round_apart(released, fused):
+    """Two params of the same shape, values and gradients, in two param groups (or stepped one by one by gradient
+    release): the step's seed mixes in where they are, so they draw other numbers (they drew the same: rounding
+    errors correlated across layers). Each is still rounded to its two neighbours."""
+    from adamnx import release_gradients
+
+    p0 = torch.full((50_000,), 1.0 + 2.0**-10).bfloat16()
+    params = [torch.nn.Parameter(p0.clone()) for _ in range(2)]
+    options = {"lr": 2.0**-10, "weight_decay": 0.0, "stochastic_rounding": True, "fused": fused, "foreach": not fused}
+    if released:
+        opt = AdamNX(params, state_dtype=torch.float32, **options)
+        with release_gradients(opt):
+            sum(-p.float().sum() for p in params).backward()  # steps each param alone
+    else:
+        opt = AdamNX([{"params": [p]} for p in params], state_dtype=torch.float32, **options)
+        for p in params:
+            p.grad = -torch.ones_like(p)
+        opt.step()
+    a, b = (p.detach().float() for p in params)
+    assert not torch.equal(a, b)
+    for t in (a, b):
+        assert set(t.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+
+
 def test_layouts_the_kernel_cannot_walk_give_the_bits_of_contiguous_tensors():
     """A grad whose memory order differs from its param's (channels_last vs contiguous): the kernel steps contiguous
     copies, so the result is bitwise what contiguous tensors give."""

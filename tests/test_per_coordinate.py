@@ -288,6 +288,115 @@ def test_checkpoint_round_trip_continues_bitwise(impl):
             assert a.dtype == b.dtype and torch.equal(a, b), key
 
 
+class _Module(torch.nn.Module):
+    """Params under names, which torch.distributed.checkpoint's state dicts need."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.params = torch.nn.ParameterList(params)
+
+
+def _dcp_restart(opt_class, params0, grads, at: int, flatten: bool, tmp_path, **kwargs):
+    """A run saved after ``at`` steps through torch.distributed.checkpoint as a training script does it (a fresh
+    optimizer's state dict as the template: its state created by torch's lr = 0 "fake" step), then finished."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    module = _Module([torch.nn.Parameter(p.clone()) for p in params0])
+    opt = opt_class(module.params, **HYPER, **kwargs)
+    _step_through(opt, list(module.params), grads[:at])
+    dcp.save({"optim": get_optimizer_state_dict(module, opt, options=options)}, checkpoint_id=tmp_path)
+    resumed_module = _Module([torch.nn.Parameter(p.detach().clone()) for p in module.params])
+    resumed = opt_class(resumed_module.params, **HYPER, **kwargs)
+    template = {"optim": get_optimizer_state_dict(resumed_module, resumed, options=options)}
+    dcp.load(template, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(resumed_module, resumed, template["optim"], options=options)
+    params = list(resumed_module.params)
+    _step_through(resumed, params, grads[at:])
+    return params, resumed
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # DCP in one process without a process group says so
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["AdamNX", "AdamNX8bit"])
+def test_a_distributed_checkpoint_restart_keeps_every_coordinates_count(eight_bit, flatten, tmp_path):
+    """DCP asks a checkpoint only for the entries the live state (its template) names; the fake step created no
+    counts, so a restart silently dropped them and counted late coordinates from the tensor's first step."""
+    from adamnx import AdamNX8bit
+
+    opt_class, kwargs = (AdamNX8bit, {"min_8bit_size": 16}) if eight_bit else (AdamNX, {})
+    shapes = [(5, 3), (4, 64), ()]
+    grads = late_starting_gradients(80, shapes=shapes, dtype=torch.float32, seed=7)
+    params0 = initial_params(shapes, dtype=torch.float32)
+    torch.manual_seed(0)  # 8-bit rounding draws from generators seeded by the step: the restart rounds alike
+    straight, straight_opt = run_torch(params0, grads, impl=None, **HYPER) if not eight_bit else (None, None)
+    if eight_bit:
+        straight = [p.clone().requires_grad_(True) for p in params0]
+        straight_opt = AdamNX8bit(straight, **HYPER, **kwargs)
+        _step_through(straight_opt, straight, grads)
+    resumed, opt = _dcp_restart(opt_class, params0, grads, at=40, flatten=flatten, tmp_path=tmp_path, **kwargs)
+    for p, q in zip(resumed, straight):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(opt.coord_steps(p), straight_opt.coord_steps(q))
+    counts = opt.coord_steps(resumed[1])
+    assert ((counts > 0) & (counts < 40)).any() and (counts > 40).any()  # started after the restart, and before
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_distributed_checkpoint_without_counts_is_refused_by_a_guarded_optimizer_untouched(tmp_path):
+    """Saved without per_coordinate_steps: DCP refuses (Missing key ... coord_step) before it writes a thing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    grads = late_starting_gradients(6, dtype=torch.float32, seed=7)
+    module = _Module([torch.nn.Parameter(p) for p in initial_params(dtype=torch.float32)])
+    opt = AdamNX(module.params, **{**HYPER, "per_coordinate_steps": False})
+    _step_through(opt, list(module.params), grads)
+    dcp.save({"optim": get_optimizer_state_dict(module, opt)}, checkpoint_id=tmp_path)
+    fresh = _Module([torch.nn.Parameter(p.detach().clone()) for p in module.params])  # no .grad: DCP's fake step runs
+    guarded = AdamNX(fresh.params, **HYPER)
+    template = {"optim": get_optimizer_state_dict(fresh, guarded)}
+    assert all("coord_step" in state for state in template["optim"]["state"].values())
+    before = copy.deepcopy(guarded.state_dict())
+    with pytest.raises(CheckpointException, match="coord_step"):
+        dcp.load(template, checkpoint_id=tmp_path)
+    after = guarded.state_dict()
+    for pid, state in before["state"].items():
+        for key, value in state.items():
+            assert torch.equal(after["state"][pid][key], value), key
+
+
+def test_the_state_creating_fake_step_keeps_zero_counts_then_the_run_is_unchanged():
+    """The lr = 0, zero-gradient step creates the state with every count 0 (under the saved name coord_step); the
+    first real step turns them into lags, and the run equals one that never saw the fake step."""
+    grads = late_starting_gradients(30, dtype=torch.float32, seed=3)
+    params0 = initial_params(dtype=torch.float32)
+    straight, straight_opt = run_torch(params0, grads, **HYPER)
+    params = [p.clone().requires_grad_(True) for p in params0]
+    opt = AdamNX(params, **HYPER)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    _step_through(opt, params, [[torch.zeros_like(p) for p in params]])
+    assert all(torch.equal(opt.coord_steps(p), torch.zeros(_real_shape(p), dtype=torch.int32)) for p in params)
+    assert all(int(opt.state[p]["step"]) == 0 for p in params)
+    for group in opt.param_groups:
+        group["lr"] = HYPER["lr"]
+    _step_through(opt, params, grads)
+    assert all("coord_step" not in opt.state[p] for p in params)
+    for p, q in zip(params, straight):
+        assert torch.equal(p, q) and torch.equal(opt.coord_steps(p), straight_opt.coord_steps(q))
+
+
+def _real_shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(torch.view_as_real(p).shape) if p.is_complex() else tuple(p.shape)
+
+
 # --------------------------------------------------------------------------- the lags: layouts, written once, bits
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from adamnx import quantized
-from adamnx._dtensor import local_part
+from adamnx._dtensor import check_placed_like, local_part
 from adamnx.backends import FLOATING_DTYPES, rows_for
 from adamnx.guard import MAX_COUNT
 
@@ -55,6 +55,11 @@ _BOOL_OPTIONS = (
     "per_coordinate_steps",
 )
 _OPTIONAL_BOOL_OPTIONS = ("foreach", "fused")
+# What to do with a full (unsharded) state dict for an FSDP2 model: torch's loader shards it like the live state.
+_UNSHARDED = (
+    "load a full state dict with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict(model, opt, "
+    "state_dict, options=StateDictOptions(full_state_dict=True)), which shards it like the parameters"
+)
 _MOMENT_DTYPES = (*FLOATING_DTYPES, torch.complex64, torch.complex128)
 _FLOAT8 = tuple(getattr(torch, name) for name in dir(torch) if name.startswith("float8_"))
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
@@ -265,6 +270,7 @@ def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], targ
             raise ValueError(f"{where}: '{key}' has shape {shape}, the parameter {tuple(param.shape)}")
         if value.is_complex() != param.is_complex() or value.dtype not in _MOMENT_DTYPES:
             raise ValueError(f"{where}: '{key}' is {value.dtype}, the parameter {param.dtype}")
+        check_placed_like(value, param, f"{where}: '{key}'", _UNSHARDED)
         _check_dense(value, where, key)
         _check_values(local_part(value), target, nonnegative=key == "exp_avg_sq", where=f"{where}: '{key}'")
     if "coord_step" in p_state:
@@ -336,6 +342,7 @@ def _check_coord_step(counts: Any, param: Tensor, step: float, where: str) -> No
     if not isinstance(counts, Tensor) or tuple(counts.shape) != shape:
         got = tuple(counts.shape) if isinstance(counts, Tensor) else type(counts).__name__
         raise ValueError(f"{where}: 'coord_step' has shape {got}, expected {shape}")
+    check_placed_like(counts, param, f"{where}: 'coord_step'", _UNSHARDED)
     _check_dense(counts, where, "coord_step")
     if counts.is_complex() or counts.dtype == torch.bool:
         raise ValueError(f"{where}: 'coord_step' must hold integer counts, got {counts.dtype}")

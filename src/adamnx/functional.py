@@ -103,10 +103,13 @@ def step_tensors(
     has_complex: bool = True,
     guard_states: list[dict[str, Any]] | None = None,
     moment_scales: list[tuple[Tensor, Tensor] | None] | None = None,
+    noise_key: tuple[int, ...] = (),
 ) -> None:
     """One step of these tensors with the rows the (resolved) ``flags`` select for their devices: plan, execute,
     finish. ``guard_states``: with per_coordinate_steps, each param's state, holding its ``coord_lag``.
-    ``moment_scales``: per param, the block scales of its 8-bit moments (:mod:`adamnx.quantized`), or None."""
+    ``moment_scales``: per param, the block scales of its 8-bit moments (:mod:`adamnx.quantized`), or None.
+    ``noise_key``: where these tensors are in the optimizer (its group's index...), mixed into the seed of stochastic
+    rounding so that two steps of tensors alike draw other numbers."""
     if isinstance(hp.beta1, float) and isinstance(hp.beta2, float):
         check_betas(hp.beta1, hp.beta2)  # before any counter advances: a step that raises changes nothing
     by_device: dict[str, list[int]] = {}
@@ -127,6 +130,7 @@ def step_tensors(
             backend, part(params), part(grads), part(exp_avgs), part(exp_avg_sqs), part(state_steps), hp,
             grad_scale=grad_scale, found_inf=found_inf, capturable=capturable, differentiable=differentiable,
             has_complex=has_complex, guard_states=part(guard_states), moment_scales=part(moment_scales),
+            noise_key=noise_key,
         )  # fmt: skip
 
 
@@ -138,27 +142,29 @@ def _run(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     hp: Hyperparameters,
+    noise_key: tuple[int, ...] = (),
     **kwargs: Any,
 ) -> None:
     plan = plan_step(params, grads, exp_avgs, exp_avg_sqs, state_steps, hp, backend, **kwargs)
     if plan is None:
         return
-    with _rounding_noise(plan):
+    with _rounding_noise(plan, noise_key):
         backend.execute(plan)
     finish(plan)
 
 
-def _rounding_noise(plan: StepPlan) -> contextlib.AbstractContextManager[Any]:
+def _rounding_noise(plan: StepPlan, noise_key: tuple[int, ...] = ()) -> contextlib.AbstractContextManager[Any]:
     """Where the step rounds stochastically (8-bit codes, bf16 moments, ``stochastic_rounding``) with its counters on
     the host: torch's generators (the CPU's, and the CUDA devices' the step draws on) seeded from the step itself (each
-    bucket's count, size and first tensor's shape), and restored afterwards. Replicas of a param (DDP, HSDP) then draw
+    bucket's count, size and first tensor's shape, and ``noise_key``: the tensors' place in the optimizer, or two
+    param groups of the same shapes would round alike), and restored afterwards. Replicas of a param (DDP, HSDP) then draw
     the same numbers whatever each rank's generator holds (per-rank seeds for dropout made their codes drift apart),
     a restarted run draws what the uninterrupted one did, and stepping leaves the user's random stream where it was.
     On the device (capturable, torch.compile) the device's generator is used as it is."""
     rounds = any(b.stochastic or b.scales is not None or b.exp_avgs[0].dtype == torch.bfloat16 for b in plan.buckets)
     if plan.on_device or not rounds or torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    key = [
+    key = [noise_key] + [
         (int(b.step_values[0]) if b.step_values else 0, len(b.params), tuple(b.params[0].shape), str(b.params[0].dtype))
         for b in plan.buckets
     ]

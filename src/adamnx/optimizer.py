@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from adamnx import backends, guard, quantized
-from adamnx._dtensor import local_part
+from adamnx._dtensor import any_nonzero
 from adamnx._validation import (
     KEPT_ON_LOAD,
     MAX_COORD_STEP,
@@ -229,8 +229,7 @@ class AdamNX(torch.optim.Optimizer):
                 if "step" in p_state:
                     p_state["step"] = self._exact_step(p_state["step"], p, group)
                 if "coord_step" in p_state:  # an optimizer pickled before lags were kept
-                    counts = p_state.pop("coord_step").to(p.device, torch.int32)
-                    p_state["coord_lag"] = guard.lags_from_counts(counts, float(p_state["step"]), _real(p))
+                    self._counts_to_lags(p_state, p)
 
     @staticmethod
     def _exact_step(step: Any, param: Tensor, group: dict[str, Any]) -> Tensor:
@@ -261,12 +260,22 @@ class AdamNX(torch.optim.Optimizer):
         """Each coordinate's step count (int32, shaped like ``param``'s real view: a complex param's has a last
         dimension of 2), or None when the param has none (``per_coordinate_steps`` off, or no step yet)."""
         p_state = self.state.get(param, {})
+        if "coord_step" in p_state:  # the state-creating probe's counts, not yet a step's lags
+            return p_state["coord_step"].clone()
         return self._counts(p_state) if "coord_lag" in p_state else None
 
     def _counts(self, p_state: dict[str, Any]) -> Tensor:
         like = p_state["exp_avg_sq_codes" if "exp_avg_sq_codes" in p_state else "exp_avg_sq"]
         like = torch.view_as_real(like) if like.is_complex() else like
         return guard.counts(p_state["coord_lag"], float(p_state["step"]), like)
+
+    @staticmethod
+    def _counts_to_lags(p_state: dict[str, Any], p: Tensor) -> None:
+        """Counts under their saved name ``coord_step`` in a live state (the state-creating probe's, a checkpoint's,
+        an optimizer pickled before lags were kept) become the lags the step reads: a copy, in the coarsest layout
+        that holds them."""
+        counts = p_state.pop("coord_step").to(p.device, torch.int32, copy=True)
+        p_state["coord_lag"] = guard.lags_from_counts(counts, float(p_state["step"]), _real(p))
 
     def load_state_dict(self, state_dict: dict[str, Any], from_optimizer: str | None = None) -> None:
         """Load a state dict (ours, or the authors'; torch's Adam or AdamW with ``from_optimizer``).
@@ -385,8 +394,8 @@ class AdamNX(torch.optim.Optimizer):
                 state.pop("coord_step", None)
                 state.pop("coord_lag", None)
                 if "coord_step" in saved:  # kept as lags, in the coarsest layout that holds them
-                    counts = saved["coord_step"].detach().to(p.device, torch.int32, copy=True)
-                    state["coord_lag"] = guard.lags_from_counts(counts, float(state["step"]), _real(p))
+                    state["coord_step"] = saved["coord_step"].detach()
+                    self._counts_to_lags(state, p)
 
     def _loaded_moments(self, saved: Mapping[str, Any], p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         """A param's moments from a checkpoint in the format this optimizer keeps them: copies (never aliasing the
@@ -446,8 +455,16 @@ class AdamNX(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
                 if probe:
+                    if group["per_coordinate_steps"]:
+                        # Every coordinate's count, 0, under its saved name: torch.distributed.checkpoint asks a
+                        # checkpoint only for the entries this state holds (or the counts were silently dropped).
+                        state["coord_step"] = torch.zeros_like(
+                            _real(p), dtype=torch.int32, memory_format=torch.contiguous_format
+                        )
                     continue  # state created, nothing stepped: t = 1 stays the first real step
             state = self.state[p]
+            if "coord_step" in state:  # the state-creating probe's counts: lags from the first real step on
+                self._counts_to_lags(state, p)
             has_complex |= torch.is_complex(p)
             params.append(p)
             grads.append(_gradient(p))
@@ -606,8 +623,9 @@ class AdamNX(torch.optim.Optimizer):
             return False
         grad = p.grad
         assert grad is not None  # only params with a gradient are stepped
-        local = local_part(grad)  # a DTensor: this rank's shard
-        return not bool(local.any())
+        # A DTensor's whole gradient (one all-reduce, once per param): a rank whose shard is all zero in a real first
+        # step with lr = 0 (a warm-up from 0) counts it, as the others do, or the shards' counters would differ.
+        return not any_nonzero(grad)
 
     @staticmethod
     def _state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
@@ -676,22 +694,24 @@ class AdamNX(torch.optim.Optimizer):
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             for index, group in enumerate(self.param_groups):
                 self._check_group(index, group)
-            for group in self.param_groups:
-                self._step_group(group)
+            for index, group in enumerate(self.param_groups):
+                self._step_group(group, (index,))
         return loss
 
-    def _step_param(self, p: Tensor, index: int) -> None:
-        """Gradient release: step param ``p`` of group ``index`` alone, with the checks of a whole step (a bad
-        input raises before ``p`` or its state changes)."""
+    def _step_param(self, p: Tensor, index: int, position: int) -> None:
+        """Gradient release: step param ``p`` of group ``index`` (its ``position`` there) alone, with the checks of a
+        whole step (a bad input raises before ``p`` or its state changes)."""
         group = self.param_groups[index]
         self._stepping_only = p
         try:
             self._check_group(index, group)
-            self._step_group(group)
+            self._step_group(group, (index, position))
         finally:
             self._stepping_only = None
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], place: tuple[int, ...]) -> None:
+        """``place``: the group's index (and, for one param stepped alone, its position in the group), which
+        stochastic rounding mixes into its seed: two groups, or two params, of the same shapes draw other noise."""
         params: list[Tensor] = []
         grads: list[Tensor] = []
         exp_avgs: list[Tensor] = []
@@ -715,7 +735,7 @@ class AdamNX(torch.optim.Optimizer):
             grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
             capturable=group["capturable"], differentiable=group["differentiable"], has_complex=has_complex,
             guard_states=self._guard_states(params) if group["per_coordinate_steps"] else None,
-            moment_scales=scales if any(s is not None for s in scales) else None,
+            moment_scales=scales if any(s is not None for s in scales) else None, noise_key=place,
         )  # fmt: skip
 
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from adamnx._dtensor import is_dtensor, local_part, placed_like
+from adamnx._dtensor import check_placed_like, is_dtensor, local_part, placed_like
 from adamnx.update import Weights, update
 
 if TYPE_CHECKING:
@@ -90,6 +90,10 @@ with their own names a checkpoint of the other optimizer misses keys, which they
 _FIRST_VERSION_KEYS = {"exp_avg": "exp_avg_codes", "exp_avg_sq": "exp_avg_sq_codes"}
 
 _SIGNED_LEVELS, _UNSIGNED_LEVELS = 127, 255
+_UNSHARDED_8BIT = (
+    "8-bit state saved without sharding has other blocks. Load it into AdamNX8bit before sharding, or save through "
+    "torch.distributed.checkpoint"
+)
 _CODE_DTYPES = {"exp_avg_codes": torch.int8, "exp_avg_sq_codes": torch.uint8}
 
 
@@ -331,7 +335,7 @@ def check_quantized_state(p_state: Any, param: Tensor, where: str) -> None:
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     for key in (*_CODE_DTYPES, *QUANTIZED_KEYS):
-        _check_placed_like(p_state[key], param, f"{where}: 8-bit '{key}'")
+        check_placed_like(p_state[key], param, f"{where}: 8-bit '{key}'", _UNSHARDED_8BIT)
     for key, dtype in _CODE_DTYPES.items():
         codes = p_state[key]
         if not isinstance(codes, Tensor) or codes.dtype != dtype or codes.shape != param.shape:
@@ -353,27 +357,6 @@ def check_quantized_state(p_state: Any, param: Tensor, where: str) -> None:
         local = local_part(scales)
         if not bool(torch.isfinite(local).all()) or bool((local < 0).any()):
             raise ValueError(f"{where}: '{key}' holds negative, inf or NaN scales")
-
-
-def _check_placed_like(value: Any, param: Tensor, where: str) -> None:
-    """A sharded param's 8-bit state must be DTensors on its mesh with its placements, a plain param's plain tensors:
-    the blocks of one sharding are not those of another."""
-    if not isinstance(value, Tensor):
-        return  # refused with the field's own message
-    if is_dtensor(param) and not is_dtensor(value):
-        raise ValueError(
-            f"{where} is a plain tensor but the parameter is a DTensor (FSDP2): 8-bit state saved without sharding "
-            "has other blocks. Load it into AdamNX8bit before sharding, or save through torch.distributed.checkpoint"
-        )
-    if is_dtensor(value) and not is_dtensor(param):
-        raise ValueError(f"{where} is a DTensor but the parameter is a plain tensor: its blocks are a sharding's")
-    if not (is_dtensor(param) and is_dtensor(value)):
-        return
-    if value.device_mesh != param.device_mesh or tuple(value.placements) != tuple(param.placements):
-        raise ValueError(
-            f"{where} is placed {tuple(value.placements)} on {value.device_mesh}, the parameter "
-            f"{tuple(param.placements)} on {param.device_mesh}"
-        )
 
 
 def moments_of(p_state: Any, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:

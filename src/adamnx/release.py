@@ -100,7 +100,8 @@ class GradientRelease:
         self.backward_passes = 0
         self._current_pass: int | None = None  # the autograd graph task of the pass under way
         self._stepped_since_step_call: set[int] = set()  # id(param) of the params stepped since the last step()
-        self._group_of: dict[int, int] = {}  # id(param) → its group's index (groups are replaced on load)
+        # id(param) → its group's index and its place in the group (groups are replaced on load, not reordered)
+        self._place_of: dict[int, tuple[int, int]] = {}
         self._params: list[Tensor] = []
         self._hooked: set[int] = set()  # id(param) of the params that have a hook
         self._handles: list[RemovableHandle] = []
@@ -119,10 +120,10 @@ class GradientRelease:
     def watch(self, index: int) -> None:
         """Install the hook on every param of group ``index`` (called for each new group, too)."""
         me = weakref.ref(self)
-        for p in self.optimizer.param_groups[index]["params"]:
-            if id(p) in self._group_of:
+        for position, p in enumerate(self.optimizer.param_groups[index]["params"]):
+            if id(p) in self._place_of:
                 continue
-            self._group_of[id(p)] = index
+            self._place_of[id(p)] = (index, position)
             self._params.append(p)
             p._adamnx_gradient_release = me  # type: ignore[attr-defined]
             self._hook(p)
@@ -186,7 +187,7 @@ class GradientRelease:
             )
         try:
             with torch.no_grad():
-                self.optimizer._step_param(p, self._group_of[id(p)])
+                self.optimizer._step_param(p, *self._place_of[id(p)])
         finally:
             p.grad = None
         self._stepped_since_step_call.add(id(p))
