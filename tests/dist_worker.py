@@ -158,17 +158,22 @@ def zero(rank, world, out):
     _save_params(model.module, out, rank, {"steps": steps})
 
 
-def _fsdp_model_and_opt(**opt_kwargs):
-    """The test MLP with each Linear and the whole model sharded by FSDP2, and AdamNX over its DTensor params."""
+def _sharded(model: nn.Sequential) -> nn.Sequential:
+    """``model`` with each Linear and the whole model sharded by FSDP2 (its params become DTensors)."""
     from torch.distributed.fsdp import fully_shard
 
-    from adamnx import AdamNX
-
-    model = make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
+    return model
+
+
+def _fsdp_model_and_opt(**opt_kwargs):
+    """The test MLP sharded by FSDP2, and AdamNX over its DTensor params."""
+    from adamnx import AdamNX
+
+    model = _sharded(make_model())
     opt_kwargs = {"lr": LR, **(opt_kwargs or {"foreach": True})}
     return model, AdamNX(model.parameters(), **opt_kwargs)
 
@@ -322,15 +327,9 @@ def train_8bit(model, opt, steps: int, start: int = 0, rank: int = 0, world: int
 
 
 def _fsdp_8bit(**opt_kwargs):
-    from torch.distributed.fsdp import fully_shard
-
     from adamnx import AdamNX8bit
 
-    model = make_8bit_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+    model = _sharded(make_8bit_model())
     return model, AdamNX8bit(model.parameters(), lr=LR, min_8bit_size=256, **opt_kwargs)
 
 

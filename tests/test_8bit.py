@@ -276,6 +276,40 @@ def test_float_checkpoints_convert_into_8bit_and_back():
     assert torch.isfinite(w).all()
 
 
+@pytest.mark.parametrize("trouble", ["overflow", "underflow"])
+def test_8bit_state_into_float16_state_is_checked_piece_by_piece_and_refused_untouched(trouble, monkeypatch):
+    """Loaded into AdamNX with float16 state, 8-bit moments must fit float16: checked a few blocks at a time (no
+    full-size copy of a moment), so a block that does not fit is found wherever it is; the optimizer is untouched."""
+    import adamnx._validation as validation
+
+    monkeypatch.setattr(validation, "_SCAN_ELEMENTS", 2 * BLOCK)
+    w = torch.nn.Parameter(torch.zeros(10 * BLOCK))
+    compact = AdamNX8bit([w], lr=1e-2, min_8bit_size=BLOCK)
+    grad = torch.full_like(w, 1.0)
+    grad[-BLOCK:] = 1e3 if trouble == "overflow" else 1e-5  # only the last block: v = 1e6 (inf in fp16) or 1e-10 (0)
+    w.grad = grad
+    compact.step()
+    target = AdamNX([torch.nn.Parameter(torch.zeros(10 * BLOCK))], lr=1e-2, state_dtype=torch.float16)
+    _steps(target, target.param_groups[0]["params"], 1, seed=0)
+    before = copy.deepcopy(target.state_dict())
+    expected = "inf or NaN" if trouble == "overflow" else "non-zero values that are 0"
+    with pytest.raises(ValueError, match=f"8-bit 'exp_avg_sq' holds {expected}"):
+        target.load_state_dict(compact.state_dict())
+    for key, value in target.state_dict()["state"][0].items():
+        assert torch.equal(value, before["state"][0][key]), key
+
+
+def test_8bit_moment_chunks_are_the_dequantized_moments():
+    w = torch.nn.Parameter(torch.zeros(5 * BLOCK + 7))
+    opt = AdamNX8bit([w], lr=1e-2, min_8bit_size=BLOCK)
+    _steps(opt, [w], 3, seed=2)
+    state = opt.state[w]
+    for size in (BLOCK, 2 * BLOCK, 3 * BLOCK - 5, 100 * BLOCK):
+        pieces = list(quantized.moment_chunks(state, size))
+        for whole, part in zip(quantized.moments_of(state), zip(*pieces)):
+            assert torch.equal(torch.cat(part), whole)
+
+
 def test_state_dicts_of_the_first_8bit_version_still_load():
     """The first version saved the codes under exp_avg/exp_avg_sq (then the state's names too): they load into
     AdamNX8bit (the same state, bitwise) and into AdamNX (dequantized)."""
@@ -719,3 +753,16 @@ def test_a_flattened_distributed_state_dict_round_trips():
     set_optimizer_state_dict(other_model, other, saved, options=options)
     for key, value in opt.state[model.weight].items():
         assert torch.equal(other.state[other_model.weight][key], value), key
+
+
+def test_the_harness_reads_8bit_second_moments_as_values():
+    """adamnx bench's ‖Δv‖/‖v‖ diagnostic: AdamNX8bit's v is the values its codes hold (it read the uint8 codes, then
+    skipped quantized params)."""
+    from adamnx.bench.optimizers import second_moment_tensors
+
+    big, small = torch.nn.Parameter(torch.zeros(4 * BLOCK)), torch.nn.Parameter(torch.zeros(3))
+    opt = AdamNX8bit([big, small], lr=1e-2, min_8bit_size=BLOCK)
+    _steps(opt, [big, small], 2, seed=4)
+    moments = second_moment_tensors(opt)
+    assert torch.equal(moments[0], quantized.moments_of(opt.state[big])[1])
+    assert moments[1] is opt.state[small]["exp_avg_sq"]

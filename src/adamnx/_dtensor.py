@@ -27,7 +27,7 @@ def local_part(t: Any) -> Any:
 def any_nonzero(t: Tensor) -> bool:
     """Whether any element of ``t`` is not 0 (NaN is); of the whole tensor for a DTensor, so that every rank gets the
     same answer (one all-reduce of a flag over its mesh)."""
-    found = t.ne(0).any()
+    found = t.any()
     return bool(found.full_tensor() if is_dtensor(found) else found)
 
 

@@ -255,9 +255,12 @@ def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], targ
     step = _check_step(p_state["step"], where)
     if eight_bit:
         quantized.check_quantized_state(p_state, param, where)
-        m, v = map(local_part, quantized.moments_of(p_state))  # as the values they hold, in the dtype they're loaded in
-        _check_values(m, target, nonnegative=False, where=f"{where}: 8-bit 'exp_avg'")
-        _check_values(v, target, nonnegative=True, where=f"{where}: 8-bit 'exp_avg_sq'")
+        # Finite scales and codes hold finite float32 values, v ≥ 0: only a narrower dtype they are loaded in (a
+        # float AdamNX's bf16 or fp16 state) can fail to hold them. Checked a piece at a time (no full-size copy).
+        if target.itemsize < 4:
+            for m, v in quantized.moment_chunks(p_state, _SCAN_ELEMENTS):
+                _check_values(m, target, nonnegative=False, where=f"{where}: 8-bit 'exp_avg'")
+                _check_values(v, target, nonnegative=True, where=f"{where}: 8-bit 'exp_avg_sq'")
         if "coord_step" in p_state:
             _check_coord_step(p_state["coord_step"], param, step, where)
         return

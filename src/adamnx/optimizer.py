@@ -313,7 +313,9 @@ class AdamNX(torch.optim.Optimizer):
             hooked = quantized.upgraded_state_dict(hooked)  # the first 8-bit version's codes under today's names
             check_state_dict(hooked, self.param_groups, self._keeps_8bit)
             loaded["state_dict"] = hooked
-            return hooked
+            # torch's loader gets empty states: it would cast a copy of every tensor to the param's dtype (8-bit
+            # codes to float32: 4 bytes per byte) only for restore to replace them with exact copies
+            return {**hooked, "state": {pid: {} for pid in hooked["state"]}}
 
         def restore(optimizer: torch.optim.Optimizer) -> None:  # before user post-hooks, which may change it again
             loaded["differences"] = self._keep_options(before[1], loaded["state_dict"]["param_groups"])

@@ -40,6 +40,7 @@ DTensor's local parts: :func:`local_tensors`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -370,6 +371,21 @@ def moments_of(p_state: Any, dtype: torch.dtype = torch.float32) -> tuple[Tensor
         value = dequantize(local, _local_scales(p_state[scale_key], local.numel()), dtype)
         moments.append(placed_like(value, codes) if is_dtensor(codes) else value)
     return moments[0], moments[1]
+
+
+def moment_chunks(p_state: Any, elements: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """A param's 8-bit moments as float32 values (this rank's part, flat), about ``elements`` at a time (whole blocks):
+    every value, without a full-size copy of a moment."""
+    m_codes, v_codes = (local_part(p_state[key]).reshape(-1) for key in CODE_KEYS)
+    n = m_codes.numel()
+    m_scales, v_scales = (_local_scales(p_state[key], n) for key in QUANTIZED_KEYS)
+    size = max(BLOCK, elements - elements % BLOCK)
+    for start in range(0, n, size):
+        first, blocks = start // BLOCK, blocks_of(min(size, n - start))
+        yield (
+            dequantize(m_codes[start : start + size], m_scales[first : first + blocks]),
+            dequantize(v_codes[start : start + size], v_scales[first : first + blocks]),
+        )
 
 
 def quantized_moments(exp_avg: Tensor, exp_avg_sq: Tensor, seed: int = 0) -> dict[str, Tensor]:

@@ -216,8 +216,17 @@ def adamnx_beta2(name: str) -> float | None:
 
 
 def second_moment_tensors(opt: torch.optim.Optimizer) -> list[Tensor]:
-    """The ``exp_avg_sq`` state tensors (for ‖Δv‖/‖v‖), or [] for optimizers without them (SGD)."""
-    return [s["exp_avg_sq"] for s in opt.state.values() if "exp_avg_sq" in s]
+    """The second moments as values (for ‖Δv‖/‖v‖): the ``exp_avg_sq`` state tensors, or the values AdamNX8bit's
+    codes hold (dequantized copies); [] for optimizers without them (SGD)."""
+    from adamnx import quantized
+
+    moments = []
+    for state in opt.state.values():
+        if "exp_avg_sq" in state:
+            moments.append(state["exp_avg_sq"])
+        elif quantized.is_quantized_state(state):
+            moments.append(quantized.moments_of(state)[1])
+    return moments
 
 
 def with_beta2(name: str, beta2: float) -> str:
