@@ -502,6 +502,45 @@ def fsdp2_float_state_placement_and_first_step(rank, world, out):
     _save_params(model, out, rank, found)
 
 
+def fsdp2_ranks_decide_alike(rank, world, out):
+    """skip_nonfinite with an inf in one rank's shard: every rank skips (one rank skipped alone, and the shards of a
+    param counted different steps; with lr = 0 at the first step the other rank then waited forever in the fake-step
+    test's all-reduce). And bf16 stochastic rounding: two shards with the same values and gradients round apart."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from adamnx import AdamNX
+
+    found: dict = {}
+    for name, lr in (("skipped", LR), ("skipped_first_at_lr_0", 0.0)):
+        model, opt = _fsdp_model_and_opt(lr=lr, foreach=True, skip_nonfinite=True)
+        if lr:
+            _train(model, opt, rank, world, 2)
+        x, y = local_batch(5, rank, world)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if rank == 1:
+            model[0].weight.grad.to_local()[0, 0] = float("inf")
+        opt.step()
+        steps = [None] * world
+        state = opt.state.get(model[0].weight, {})
+        dist.all_gather_object(steps, int(state["step"]) if "step" in state else None)
+        found[name] = steps
+    layer = nn.Linear(4096, 2, bias=False).bfloat16()
+    with torch.no_grad():
+        layer.weight.fill_(1.0 + 2.0**-10)
+    fully_shard(layer)
+    weight = layer.weight
+    opt = AdamNX([weight], lr=2.0**-10, weight_decay=0.0, stochastic_rounding=True, state_dtype=torch.float32)
+    weight.grad = distribute_tensor(-torch.ones(2, 4096, dtype=torch.bfloat16), weight.device_mesh, weight.placements)
+    opt.step()
+    local = weight.to_local().float()
+    shards = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(shards, local)
+    found["shards_round_apart"] = not torch.equal(shards[0], shards[1])
+    _save_params(model, out, rank, found)
+
+
 def ddp_own_seeds(rank, world, out):
     """Every rank seeds torch's generator its own way before each step (as for dropout): the stochastic roundings
     (8-bit codes; bf16 params with stochastic_rounding) still agree across the replicas, since they draw from a
@@ -549,6 +588,7 @@ SCENARIOS = {
         dcp_load_8bit,
         dcp_save_guard,
         fsdp2_float_state_placement_and_first_step,
+        fsdp2_ranks_decide_alike,
         dcp_load_guard,
         fsdp2_8bit_conversions_and_refusals,
         ddp_gradient_release,

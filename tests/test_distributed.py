@@ -124,6 +124,14 @@ def test_fsdp2_float_state_must_be_sharded_and_a_first_step_counts_on_every_rank
     assert found["first_steps"] == [1, 1]
 
 
+def test_fsdp2_ranks_skip_alike_and_shards_round_apart(tmp_path):
+    torchrun("fsdp2_ranks_decide_alike", tmp_path, timeout=120)
+    found = json.loads((tmp_path / "extra.json").read_text())
+    assert found["skipped"] == [2, 2]  # the third step skipped on both ranks
+    assert found["skipped_first_at_lr_0"] == [None, None]  # skipped before any state, on both: no hang
+    assert found["shards_round_apart"]
+
+
 def test_replicas_round_alike_whatever_each_rank_seeds(tmp_path):
     torchrun("ddp_own_seeds", tmp_path)
     assert json.loads((tmp_path / "extra.json").read_text()) == {

@@ -367,6 +367,8 @@ def test_coord_step_survives_save_and_load_bitwise_for_every_param_dtype(dtype):
     counts = torch.tensor([0, 257, 70_000, 2**31 - 1], dtype=torch.int32)
     saved = opt.state_dict()
     saved["state"][0]["coord_step"], saved["state"][0]["step"] = counts, torch.tensor(2.0**31 - 1)
+    for key in ("exp_avg", "exp_avg_sq"):  # the coordinate with count 0 has not started: its moments are 0
+        saved["state"][0][key] = saved["state"][0][key].masked_fill(counts == 0, 0.0)
     opt.load_state_dict(saved)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
@@ -828,15 +830,19 @@ def test_param_names_from_a_wrapped_model_still_load():
 # --------------------------------------------------------------------------- torch.compile
 
 
-def test_torch_compile_fullgraph_still_compiles_the_step():
+@pytest.mark.parametrize("guarded", [False, True], ids=["plain", "per_coordinate_steps"])
+def test_torch_compile_fullgraph_still_compiles_the_step(guarded):
+    """With the guard too, from the state-creating first step (it read the new state's step: data-dependent)."""
     params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
-    opt = AdamNX(params, lr=1e-2, foreach=False)
+    opt = AdamNX(params, lr=1e-2, foreach=False, per_coordinate_steps=guarded)
     step = torch.compile(opt.step, fullgraph=True)
     for _ in range(3):
         for p in params:
             p.grad = torch.randn_like(p)
         step()
     assert opt.state[params[0]]["step"].item() == 3
+    if guarded:
+        assert opt.coord_steps(params[0]).eq(3).all()
 
 
 # --------------------------------------------------------------------------- kernels that cannot be built

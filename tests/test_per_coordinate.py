@@ -372,6 +372,132 @@ def test_a_distributed_checkpoint_without_counts_is_refused_by_a_guarded_optimiz
             assert torch.equal(after["state"][pid][key], value), key
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("route", ["full_state_dict", "partial_load"])
+def test_a_checkpoint_without_counts_read_through_a_template_counts_from_the_tensors_step(route, tmp_path):
+    """A checkpoint saved without per_coordinate_steps, loaded into a guarded optimizer through a template that holds
+    the fake step's counts (0) which nothing overwrites: set_optimizer_state_dict(full_state_dict=True), or DCP's
+    allow_partial_load. A count of 0 where v is not 0 counts from the tensor's step, as load_state_dict of the same
+    checkpoint gives (every coordinate restarted at t = 1 before)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    grads = late_starting_gradients(20, dtype=torch.float32, seed=4)
+    params0 = initial_params(dtype=torch.float32)
+    module = _Module([torch.nn.Parameter(p.clone()) for p in params0])
+    unguarded = AdamNX(module.params, **{**HYPER, "per_coordinate_steps": False})
+    _step_through(unguarded, list(module.params), grads[:10])
+
+    def resumed(load):
+        copy_ = _Module([torch.nn.Parameter(p.detach().clone()) for p in module.params])
+        opt = AdamNX(copy_.params, **HYPER)
+        load(copy_, opt)
+        params = list(copy_.params)
+        _step_through(opt, params, grads[10:])
+        return params, opt
+
+    expected, expected_opt = resumed(lambda m, o: o.load_state_dict(unguarded.state_dict()))
+    if route == "full_state_dict":
+        full = StateDictOptions(full_state_dict=True)
+        saved = get_optimizer_state_dict(module, unguarded, options=full)
+        got, opt = resumed(lambda m, o: set_optimizer_state_dict(m, o, saved, options=full))
+    else:
+        dcp.save({"optim": get_optimizer_state_dict(module, unguarded)}, checkpoint_id=tmp_path)
+
+        def partial(m, o):
+            template = {"optim": get_optimizer_state_dict(m, o)}
+            dcp.load(template, checkpoint_id=tmp_path, planner=DefaultLoadPlanner(allow_partial_load=True))
+            set_optimizer_state_dict(m, o, template["optim"])
+
+        got, opt = resumed(partial)
+    for p, q in zip(got, expected):
+        assert torch.equal(p, q) and torch.equal(opt.coord_steps(p), expected_opt.coord_steps(q))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_guarded_param_not_stepped_since_the_guard_was_switched_on_saves_counts(tmp_path):
+    """Switched on by hand after a run without it (the documented route), a param that got no gradient since holds
+    no counts: state_dict() gives it counts from its history, or a DCP restart (whose template asks for them) would
+    be refused."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    grads = late_starting_gradients(6, dtype=torch.float32, seed=5)
+    module = _Module([torch.nn.Parameter(p) for p in initial_params(dtype=torch.float32)])
+    opt = AdamNX(module.params, **{**HYPER, "per_coordinate_steps": False})
+    _step_through(opt, list(module.params), grads[:3])
+    for group in opt.param_groups:
+        group["per_coordinate_steps"] = True
+    for step in grads[3:]:  # only the first param gets gradients
+        for i, (p, g) in enumerate(zip(module.params, step)):
+            p.grad = g.clone() if i == 0 else None
+        opt.step()
+    assert all("coord_step" in state for state in opt.state_dict()["state"].values())
+    dcp.save({"optim": get_optimizer_state_dict(module, opt)}, checkpoint_id=tmp_path)
+    fresh = _Module([torch.nn.Parameter(p.detach().clone()) for p in module.params])
+    resumed = AdamNX(fresh.params, **HYPER)
+    template = {"optim": get_optimizer_state_dict(fresh, resumed)}
+    dcp.load(template, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(fresh, resumed, template["optim"])
+    for p, q in zip(fresh.params, module.params):
+        assert torch.equal(resumed.coord_steps(p), opt.coord_steps(q))
+
+
+def test_the_guard_switched_off_after_the_fake_step_keeps_no_stale_counts():
+    """The fake step's counts (0) are dropped at the first real step when the guard is off by then: switched on again
+    later, each coordinate with a history counts from the tensor's step (they stayed 0: every coordinate restarted)."""
+
+    def run(fake_step):
+        params = [p.clone().requires_grad_(True) for p in initial_params(dtype=torch.float32)]
+        opt = AdamNX(params, **HYPER)
+        if fake_step:
+            opt.param_groups[0]["lr"] = 0.0
+            _step_through(opt, params, [[torch.zeros_like(p) for p in params]])
+            opt.param_groups[0]["lr"] = HYPER["lr"]
+        opt.param_groups[0]["per_coordinate_steps"] = False
+        grads = late_starting_gradients(20, dtype=torch.float32, seed=6)
+        _step_through(opt, params, grads[:10])
+        assert all("coord_step" not in state for state in opt.state_dict()["state"].values())
+        opt.param_groups[0]["per_coordinate_steps"] = True
+        _step_through(opt, params, grads[10:])
+        return params, opt
+
+    (a, opt_a), (b, opt_b) = run(True), run(False)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) and torch.equal(opt_a.coord_steps(p), opt_b.coord_steps(q))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_flattened_distributed_load_into_a_stepped_guarded_optimizer_is_refused_with_the_reason(tmp_path):
+    """DCP's flatten_optimizer_state_dict=True rebuilds a state from the live names: a stepped guarded optimizer keeps
+    'coord_lag', so the counts are not read. Refused (as before), now saying why and what to do. (dcp.load has
+    already written the step and moments into the live tensors by then, as it does for every optimizer: the template
+    of a stepped optimizer is its live state; nothing of ours can keep that from happening.)"""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    grads = late_starting_gradients(8, dtype=torch.float32, seed=2)
+    module = _Module([torch.nn.Parameter(p) for p in initial_params(dtype=torch.float32)])
+    opt = AdamNX(module.params, **HYPER)
+    _step_through(opt, list(module.params), grads[:5])
+    dcp.save({"optim": get_optimizer_state_dict(module, opt, options=flat)}, checkpoint_id=tmp_path)
+    _step_through(opt, list(module.params), grads[5:])
+    template = {"optim": get_optimizer_state_dict(module, opt, options=flat)}
+    dcp.load(template, checkpoint_id=tmp_path)
+    with pytest.raises(ValueError, match="flatten_optimizer_state_dict=True into an optimizer that has stepped"):
+        set_optimizer_state_dict(module, opt, template["optim"], options=flat)
+
+
 def test_the_state_creating_fake_step_keeps_zero_counts_then_the_run_is_unchanged():
     """The lr = 0, zero-gradient step creates the state with every count 0 (under the saved name coord_step); the
     first real step turns them into lags, and the run equals one that never saw the fake step."""
@@ -668,10 +794,14 @@ def test_counts_edited_through_the_state_dict_are_taken(impl, monkeypatch):
 
 
 def _state_at(opt, p, step: float, counts: list[int]) -> None:
-    """Put the param's state at tensor step ``step`` with these counts, through a state dict."""
+    """Put the param's state at tensor step ``step`` with these counts, through a state dict (a coordinate with count
+    0 has not started: its moments are 0, or the load would count it from the tensor's step)."""
     saved = opt.state_dict()
-    saved["state"][0]["step"] = torch.tensor(step, dtype=torch.float64)
-    saved["state"][0]["coord_step"] = torch.tensor(counts, dtype=torch.int32)
+    state = saved["state"][0]
+    state["step"] = torch.tensor(step, dtype=torch.float64)
+    state["coord_step"] = torch.tensor(counts, dtype=torch.int32)
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key] = state[key].masked_fill(state["coord_step"] == 0, 0.0)
     opt.load_state_dict(saved)
 
 

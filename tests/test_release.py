@@ -205,6 +205,37 @@ def test_a_checkpoint_moves_between_release_and_a_plain_loop(impl, first_release
     _assert_same(plain_model, plain_opt, model, resumed)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # DCP in one process without a process group says so
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+def test_a_distributed_checkpoint_restart_while_released_loads_the_state(flatten, tmp_path):
+    """torch.distributed.checkpoint creates state with a step (lr = 0, zero gradients) to build the template a load
+    fills; while released step() stepped nothing, so the template was empty and the restart silently loaded no
+    optimizer state. The restart now continues as the uninterrupted run, bitwise, counts and all."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    (plain_model, plain_opt), (model, opt) = _pair("fused", per_coordinate_steps=True)
+    _plain(plain_model, plain_opt, 2 * STEPS)
+    with release_gradients(opt):
+        _released(model, opt, STEPS)
+    dcp.save({"optim": get_optimizer_state_dict(model, opt, options=options)}, checkpoint_id=tmp_path)
+    restarted = copy.deepcopy(model)
+    resumed = IMPLEMENTATIONS["fused"](restarted.parameters(), lr=1e-2, per_coordinate_steps=True)
+    with release_gradients(resumed):  # on before the load, as a training script turns it on
+        template = {"optim": get_optimizer_state_dict(restarted, resumed, options=options)}
+        assert all(int(state["step"]) == 0 for state in resumed.state.values())  # created, nothing counted
+        dcp.load(template, checkpoint_id=tmp_path)
+        set_optimizer_state_dict(restarted, resumed, template["optim"], options=options)
+        assert all(p.grad is None for p in restarted.parameters())
+        _released(restarted, resumed, STEPS, start=STEPS)
+    _assert_same(plain_model, plain_opt, restarted, resumed)
+
+
 def test_a_load_while_released_keeps_the_release():
     (plain_model, plain_opt), (model, opt) = _pair("fused")
     _plain(plain_model, plain_opt, 2)

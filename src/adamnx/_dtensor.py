@@ -11,7 +11,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["any_nonzero", "check_placed_like", "is_dtensor", "local_part", "placed_like"]
+__all__ = ["any_across", "any_nonzero", "check_placed_like", "is_dtensor", "local_part", "placed_like", "shard_index"]
 
 
 def is_dtensor(t: Any) -> TypeGuard[DTensor]:
@@ -24,11 +24,31 @@ def local_part(t: Any) -> Any:
     return t.to_local() if is_dtensor(t) else t
 
 
+def shard_index(t: Any) -> tuple[int, ...]:
+    """Which shard of a DTensor this rank holds: its coordinates along the mesh dimensions that shard it (not those
+    that replicate it, whose ranks hold the same values); () for anything else."""
+    if not is_dtensor(t):
+        return ()
+    coordinate = tuple(t.device_mesh.get_coordinate() or ())
+    return tuple(c for c, placement in zip(coordinate, t.placements) if placement.is_shard())
+
+
 def any_nonzero(t: Tensor) -> bool:
     """Whether any element of ``t`` is not 0 (NaN is); of the whole tensor for a DTensor, so that every rank gets the
     same answer (one all-reduce of a flag over its mesh)."""
-    found = t.any()
-    return bool(found.full_tensor() if is_dtensor(found) else found)
+    found = local_part(t).any()
+    return any_across(found, t) if is_dtensor(t) else bool(found)
+
+
+def any_across(flag: Tensor, like: DTensor) -> bool:
+    """Whether ``flag`` (0-d, this rank's) is set on any rank of ``like``'s mesh: one all-reduce, the same answer on
+    every rank (a decision that each rank took from its own shard alone would split the ranks)."""
+    import torch
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = like.device_mesh
+    summed = DTensor.from_local(flag.reshape(()).to(torch.int32), mesh, [Partial()] * mesh.ndim, run_check=False)
+    return bool(summed.full_tensor())
 
 
 def check_placed_like(value: Any, param: Tensor, where: str, plain_hint: str) -> None:

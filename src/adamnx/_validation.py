@@ -244,9 +244,15 @@ def _check_param_state(pid: Any, param: Tensor, p_state: Mapping[str, Any], targ
     known = STATE_KEYS + OPTIONAL_STATE_KEYS + quantized.CODE_KEYS + quantized.QUANTIZED_KEYS
     unknown = [key for key in p_state if key not in known]
     if unknown:
+        # DCP's flatten_optimizer_state_dict=True rebuilds a state from the live state's names: a stepped optimizer
+        # with per_coordinate_steps keeps its counts as 'coord_lag', so the checkpoint's 'coord_step' is not asked for
+        flattened = (
+            " (torch.distributed.checkpoint with flatten_optimizer_state_dict=True into an optimizer that has "
+            "stepped with per_coordinate_steps: the counts are not read; load into a new optimizer, or unflattened)"
+        ) * ("coord_lag" in unknown)
         raise ValueError(
             f"{where} has unknown entries {unknown} (AdamNX keeps {list(STATE_KEYS)} and 'coord_step'; 8-bit "
-            f"moments {list(quantized.CODE_KEYS + quantized.QUANTIZED_KEYS)})"
+            f"moments {list(quantized.CODE_KEYS + quantized.QUANTIZED_KEYS)}){flattened}"
         )
     if not eight_bit and any(key in p_state for key in quantized.CODE_KEYS):
         raise ValueError(f"{where} holds 8-bit codes {list(quantized.CODE_KEYS)} without their scales")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from adamnx import backends, guard
+from adamnx._dtensor import shard_index
 from adamnx.backends import Backend
 from adamnx.plan import Hyperparameters, StepPlan, finish, plan_step
 from adamnx.schedule import check_betas
@@ -156,8 +157,8 @@ def _run(
 def _rounding_noise(plan: StepPlan, noise_key: tuple[int, ...] = ()) -> contextlib.AbstractContextManager[Any]:
     """Where the step rounds stochastically (8-bit codes, bf16 moments, ``stochastic_rounding``) with its counters on
     the host: torch's generators (the CPU's, and the CUDA devices' the step draws on) seeded from the step itself (each
-    bucket's count, size and first tensor's shape, and ``noise_key``: the tensors' place in the optimizer, or two
-    param groups of the same shapes would round alike), and restored afterwards. Replicas of a param (DDP, HSDP) then draw
+    bucket's count, size and first tensor's shape, which shard of it this rank holds, and ``noise_key``: the tensors'
+    place in the optimizer, or two param groups of the same shapes would round alike), and restored afterwards. Replicas of a param (DDP, HSDP) then draw
     the same numbers whatever each rank's generator holds (per-rank seeds for dropout made their codes drift apart),
     a restarted run draws what the uninterrupted one did, and stepping leaves the user's random stream where it was.
     On the device (capturable, torch.compile) the device's generator is used as it is."""
@@ -165,9 +166,12 @@ def _rounding_noise(plan: StepPlan, noise_key: tuple[int, ...] = ()) -> contextl
     if plan.on_device or not rounds or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     key = [noise_key] + [
-        (int(b.step_values[0]) if b.step_values else 0, len(b.params), tuple(b.params[0].shape), str(b.params[0].dtype))
+        (
+            int(b.step_values[0]) if b.step_values else 0, len(b.params), tuple(b.params[0].shape),
+            str(b.params[0].dtype), shard_index(b.params[0]),  # FSDP2: each shard draws its own numbers
+        )
         for b in plan.buckets
-    ]
+    ]  # fmt: skip
     seed = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
     cuda = sorted({b.device.index or 0 for b in plan.buckets if b.device.type == "cuda"})
     return _seeded(seed, cuda)

@@ -115,8 +115,8 @@ def lags_from_counts(count: Tensor, step: float, like: Tensor | None = None) -> 
     layout that holds them; lags per element in the memory format of ``like`` (the param's real view), so that the
     kernels walk them with the param. Exact: :func:`counts` gives ``count`` back."""
     t = relative_step(step)
-    count = count.to(torch.int64)
-    lag = torch.where(count == 0, NOT_STARTED, t - count).to(torch.int32)
+    count = count.to(torch.int32)  # t < 2^30 and 0 ≤ count < 2^31: t − count is exact in int32 (no int64 copies)
+    lag = torch.where(count == 0, NOT_STARTED, t - count)
     if _is_plain(lag) and lag.numel():
         flat = lag.reshape(-1)
         if bool((flat == flat[0]).all()):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from adamnx import backends, guard, quantized
-from adamnx._dtensor import any_nonzero
+from adamnx._dtensor import any_across, any_nonzero, is_dtensor, local_part
 from adamnx._validation import (
     KEPT_ON_LOAD,
     MAX_COORD_STEP,
@@ -242,6 +242,14 @@ class AdamNX(torch.optim.Optimizer):
         """The optimizer's state as torch.optim saves it, with each coordinate's count as ``coord_step`` (int32, shaped
         like the param's real view) where ``per_coordinate_steps`` keeps lags: the format every version saves."""
 
+        # A guarded group's state saved without counts (it has not stepped since the guard was switched on) gets
+        # them, or a restart through DCP (whose template asks for them) would be refused.
+        for group in self.param_groups:
+            if group["per_coordinate_steps"]:
+                self._guard_states(
+                    [p for p in group["params"] if self.state.get(p) and "coord_step" not in self.state[p]]
+                )
+
         def with_counts(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:  # before user hooks
             saved = state_dict["state"]
             for pid, p_state in saved.items():
@@ -272,10 +280,24 @@ class AdamNX(torch.optim.Optimizer):
     @staticmethod
     def _counts_to_lags(p_state: dict[str, Any], p: Tensor) -> None:
         """Counts under their saved name ``coord_step`` in a live state (the state-creating probe's, a checkpoint's,
-        an optimizer pickled before lags were kept) become the lags the step reads: a copy, in the coarsest layout
-        that holds them."""
+        an optimizer pickled before lags were kept) become the lags the step reads, in the coarsest layout that
+        holds them. A count of 0 where v is not 0, which no guarded run saves, is a checkpoint without counts read
+        through a template that had them (the probe's zeros, kept by DCP's partial load or full_state_dict=True
+        load): such a coordinate counts from the tensor's step, as in a checkpoint without counts."""
         counts = p_state.pop("coord_step").to(p.device, torch.int32, copy=True)
-        p_state["coord_lag"] = guard.lags_from_counts(counts, float(p_state["step"]), _real(p))
+        step = float(p_state["step"])
+        if step > 0:
+            history = AdamNX._history_counts(p_state, p)
+            counts = torch.where((counts == 0) & (history > 0), history, counts)
+        p_state["coord_lag"] = guard.lags_from_counts(counts, step, _real(p))
+
+    @staticmethod
+    def _history_counts(p_state: dict[str, Any], p: Tensor) -> Tensor:
+        """The counts of a state kept without them: the tensor's step for every coordinate with a history (v > 0),
+        0 for the others."""
+        v = p_state["exp_avg_sq_codes" if "exp_avg_sq_codes" in p_state else "exp_avg_sq"]  # codes: 0 is v = 0
+        v = torch.view_as_real(v) if p.is_complex() else v
+        return torch.where(v > 0, min(int(p_state["step"]), MAX_COORD_STEP), 0).to(torch.int32)
 
     def load_state_dict(self, state_dict: dict[str, Any], from_optimizer: str | None = None) -> None:
         """Load a state dict (ours, or the authors'; torch's Adam or AdamW with ``from_optimizer``).
@@ -456,6 +478,8 @@ class AdamNX(torch.optim.Optimizer):
                     state_dtype = self._state_dtype(p, group)
                     state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+                if group["per_coordinate_steps"] and not probe:  # in the state from the start (one branch less for
+                    state["coord_lag"] = guard.fresh_lag(_real(p))  # torch.compile: fullgraph traces the first step)
                 if probe:
                     if group["per_coordinate_steps"]:
                         # Every coordinate's count, 0, under its saved name: torch.distributed.checkpoint asks a
@@ -465,8 +489,11 @@ class AdamNX(torch.optim.Optimizer):
                         )
                     continue  # state created, nothing stepped: t = 1 stays the first real step
             state = self.state[p]
-            if "coord_step" in state:  # the state-creating probe's counts: lags from the first real step on
-                self._counts_to_lags(state, p)
+            if "coord_step" in state:  # the state-creating probe's counts (all 0): lags from the first real step on
+                if group["per_coordinate_steps"]:
+                    self._counts_to_lags(state, p)
+                else:  # switched off since: nothing started, nothing to keep (a later guard reads v's history)
+                    del state["coord_step"]
             has_complex |= torch.is_complex(p)
             params.append(p)
             grads.append(_gradient(p))
@@ -640,11 +667,9 @@ class AdamNX(torch.optim.Optimizer):
         for p in params:
             state = self.state[p]
             if "coord_lag" not in state and state["step"] > 0:
-                v = state["exp_avg_sq_codes" if "exp_avg_sq_codes" in state else "exp_avg_sq"]  # codes: 0 is v = 0
-                v = torch.view_as_real(v) if p.is_complex() else v
-                step = float(state["step"])
-                counts = torch.where(v > 0, min(int(step), MAX_COORD_STEP), 0).to(torch.int32)
-                state["coord_lag"] = guard.lags_from_counts(counts, step, _real(p))
+                state["coord_lag"] = guard.lags_from_counts(
+                    self._history_counts(state, p), float(state["step"]), _real(p)
+                )
             states.append(state)
         return states
 
@@ -653,8 +678,15 @@ class AdamNX(torch.optim.Optimizer):
         """One host sync per group: whether every gradient is finite (the opt-in skip_nonfinite check)."""
         if not grads:
             return True
-        per_tensor = [torch.isfinite(g).all() for g in grads]
-        return bool(torch.stack([t.to(per_tensor[0].device) for t in per_tensor]).all())
+        per_tensor = [torch.isfinite(local_part(g)).all() for g in grads]
+        finite = torch.stack([t.to(per_tensor[0].device) for t in per_tensor]).all()
+        # FSDP2: every rank decides alike (one all-reduce per mesh), or a rank whose shard holds an inf would skip
+        # alone and the shards of a param would count different steps
+        meshes = {id(g.device_mesh): g for g in grads if is_dtensor(g)}
+        if not meshes:
+            return bool(finite)
+        seen = [any_across(~finite, like) for like in meshes.values()]  # every mesh's, in the same order on every rank
+        return not any(seen)
 
     @staticmethod
     def _check_support(rows: list[Backend], p: Tensor) -> None:
@@ -710,6 +742,16 @@ class AdamNX(torch.optim.Optimizer):
             self._step_group(group, (index, position))
         finally:
             self._stepping_only = None
+
+    def _create_state_as_asked(self) -> None:
+        """While gradients are released, ``step()`` steps nothing, but torch.distributed.checkpoint still creates
+        state with one (lr = 0, every gradient 0: the state-creating probe) to build the template a load fills; or
+        the template is empty and a restart silently loads no optimizer state at all. Params without state whose
+        gradients are such a probe's are stepped here, one by one (which creates their state and counts nothing)."""
+        for index, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                if p.grad is not None and not self.state.get(p) and self._is_state_init_probe(group, p):
+                    self._step_param(p, index, position)
 
     def _step_group(self, group: dict[str, Any], place: tuple[int, ...]) -> None:
         """``place``: the group's index (and, for one param stepped alone, its position in the group), which

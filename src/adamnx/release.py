@@ -216,6 +216,8 @@ class GradientRelease:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        else:
+            self.optimizer._create_state_as_asked()
         self.step_calls += 1
         self._stepped_since_step_call.clear()
         return loss
