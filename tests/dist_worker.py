@@ -509,13 +509,24 @@ def fsdp2_ranks_decide_alike(rank, world, out):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
+    import adamnx.optimizer
     from adamnx import AdamNX
 
     found: dict = {}
     for name, lr in (("skipped", LR), ("skipped_first_at_lr_0", 0.0)):
         model, opt = _fsdp_model_and_opt(lr=lr, foreach=True, skip_nonfinite=True)
         if lr:
+            calls: list[int] = []
+            original = adamnx.optimizer.any_across
+
+            def counted(*args, calls=calls, original=original):
+                calls.append(1)
+                return original(*args)
+
+            adamnx.optimizer.any_across = counted
             _train(model, opt, rank, world, 2)
+            adamnx.optimizer.any_across = original
+            found["all_reduces_per_step"] = len(calls) / 2  # each layer has a mesh object of its own, all equal
         x, y = local_batch(5, rank, world)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()

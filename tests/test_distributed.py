@@ -128,6 +128,7 @@ def test_fsdp2_ranks_skip_alike_and_shards_round_apart(tmp_path):
     torchrun("fsdp2_ranks_decide_alike", tmp_path, timeout=120)
     found = json.loads((tmp_path / "extra.json").read_text())
     assert found["skipped"] == [2, 2]  # the third step skipped on both ranks
+    assert found["all_reduces_per_step"] == 1
     assert found["skipped_first_at_lr_0"] == [None, None]  # skipped before any state, on both: no hang
     assert found["shards_round_apart"]
 

@@ -472,6 +472,41 @@ def test_the_guard_switched_off_after_the_fake_step_keeps_no_stale_counts():
         assert torch.equal(p, q) and torch.equal(opt_a.coord_steps(p), opt_b.coord_steps(q))
 
 
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_the_guard_switched_off_and_on_again_reads_alike_live_and_after_a_load(impl):
+    """Switched off, the guard records no starts, so the lags are dropped (kept, they went stale: rows that started
+    meanwhile read as not started live, but counted from the tensor's step after a load). Switched on again,
+    coordinates with a history count from the tensor's step, live, after a reload and whether or not state_dict()
+    was called in a short guarded spell before rows started."""
+    g = torch.Generator().manual_seed(8)
+    grads = [torch.randn(6, 8, generator=g) * (torch.arange(6)[:, None] * 2 <= t) for t in range(14)]  # row r: 2r
+    guarded = [not 3 <= t < 9 for t in range(14)]
+
+    def run(reload_at=None, peek_at=None):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(6, 8))
+        opt = IMPLEMENTATIONS[impl]([p], **HYPER)
+        for t, grad in enumerate(grads):
+            if t == peek_at:  # switched on for a moment (no step), state_dict() gives the guarded state counts
+                opt.param_groups[0]["per_coordinate_steps"] = True
+                opt.state_dict()
+            opt.param_groups[0]["per_coordinate_steps"] = guarded[t]
+            if t == reload_at:
+                saved = copy.deepcopy(opt.state_dict())
+                opt = IMPLEMENTATIONS[impl]([p], **HYPER)
+                opt.load_state_dict(saved)
+                opt.param_groups[0]["per_coordinate_steps"] = guarded[t]
+            p.grad = grad.clone()
+            opt.step()
+        return p, opt
+
+    expected, expected_opt = run()
+    for kwargs in ({"reload_at": 9}, {"reload_at": 5}, {"peek_at": 4}):
+        p, opt = run(**kwargs)
+        assert torch.equal(p, expected), kwargs
+        assert torch.equal(opt.coord_steps(p), expected_opt.coord_steps(expected)), kwargs
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_flattened_distributed_load_into_a_stepped_guarded_optimizer_is_refused_with_the_reason(tmp_path):
     """DCP's flatten_optimizer_state_dict=True rebuilds a state from the live names: a stepped guarded optimizer keeps

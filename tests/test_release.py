@@ -236,6 +236,41 @@ def test_a_distributed_checkpoint_restart_while_released_loads_the_state(flatten
     _assert_same(plain_model, plain_opt, restarted, resumed)
 
 
+def test_a_step_call_inside_an_accumulation_cycle_creates_no_state():
+    """lr = 0 (a warm-up) and a gradient that is exactly 0 after the first micro-batch (a LoRA A while B = 0) look like
+    torch.distributed.checkpoint's state-creating step; inside a cycle they are a partial gradient, and step() there
+    stays a no-op: the param's state is not created early, so the end of the cycle is the fake-step-free t = 1 the
+    plain loop has (it counted a step the plain loop does not)."""
+    torch.manual_seed(0)
+    a0, b0 = torch.randn(4, 8) * 0.3, torch.zeros(8, 4)
+
+    def loss(a, b, t):
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(t))
+        return ((x @ a.T) @ b.T - x).pow(2).mean()
+
+    def run(released):
+        a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+        opt = AdamNX([a, b], lr=0.0, foreach=True)
+        release = release_gradients(opt, accumulation_steps=2) if released else None
+        for cycle in range(4):
+            opt.param_groups[0]["lr"] = 0.0 if cycle == 0 else 1e-2
+            for micro in range(2):
+                loss(a, b, 2 * cycle + micro).backward()
+                if released:
+                    opt.step()  # after every micro-batch: a no-op inside the cycle
+            if not released:
+                opt.step()
+            opt.zero_grad()
+        if release is not None:
+            release.remove()
+        return [a, b], opt
+
+    (plain, plain_opt), (ours, opt) = run(False), run(True)
+    assert [int(plain_opt.state[p]["step"]) for p in plain] == [3, 4]  # a's lr = 0 zero-gradient step: not counted
+    for p, q in zip(ours, plain):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["step"], plain_opt.state[q]["step"])
+
+
 def test_a_load_while_released_keeps_the_release():
     (plain_model, plain_opt), (model, opt) = _pair("fused")
     _plain(plain_model, plain_opt, 2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from adamnx.backends import Backend
 from adamnx.functional import step_tensors
 from adamnx.plan import Hyperparameters
 from adamnx.update import math_dtype
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["AdamNX"]
 
@@ -489,11 +492,14 @@ class AdamNX(torch.optim.Optimizer):
                         )
                     continue  # state created, nothing stepped: t = 1 stays the first real step
             state = self.state[p]
-            if "coord_step" in state:  # the state-creating probe's counts (all 0): lags from the first real step on
-                if group["per_coordinate_steps"]:
-                    self._counts_to_lags(state, p)
-                else:  # switched off since: nothing started, nothing to keep (a later guard reads v's history)
-                    del state["coord_step"]
+            if not group["per_coordinate_steps"]:
+                # Switched off (or never on): starts are no longer recorded, so lags kept would go stale, and a
+                # checkpoint would then read otherwise than the live state. Switched on again, every coordinate with
+                # a history counts from the tensor's step, live and after a load alike.
+                state.pop("coord_lag", None)
+                state.pop("coord_step", None)
+            elif "coord_step" in state:  # the state-creating probe's counts (all 0): lags from the first real step on
+                self._counts_to_lags(state, p)
             has_complex |= torch.is_complex(p)
             params.append(p)
             grads.append(_gradient(p))
@@ -682,10 +688,13 @@ class AdamNX(torch.optim.Optimizer):
         finite = torch.stack([t.to(per_tensor[0].device) for t in per_tensor]).all()
         # FSDP2: every rank decides alike (one all-reduce per mesh), or a rank whose shard holds an inf would skip
         # alone and the shards of a param would count different steps
-        meshes = {id(g.device_mesh): g for g in grads if is_dtensor(g)}
+        meshes: list[DTensor] = []  # one DTensor per mesh (FSDP2 gives each layer a mesh object of its own, all equal)
+        for g in grads:
+            if is_dtensor(g) and not any(g.device_mesh == other.device_mesh for other in meshes):
+                meshes.append(g)
         if not meshes:
             return bool(finite)
-        seen = [any_across(~finite, like) for like in meshes.values()]  # every mesh's, in the same order on every rank
+        seen = [any_across(~finite, like) for like in meshes]  # every mesh's, in the same order on every rank
         return not any(seen)
 
     @staticmethod

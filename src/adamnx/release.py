@@ -216,7 +216,7 @@ class GradientRelease:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        else:
+        elif self.backward_passes % self.accumulation_steps == 0:  # never inside a cycle: its gradients are partial
             self.optimizer._create_state_as_asked()
         self.step_calls += 1
         self._stepped_since_step_call.clear()
