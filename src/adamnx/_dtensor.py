@@ -1,6 +1,7 @@
 """DTensors (FSDP2's sharded params) where the update works on each rank's local part: recognising one, taking its
-local part, and placing a local result like another DTensor. torch.distributed.tensor is imported only when one is
-met (importing it costs ~0.3 s)."""
+local part, placing a local result like another DTensor, refusing state placed otherwise than its param, and the
+decisions every rank must take alike (one all-reduce of a flag over the mesh; which shard a rank holds).
+torch.distributed.tensor is imported only when one is met (importing it costs ~0.3 s)."""
 
 from __future__ import annotations
 

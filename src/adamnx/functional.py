@@ -158,9 +158,10 @@ def _rounding_noise(plan: StepPlan, noise_key: tuple[int, ...] = ()) -> contextl
     """Where the step rounds stochastically (8-bit codes, bf16 moments, ``stochastic_rounding``) with its counters on
     the host: torch's generators (the CPU's, and the CUDA devices' the step draws on) seeded from the step itself (each
     bucket's count, size and first tensor's shape, which shard of it this rank holds, and ``noise_key``: the tensors'
-    place in the optimizer, or two param groups of the same shapes would round alike), and restored afterwards. Replicas of a param (DDP, HSDP) then draw
-    the same numbers whatever each rank's generator holds (per-rank seeds for dropout made their codes drift apart),
-    a restarted run draws what the uninterrupted one did, and stepping leaves the user's random stream where it was.
+    place in the optimizer, or two param groups of the same shapes would round alike), and restored afterwards.
+    Replicas of a param (DDP, HSDP) then draw the same numbers whatever each rank's generator holds (per-rank seeds
+    for dropout made their codes drift apart), a restarted run draws what the uninterrupted one did, and stepping
+    leaves the user's random stream where it was.
     On the device (capturable, torch.compile) the device's generator is used as it is."""
     rounds = any(b.stochastic or b.scales is not None or b.exp_avgs[0].dtype == torch.bfloat16 for b in plan.buckets)
     if plan.on_device or not rounds or torch.compiler.is_compiling():

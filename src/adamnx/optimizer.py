@@ -249,9 +249,7 @@ class AdamNX(torch.optim.Optimizer):
         # them, or a restart through DCP (whose template asks for them) would be refused.
         for group in self.param_groups:
             if group["per_coordinate_steps"]:
-                self._guard_states(
-                    [p for p in group["params"] if self.state.get(p) and "coord_step" not in self.state[p]]
-                )
+                self._guard_states([p for p in group["params"] if self.state.get(p)])
 
         def with_counts(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:  # before user hooks
             saved = state_dict["state"]

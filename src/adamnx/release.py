@@ -136,6 +136,10 @@ class GradientRelease:
     def _last_pass_of_cycle(self) -> bool:
         return (self.backward_passes + 1) % self.accumulation_steps == 0
 
+    def _between_cycles(self) -> bool:
+        """No cycle of accumulation is under way: gradients held now are not a cycle's partial sums."""
+        return self.backward_passes % self.accumulation_steps == 0
+
     def _pass_started(self) -> None:
         """The first gradient of a backward pass: checks that need the whole optimizer, once per pass."""
         _refuse_distributed()  # initialised after the release started
@@ -216,7 +220,7 @@ class GradientRelease:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        elif self.backward_passes % self.accumulation_steps == 0:  # never inside a cycle: its gradients are partial
+        elif self._between_cycles():  # never inside a cycle: its gradients are partial
             self.optimizer._create_state_as_asked()
         self.step_calls += 1
         self._stepped_since_step_call.clear()
@@ -226,7 +230,7 @@ class GradientRelease:
         """``optimizer.zero_grad()`` while released: drops the gradients, unless a cycle of accumulation is under way
         (after a backward pass that ends a cycle there are none: each was freed after its step)."""
         self._between_passes()
-        if self.backward_passes % self.accumulation_steps == 0:
+        if self._between_cycles():
             for p in self._params:
                 p.grad = None
 
